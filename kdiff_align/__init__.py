@@ -1,0 +1,31 @@
+"""kdiff-align: classifier-free-guidance training aligned with guided sampling, for k-diffusion.
+
+`import kdiff_align` is light: it imports torch and nothing of k-diffusion, hosts or optional packages
+until a name that needs them is used.
+"""
+
+from importlib import import_module
+
+__version__ = '0.1.0'
+
+_EXPORTS = {
+    'AlignedDenoiser': 'objective',
+    'ScaleDistribution': 'objective',
+    'GuidedDenoiser': 'guidance',
+    'guide': 'guidance',
+    'w_to_cfg_scale': 'guidance',
+    'cfg_scale_to_w': 'guidance',
+    'ClassConditionedModel': 'models',
+    'load_config': 'config',
+    'make_model': 'config',
+    'make_denoiser_wrapper': 'config',
+    'make_guided_denoiser': 'config',
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(import_module(f'.{_EXPORTS[name]}', __name__), name)
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

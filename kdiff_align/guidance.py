@@ -1,0 +1,100 @@
+"""Classifier-free guidance for every k-diffusion sampler.
+
+Convention (DESIGN.md section 2): kdiff-align speaks the paper's w (Ho & Salimans 2022), where w = 0 is the
+unguided conditional denoiser. Hosts speak the scale s = 1 + w (k-diffusion's cfg_scale, ComfyUI's cfg,
+diffusers' guidance_scale, A1111's CFG scale). `w_to_cfg_scale` and `cfg_scale_to_w` are the only place
+the two are converted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Union
+
+import torch
+from torch import nn
+
+from . import conditioning
+
+GuidanceSchedule = Union[float, Callable[[torch.Tensor], Union[torch.Tensor, float]]]
+
+
+def w_to_cfg_scale(w: float) -> float:
+    """The host's CFG scale s = 1 + w for the paper's guidance weight w."""
+    return 1.0 + w
+
+
+def cfg_scale_to_w(cfg_scale: float) -> float:
+    """The paper's guidance weight w = s - 1 for a host's CFG scale s."""
+    return cfg_scale - 1.0
+
+
+def guide(denoised_cond: torch.Tensor, denoised_uncond: torch.Tensor, w: torch.Tensor | float) -> torch.Tensor:
+    """D_w = D_u + (1 + w)(D_c - D_u) (Ho & Salimans 2022, eq. 6), w broadcast over trailing dims."""
+    if isinstance(w, torch.Tensor) and w.ndim:
+        w = w.view(-1, *[1] * (denoised_cond.ndim - 1)).to(denoised_cond.dtype)
+    return denoised_uncond + (1 + w) * (denoised_cond - denoised_uncond)
+
+
+def check_sigma_interval(sigma_interval: Sequence[float] | None) -> tuple[float, float] | None:
+    """Validates a guidance interval [sigma_lo, sigma_hi]."""
+    if sigma_interval is None:
+        return None
+    try:
+        lo, hi = (float(s) for s in sigma_interval)
+    except (TypeError, ValueError):
+        raise ValueError(f'sigma_interval must be two noise levels [sigma_lo, sigma_hi], got {sigma_interval!r}')
+    if not 0 <= lo <= hi:
+        raise ValueError(f'sigma_interval must satisfy 0 <= sigma_lo <= sigma_hi, got [{lo}, {hi}]')
+    return lo, hi
+
+
+class GuidedDenoiser(nn.Module):
+    """A k-diffusion denoiser with classifier-free guidance: model(x, sigma, **extra_args) -> D_w.
+
+    guidance_scale is the paper's w: a number, or a schedule sigma -> w (a callable of the sigma tensor [B]).
+    uncond holds the keyword arguments that replace extra_args for the unconditional branch. Both branches
+    run in one batched call; rows with w = 0 or sigma outside sigma_interval (guidance interval,
+    Kynkäänniemi et al. 2024) skip the unconditional branch, and a step where every row does so makes a
+    single conditional call.
+    """
+
+    def __init__(self, denoiser: nn.Module, guidance_scale: GuidanceSchedule, *,
+                 uncond: Mapping[str, Any] | None = None,
+                 sigma_interval: Sequence[float] | None = None):
+        super().__init__()
+        if not callable(guidance_scale) and not isinstance(guidance_scale, (int, float)):
+            raise TypeError(f'guidance_scale must be a number (the paper\'s w) or a callable sigma -> w, '
+                            f'got {type(guidance_scale).__name__}')
+        self.inner_model = denoiser
+        self.guidance_scale = guidance_scale
+        self.uncond = conditioning.check_uncond(uncond)
+        self.sigma_interval = check_sigma_interval(sigma_interval)
+        if not self.uncond and not (isinstance(guidance_scale, (int, float)) and guidance_scale == 0):
+            raise ValueError('guidance needs the null condition: pass uncond, e.g. {"class_cond": num_classes} '
+                             'or {"cond": empty_prompt_embedding}')
+
+    def scale_at(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The paper's w for each row, 0 where sigma lies outside the guidance interval."""
+        w = self.guidance_scale(sigma) if callable(self.guidance_scale) else self.guidance_scale
+        w = torch.as_tensor(w, dtype=sigma.dtype, device=sigma.device).expand(sigma.shape)
+        if self.sigma_interval is not None:
+            lo, hi = self.sigma_interval
+            w = torch.where((sigma >= lo) & (sigma <= hi), w, torch.zeros_like(w))
+        return w
+
+    def forward(self, input: torch.Tensor, sigma: torch.Tensor, **extra_args: Any) -> torch.Tensor:
+        batch_size = input.shape[0]
+        sigma = torch.as_tensor(sigma, device=input.device).expand(batch_size)
+        w = self.scale_at(sigma)
+        guided = (w != 0).nonzero().squeeze(1)
+        n = guided.shape[0]
+        if n == 0:
+            return self.inner_model(input, sigma, **extra_args)
+        null = conditioning.null_rows(extra_args, self.uncond, guided, batch_size, input.device)
+        both = conditioning.cat_rows(extra_args, null, batch_size, n)
+        denoised = self.inner_model(torch.cat([input, input[guided]]), torch.cat([sigma, sigma[guided]]), **both)
+        cond, uncond = denoised[:batch_size], denoised[batch_size:]
+        if n == batch_size:
+            return guide(cond, uncond, w)
+        return cond.index_put((guided,), guide(cond[guided], uncond, w[guided]))
