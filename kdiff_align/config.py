@@ -22,7 +22,7 @@ from .guidance import GuidedDenoiser, check_sigma_interval
 
 SAMPLERS = ('euler', 'euler_ancestral', 'heun', 'dpm_2', 'dpm_2_ancestral', 'lms', 'dpmpp_2s_ancestral',
             'dpmpp_sde', 'dpmpp_2m', 'dpmpp_2m_sde', 'dpmpp_3m_sde')
-MODEL_TYPES = ('image_v1', 'image_transformer_v1')
+MODEL_TYPES = ('image_v1', 'image_transformer_v1', 'toy_mlp')
 DATASET_TYPES = ('cifar10', 'imagefolder', 'imagefolder-class', 'digits', 'toy', 'custom', 'sd-captions')
 SECTIONS = ('model', 'dataset', 'optimizer', 'lr_sched', 'ema_sched', 'align')
 
@@ -95,7 +95,10 @@ def _validate_upstream(config: Mapping[str, Any]) -> None:
     _choice('model.type', model.get('type'), MODEL_TYPES)
     _number('model.input_channels', model.get('input_channels'), lo=1, integer=True)
     size = model.get('input_size')
-    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(s, int) and s > 0 for s in size)):
+    if model['type'] == 'toy_mlp':
+        _number('model.width', model.get('width', 128), lo=1, integer=True)
+        _number('model.depth', model.get('depth', 3), lo=1, integer=True)
+    elif not (isinstance(size, list) and len(size) == 2 and all(isinstance(s, int) and s > 0 for s in size)):
         _fail('model.input_size', size, 'a list of two positive integers [height, width]')
     _number('model.sigma_data', model['sigma_data'], lo=0, lo_open=True)
     _number('model.sigma_min', model.get('sigma_min'), lo=0, lo_open=True)
@@ -183,6 +186,11 @@ def make_model(config: Mapping[str, Any]) -> nn.Module:
     from .models import ClassConditionedModel
 
     num_classes = config['dataset']['num_classes']
+    if config['model']['type'] == 'toy_mlp':
+        from .toy import ToyMLP
+        model = config['model']
+        return ToyMLP(num_classes, width=model.get('width', 128), depth=model.get('depth', 3),
+                      input_channels=model['input_channels'])
     if config['model']['type'] != 'image_v1' or not num_classes:
         return K_config.make_model(config)
     embed_dim = align_section(config)['class_embed_dim']
