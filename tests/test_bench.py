@@ -1,0 +1,34 @@
+"""`python -m kdiff_align.bench speed` runs and reports every row it promises (ratios, not timings, are checked)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from kdiff_align import bench
+
+
+def test_speed_writes_every_row(tmp_path):
+    out = tmp_path / 'speed.json'
+    bench.main(['speed', '--repeats', '1', '--warmup', '0', '--batch-size', '2', '--sample-steps', '2',
+                '--out', str(out)])
+    result = json.loads(out.read_text())
+    variants = [(r['bench'], r['variant']) for r in result['rows']]
+    assert [b for b, _ in variants].count('train_step') == 3
+    assert [b for b, _ in variants].count('train_memory') == 3
+    assert [b for b, _ in variants].count('guided_call') == 3
+    assert [b for b, _ in variants].count('eval_throughput') == 1
+    rows = {v: r for (b, v), r in zip(variants, result['rows'])}
+    assert rows['AlignedDenoiser (full)']['flop_ratio'] == 2.0
+    assert rows['AlignedDenoiser (stop-gradient)']['flop_ratio'] == pytest.approx(4 / 3)
+    memory = [r for r in result['rows'] if r['bench'] == 'train_memory']
+    # Saved activations are deterministic: aligned keeps both branches, stop-gradient only the conditional one.
+    assert memory[1]['bytes'] > 1.5 * memory[0]['bytes']
+    assert memory[0]['bytes'] <= memory[2]['bytes'] < 1.05 * memory[0]['bytes']
+
+
+def test_speed_rejects_bad_flags():
+    proc = subprocess.run([sys.executable, '-m', 'kdiff_align.bench', 'speed', '--uncond-prob', '2'],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and '--uncond-prob must lie in [0, 1], got 2.0' in proc.stderr
