@@ -1,0 +1,155 @@
+"""kdiff-align for AUTOMATIC1111 / Forge: an AlwaysVisible script that guides with the paper's w.
+
+A1111 path (CFG callbacks): on_cfg_denoiser records the step's sigma and batch; on_cfg_denoised rewrites the
+unconditional rows of x_out so that A1111's own combine, u + s (c - u) with s = p.cfg_scale, returns
+kdiff-align's D_w = c + w(sigma) (c - u) (w = 0 outside the interval). Forge path: Forge's UNet patcher
+takes a ComfyUI-style sampler_cfg_function, set in process_before_every_sampling. The settings go into the
+image's infotext (p.extra_generation_params) and paste back through infotext_fields.
+"""
+
+import sys
+from pathlib import Path
+
+import gradio as gr
+
+from modules import script_callbacks, scripts
+
+try:
+    import kdiff_align  # noqa: F401
+except ImportError:  # a symlinked checkout without `pip install`: use the repository this file lives in
+    sys.path.insert(0, str(Path(__file__).resolve().parents[4]))
+
+from kdiff_align.guidance import cfg_scale_to_w, w_to_cfg_scale  # noqa: E402
+from kdiff_align.integrations import HostGuidance, make_cfg_function  # noqa: E402
+from kdiff_align.metadata import read_metadata  # noqa: E402
+
+SOURCES = ['CFG scale', 'this panel', 'checkpoint metadata', 'metadata file']
+KEY_W, KEY_INTERVAL, KEY_W_END, KEY_SOURCE = 'Aligned CFG w', 'Aligned CFG sigma interval', 'Aligned CFG w end', \
+    'Aligned CFG source'
+
+
+class _Active:
+    """The guidance of the generation in progress and what on_cfg_denoiser saw of the current step."""
+
+    guidance = None
+    cfg_scale = None
+    step = None  # (sigma per image, batch size)
+    warned = False
+
+
+def resolve_guidance(p, source, w, sigma_lo, sigma_hi, schedule, w_end, metadata_path):
+    """HostGuidance from the panel, A1111's CFG scale or metadata; sets p.cfg_scale to 1 + w when w is ours."""
+    end = float(w_end) if schedule == 'log-linear' else None
+    interval = [float(sigma_lo), float(sigma_hi)] if float(sigma_hi) > 0 else None
+    if source == 'CFG scale':
+        return HostGuidance(cfg_scale_to_w(float(p.cfg_scale)), sigma_interval=interval, w_end=end)
+    if source == 'this panel':
+        guidance = HostGuidance(float(w), sigma_interval=interval, w_end=end)
+    elif source in ('checkpoint metadata', 'metadata file'):
+        if source == 'metadata file':
+            path = metadata_path
+        else:
+            info = getattr(p.sd_model, 'sd_checkpoint_info', None)
+            path = getattr(info, 'filename', None)
+        if not path or not str(path).endswith('.safetensors'):
+            raise ValueError(f'kdiff-align: {source} needs a .safetensors file, got {path!r}')
+        meta = read_metadata(path)
+        if meta is None:
+            raise ValueError(f'kdiff-align: {path} carries no kdiff_align metadata; choose "this panel" and set w')
+        guidance = HostGuidance.from_metadata(meta, w_end=end)
+    else:
+        raise ValueError(f'kdiff-align: source must be one of {SOURCES}, got {source!r}')
+    p.cfg_scale = w_to_cfg_scale(guidance.peak_w)
+    return guidance
+
+
+def on_cfg_denoiser(params):
+    if _Active.guidance is None:
+        return
+    uncond = params.text_uncond['crossattn'] if isinstance(params.text_uncond, dict) else params.text_uncond
+    batch_size = uncond.shape[0]
+    _Active.step = (params.sigma[-batch_size:], batch_size)
+
+
+def on_cfg_denoised(params):
+    if _Active.guidance is None or _Active.step is None:
+        return
+    sigma, batch_size = _Active.step
+    _Active.step = None
+    x_out = params.x
+    if x_out.shape[0] != 2 * batch_size:  # AND prompts or an edit model: A1111's own layout, left alone
+        if not _Active.warned:
+            print('kdiff-align: prompts with AND / edit models are sampled with plain CFG', file=sys.stderr)
+            _Active.warned = True
+        return
+    cond, uncond = x_out[:batch_size], x_out[batch_size:]
+    guided = _Active.guidance.combine(cond, uncond, sigma)
+    s = _Active.cfg_scale
+    if s == 1:  # A1111 returns c at scale 1; only w = 0 is representable
+        return
+    # A1111 computes u' + s (c - u'); with u' = c - (D_w - c) / (s - 1) that is D_w.
+    x_out[batch_size:] = cond - (guided - cond) / (s - 1)
+
+
+script_callbacks.on_cfg_denoiser(on_cfg_denoiser, name='kdiff_align')
+script_callbacks.on_cfg_denoised(on_cfg_denoised, name='kdiff_align')
+
+
+class Script(scripts.Script):
+    def title(self):
+        return 'kdiff-align CFG'
+
+    def show(self, is_img2img):
+        return scripts.AlwaysVisible
+
+    def ui(self, is_img2img):
+        with gr.Accordion('kdiff-align CFG (paper\'s w; CFG scale = 1 + w)', open=False):
+            enabled = gr.Checkbox(label='Enable', value=False)
+            source = gr.Radio(SOURCES, value='checkpoint metadata', label='w from')
+            w = gr.Number(value=1.0, label="w (the paper's; used when w from = this panel)")
+            with gr.Row():
+                sigma_lo = gr.Number(value=0.0, label='sigma_lo')
+                sigma_hi = gr.Number(value=0.0, label='sigma_hi (0: guide at every step)')
+            schedule = gr.Radio(['constant', 'log-linear'], value='constant', label='w schedule')
+            w_end = gr.Number(value=0.0, label='w at sigma_lo (log-linear schedule)')
+            metadata_path = gr.Textbox(label='metadata file (.safetensors; for w from = metadata file)')
+        self.infotext_fields = [
+            (enabled, lambda d: KEY_W in d),
+            (source, lambda d: 'this panel' if KEY_W in d else gr.update()),
+            (w, KEY_W),
+            (sigma_lo, lambda d: float(d[KEY_INTERVAL].split('-')[0]) if KEY_INTERVAL in d else 0.0),
+            (sigma_hi, lambda d: float(d[KEY_INTERVAL].split('-')[1]) if KEY_INTERVAL in d else 0.0),
+            (schedule, lambda d: 'log-linear' if KEY_W_END in d else 'constant'),
+            (w_end, lambda d: float(d[KEY_W_END]) if KEY_W_END in d else 0.0),
+        ]
+        self.paste_field_names = [KEY_W, KEY_INTERVAL, KEY_W_END]
+        return [enabled, source, w, sigma_lo, sigma_hi, schedule, w_end, metadata_path]
+
+    def process(self, p, enabled, source, w, sigma_lo, sigma_hi, schedule, w_end, metadata_path):
+        _Active.guidance = _Active.step = None
+        if not enabled:
+            return
+        guidance = resolve_guidance(p, source, w, sigma_lo, sigma_hi, schedule, w_end, metadata_path)
+        p.extra_generation_params[KEY_W] = guidance.w
+        p.extra_generation_params[KEY_SOURCE] = source
+        if guidance.sigma_interval is not None:
+            p.extra_generation_params[KEY_INTERVAL] = '{:g}-{:g}'.format(*guidance.sigma_interval)
+        if guidance.w_end is not None:
+            p.extra_generation_params[KEY_W_END] = guidance.w_end
+        if hasattr(p.sd_model, 'forge_objects'):  # Forge: patch its UNet instead of the A1111 callbacks
+            self.forge_guidance = guidance
+            return
+        _Active.guidance, _Active.cfg_scale = guidance, float(p.cfg_scale)
+
+    def process_before_every_sampling(self, p, *args, **kwargs):
+        guidance = getattr(self, 'forge_guidance', None)
+        if guidance is None or not args or not args[0]:
+            return
+        unet = p.sd_model.forge_objects.unet.clone()
+        unet.set_model_sampler_cfg_function(make_cfg_function(guidance), disable_cfg1_optimization=True)
+        p.sd_model.forge_objects.unet = unet
+
+    def postprocess(self, p, processed, *args):
+        _Active.guidance = _Active.step = None
+        self.forge_guidance = None
+

@@ -1,0 +1,200 @@
+"""ComfyUI nodes: a guider for SamplerCustomAdvanced, a model patch for KSampler, a metadata reader.
+
+Glue only: each node turns its widgets into a kdiff_align.integrations.HostGuidance and hands ComfyUI's
+two predictions to it. ComfyUI conventions (comfy/samplers.py): the sigma ComfyUI passes is the sampler's
+noise level; cfg is the scale s = 1 + w; a `sampler_cfg_function` receives args with 'cond' = x - D_c and
+'uncond' = x - D_u (and 'cond_denoised', 'uncond_denoised', 'input', 'sigma', 'cond_scale') and returns
+x - D; a guider's predict_noise returns D.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import comfy.samplers
+
+from kdiff_align.guidance import w_to_cfg_scale
+from kdiff_align.integrations import HostGuidance, make_cfg_function
+from kdiff_align.metadata import read_metadata
+
+CATEGORY = 'sampling/kdiff_align'
+NO_FILE = '(none)'
+FOLDERS = ('checkpoints', 'loras', 'diffusion_models')
+
+W_TOOLTIP = "The paper's w (w = 0: unguided conditional sampling). ComfyUI's cfg = 1 + w."
+INTERVAL_TOOLTIP = 'Guidance interval [sigma_lo, sigma_hi] in the sampler\'s sigma; sigma_hi = 0: guide at every step.'
+
+
+def metadata_files() -> list[str]:
+    """'<folder>/<name>' for every .safetensors file ComfyUI knows, for the metadata_file widget."""
+    try:
+        import folder_paths
+    except ImportError:
+        return [NO_FILE]
+    out = [NO_FILE]
+    for folder in FOLDERS:
+        try:
+            names = folder_paths.get_filename_list(folder)
+        except (KeyError, AttributeError):
+            continue
+        out += [f'{folder}/{name}' for name in names if name.endswith('.safetensors')]
+    return out
+
+
+def file_metadata(choice: str) -> dict[str, Any]:
+    """The kdiff_align metadata of a metadata_file choice; errors say what is missing."""
+    import folder_paths
+
+    if choice == NO_FILE:
+        raise ValueError("w_source is 'metadata' but metadata_file is (none): pick the checkpoint or LoRA "
+                         "exported by kdiff-align")
+    folder, _, name = choice.partition('/')
+    path = folder_paths.get_full_path(folder, name)
+    if path is None:
+        raise FileNotFoundError(f'metadata_file {choice!r} is not in ComfyUI\'s {folder} folders')
+    meta = read_metadata(path)
+    if meta is None:
+        raise ValueError(f'{choice!r} carries no kdiff_align metadata (keys "kdiff_align.*"); set w_source to '
+                         "'node' and enter w yourself")
+    return meta
+
+
+def make_guidance(w_source: str, w: float, sigma_lo: float, sigma_hi: float, schedule: str, w_end: float,
+                  metadata_file: str) -> HostGuidance | None:
+    """The guidance the widgets describe; None for w_source 'ksampler cfg' (built per call from cfg)."""
+    end = w_end if schedule == 'log-linear' else None
+    if w_source == 'metadata':
+        return HostGuidance.from_metadata(file_metadata(metadata_file), w_end=end)
+    interval = [sigma_lo, sigma_hi] if sigma_hi > 0 else None
+    if w_source == 'node':
+        return HostGuidance(w, sigma_interval=interval, w_end=end)
+    if w_source == 'ksampler cfg':
+        HostGuidance(0.0, sigma_interval=interval, w_end=end)  # validates the widgets now, not mid-sampling
+        return None
+    raise ValueError(f"w_source must be 'node', 'metadata' or 'ksampler cfg', got {w_source!r}")
+
+
+def _guidance_inputs(sources: list[str]) -> dict[str, Any]:
+    return {
+        'w_source': (sources, {'default': sources[0], 'tooltip': 'Where w (and the interval) come from.'}),
+        'w': ('FLOAT', {'default': 1.0, 'min': -1.0, 'max': 100.0, 'step': 0.05, 'round': 0.001,
+                        'tooltip': W_TOOLTIP}),
+        'sigma_lo': ('FLOAT', {'default': 0.0, 'min': 0.0, 'max': 1000.0, 'step': 0.01, 'round': 0.001,
+                               'tooltip': INTERVAL_TOOLTIP}),
+        'sigma_hi': ('FLOAT', {'default': 0.0, 'min': 0.0, 'max': 1000.0, 'step': 0.01, 'round': 0.001,
+                               'tooltip': INTERVAL_TOOLTIP}),
+        'schedule': (['constant', 'log-linear'], {'default': 'constant', 'tooltip':
+                     'log-linear: w at sigma_hi ramps to w_end at sigma_lo (needs the interval).'}),
+        'w_end': ('FLOAT', {'default': 0.0, 'min': -1.0, 'max': 100.0, 'step': 0.05, 'round': 0.001}),
+        'metadata_file': (metadata_files(), {'tooltip': 'A checkpoint or LoRA exported by kdiff-align; read '
+                                             'when w_source is metadata.'}),
+    }
+
+
+class AlignedCFGGuider(comfy.samplers.CFGGuider):
+    """CFGGuider with kdiff-align's semantics: the paper's w, a sigma interval, a w schedule.
+
+    Outside the interval it runs the conditional pass only, like the core's GuidedDenoiser.
+    """
+
+    def set_guidance(self, guidance: HostGuidance) -> None:
+        self.guidance = guidance
+        self.cfg = w_to_cfg_scale(guidance.peak_w)  # for code that reads guider.cfg
+
+    def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006 (ComfyUI's signature)
+        positive, negative = self.conds.get('positive'), self.conds.get('negative')
+        guided = self.guidance.needs_uncond(timestep)
+        out = comfy.samplers.calc_cond_batch(self.inner_model, [positive, negative if guided else None], x,
+                                             timestep, model_options)
+        denoised = self.guidance.combine(out[0], out[1] if guided else None, timestep)
+        # Post-CFG patches (e.g. CFG rescale nodes) still apply, with ComfyUI's argument names.
+        for fn in model_options.get('sampler_post_cfg_function', []):
+            args = {'denoised': denoised, 'cond': positive, 'uncond': negative if guided else None,
+                    'cond_scale': w_to_cfg_scale(float(self.guidance.scale_at(timestep)[0])),
+                    'model': self.inner_model, 'uncond_denoised': out[1], 'cond_denoised': out[0],
+                    'sigma': timestep, 'model_options': model_options, 'input': x}
+            denoised = fn(args)
+        return denoised
+
+
+class KDiffAlignGuider:
+    """A GUIDER for SamplerCustomAdvanced."""
+
+    DESCRIPTION = ("Classifier-free guidance in the paper's w (cfg = 1 + w), with an optional sigma interval and "
+                   "w schedule; w and interval can come from a kdiff-align export's metadata.")
+    RETURN_TYPES = ('GUIDER',)
+    FUNCTION = 'get_guider'
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {'required': {'model': ('MODEL',), 'positive': ('CONDITIONING',), 'negative': ('CONDITIONING',),
+                             **_guidance_inputs(['node', 'metadata'])}}
+
+    def get_guider(self, model, positive, negative, w_source, w, sigma_lo, sigma_hi, schedule, w_end,
+                   metadata_file):
+        guider = AlignedCFGGuider(model)
+        guider.set_conds(positive, negative)
+        guider.set_guidance(make_guidance(w_source, w, sigma_lo, sigma_hi, schedule, w_end, metadata_file))
+        return (guider,)
+
+
+class KDiffAlignCFGPatch:
+    """A MODEL patch for the ordinary KSampler (ComfyUI's sampler_cfg_function)."""
+
+    DESCRIPTION = ("Makes KSampler guide with kdiff-align's semantics. w_source 'ksampler cfg' uses KSampler's cfg "
+                   "(w = cfg - 1); 'node' and 'metadata' override it. ComfyUI computes both passes before a cfg "
+                   "function runs, so the interval changes the result but does not save the unconditional pass; "
+                   "the guider node does.")
+    RETURN_TYPES = ('MODEL',)
+    FUNCTION = 'patch'
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {'required': {'model': ('MODEL',), **_guidance_inputs(['metadata', 'node', 'ksampler cfg'])}}
+
+    def patch(self, model, w_source, w, sigma_lo, sigma_hi, schedule, w_end, metadata_file):
+        fixed = make_guidance(w_source, w, sigma_lo, sigma_hi, schedule, w_end, metadata_file)
+        interval = [sigma_lo, sigma_hi] if sigma_hi > 0 else None
+        end = w_end if schedule == 'log-linear' else None
+        cfg_function = make_cfg_function(
+            fixed if fixed is not None
+            else (lambda scale: HostGuidance.from_cfg_scale(scale, sigma_interval=interval, w_end=end)))
+        patched = model.clone()
+        # With w from the node or metadata, KSampler's cfg may be 1: keep ComfyUI from skipping the uncond pass.
+        patched.set_model_sampler_cfg_function(cfg_function, disable_cfg1_optimization=fixed is not None)
+        patched.model_options['kdiff_align'] = fixed.describe() if fixed is not None else {'w': 'ksampler cfg - 1'}
+        return (patched,)
+
+
+class KDiffAlignMetadata:
+    """Reads a kdiff-align export's recommended sampling: w (paper's), cfg (= 1 + w, for KSampler), a summary."""
+
+    DESCRIPTION = 'The recommended w and cfg of a checkpoint or LoRA exported by kdiff-align.'
+    RETURN_TYPES = ('FLOAT', 'FLOAT', 'STRING')
+    RETURN_NAMES = ('w', 'cfg', 'info')
+    FUNCTION = 'read'
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {'required': {'metadata_file': (metadata_files(),)}}
+
+    def read(self, metadata_file):
+        meta = file_metadata(metadata_file)
+        info = (f"{meta['objective']}: w_train {meta['w_train']}, recommended w {meta['w_sample']} "
+                f"(cfg {meta['cfg_scale']}), sigma_interval {meta['sigma_interval']}")
+        return (meta['w_sample'], meta['cfg_scale'], info)
+
+
+NODE_CLASS_MAPPINGS = {
+    'KDiffAlignGuider': KDiffAlignGuider,
+    'KDiffAlignCFGPatch': KDiffAlignCFGPatch,
+    'KDiffAlignMetadata': KDiffAlignMetadata,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    'KDiffAlignGuider': 'Aligned CFG Guider (kdiff-align)',
+    'KDiffAlignCFGPatch': 'Aligned CFG for KSampler (kdiff-align)',
+    'KDiffAlignMetadata': 'kdiff-align Metadata (w, cfg)',
+}

@@ -1,0 +1,142 @@
+"""A diffusers guider (diffusers >= 0.35 guiders API) with kdiff-align's semantics.
+
+    from kdiff_align.integrations.diffusers_guider import AlignedGuidance
+    guider = AlignedGuidance.from_metadata('lora.safetensors').set_scheduler(pipe.scheduler)
+    pipe.update_components(guider=guider)          # a modular pipeline (e.g. Stable Diffusion XL)
+
+guidance_scale is diffusers' convention, s = 1 + w; w is the paper's (w = 0: unguided); pass one. A
+sigma_interval (k-diffusion noise levels) or w schedule needs the scheduler, to turn the loop's timestep into
+sigma: set_scheduler(scheduler). Outside the interval the guider asks for the conditional batch only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers.configuration_utils import register_to_config
+from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput
+
+from ..guidance import cfg_scale_to_w, w_to_cfg_scale
+from ..metadata import read_metadata
+from . import HostGuidance
+
+
+def recommended_guidance_scale(path: str | Path) -> float:
+    """diffusers' guidance_scale (s = 1 + w) recommended by a kdiff-align export, for pipelines without guiders.
+
+    Such pipelines guide at every step: an export with a sigma_interval needs AlignedGuidance to honour it.
+    """
+    meta = read_metadata(path)
+    if meta is None:
+        raise ValueError(f'{str(path)!r} carries no kdiff_align metadata (keys "kdiff_align.*")')
+    if meta['sigma_interval'] is not None:
+        raise ValueError(f'{str(path)!r} recommends the guidance interval {meta["sigma_interval"]}, which a '
+                         'guidance_scale alone cannot express; use AlignedGuidance.from_metadata with a modular '
+                         'pipeline, or sample with kdiff_align.GuidedDenoiser')
+    return meta['cfg_scale']
+
+
+class AlignedGuidance(BaseGuidance):
+    """Classifier-free guidance in the paper's w, with a sigma interval and an optional w schedule.
+
+    Args:
+        guidance_scale: diffusers' scale s = 1 + w. Give this or w.
+        w: the paper's guidance weight (w = 0: unguided conditional sampling).
+        sigma_interval: [sigma_lo, sigma_hi] in k-diffusion noise levels; guide only there.
+        w_end: with sigma_interval, w ramps from w at sigma_hi to w_end at sigma_lo (linear in log sigma).
+        start, stop, enabled: as BaseGuidance (fractions of the steps).
+    """
+
+    _input_predictions = ['pred_cond', 'pred_uncond']
+
+    @register_to_config
+    def __init__(self, guidance_scale: float | None = None, w: float | None = None,
+                 sigma_interval: Sequence[float] | None = None, w_end: float | None = None,
+                 start: float = 0.0, stop: float = 1.0, enabled: bool = True):
+        super().__init__(start, stop, enabled)
+        if (guidance_scale is None) == (w is None):
+            raise ValueError(f'pass exactly one of guidance_scale (diffusers\' s = 1 + w) or w (the paper\'s w); '
+                             f'got guidance_scale={guidance_scale!r}, w={w!r}')
+        w = cfg_scale_to_w(guidance_scale) if w is None else w
+        self.guidance = HostGuidance(w, sigma_interval=sigma_interval, w_end=w_end)
+        self.guidance_scale = w_to_cfg_scale(self.guidance.w)
+        self._sigma_table: torch.Tensor | None = None
+        self._flow_timesteps: float | None = None
+
+    @classmethod
+    def from_metadata(cls, path_or_meta: str | Path | dict[str, Any], **kwargs: Any) -> AlignedGuidance:
+        """The recommended guidance of a kdiff-align export (a .safetensors path or parsed metadata)."""
+        meta = path_or_meta if isinstance(path_or_meta, dict) else read_metadata(path_or_meta)
+        if meta is None:
+            raise ValueError(f'{str(path_or_meta)!r} carries no kdiff_align metadata (keys "kdiff_align.*")')
+        return cls(w=meta['w_sample'], sigma_interval=meta['sigma_interval'], **kwargs)
+
+    def set_scheduler(self, scheduler: Any) -> AlignedGuidance:
+        """Lets the guider turn timesteps into sigma: VP schedulers (alphas_cumprod) or flow matching."""
+        if getattr(scheduler, 'alphas_cumprod', None) is not None:
+            alphas = torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float64)
+            self._sigma_table = ((1 - alphas) / alphas) ** 0.5
+        elif hasattr(scheduler, 'config') and 'shift' in scheduler.config:
+            self._flow_timesteps = float(scheduler.config.get('num_train_timesteps', 1000))
+        else:
+            raise ValueError(f'{type(scheduler).__name__} has neither alphas_cumprod (a VP schedule) nor a '
+                             'flow-matching config; cannot map timesteps to sigma')
+        return self
+
+    def current_sigma(self) -> torch.Tensor:
+        """The k-diffusion sigma of the current step (set_state's timestep)."""
+        if self._timestep is None:
+            raise RuntimeError('call set_state(step, num_inference_steps, timestep) first')
+        t = torch.as_tensor(self._timestep, dtype=torch.float64).reshape(-1)[:1].cpu()
+        if self._sigma_table is not None:
+            # Linear interpolation in t, as diffusers' discrete schedulers do for fractional timesteps.
+            lo = t.floor().clamp(0, len(self._sigma_table) - 1)
+            hi = (lo + 1).clamp(max=len(self._sigma_table) - 1)
+            frac = t - lo
+            return (self._sigma_table[lo.long()] * (1 - frac) + self._sigma_table[hi.long()] * frac).float()
+        if self._flow_timesteps is not None:
+            s = (t / self._flow_timesteps).clamp(max=1 - 1e-7)
+            return (s / (1 - s)).float()
+        if self.guidance.sigma_interval is None:
+            return torch.ones(1)  # no interval and no schedule: any sigma gives the same w
+        raise RuntimeError('sigma_interval / w_end need set_scheduler(pipe.scheduler) to know each step\'s sigma')
+
+    def _is_cfg_enabled(self) -> bool:
+        if not self._enabled:
+            return False
+        if self._num_inference_steps is not None:
+            start = int(self._start * self._num_inference_steps)
+            stop = int(self._stop * self._num_inference_steps)
+            if not start <= self._step < stop:
+                return False
+        if self._timestep is None:
+            return not math.isclose(self.guidance.peak_w, 0.0) or self.guidance.w_end is not None
+        return self.guidance.needs_uncond(self.current_sigma())
+
+    def prepare_inputs(self, data: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> list:
+        indices = [0] if self.num_conditions == 1 else [0, 1]
+        return [self._prepare_batch(data, i, name) for i, name in zip(indices, self._input_predictions)]
+
+    def prepare_inputs_from_block_state(self, data: Any, input_fields: dict[str, str | tuple[str, str]]) -> list:
+        indices = [0] if self.num_conditions == 1 else [0, 1]
+        return [self._prepare_batch_from_block_state(input_fields, data, i, name)
+                for i, name in zip(indices, self._input_predictions)]
+
+    def forward(self, pred_cond: torch.Tensor, pred_uncond: torch.Tensor | None = None) -> GuiderOutput:
+        if not self._is_cfg_enabled():
+            pred = pred_cond
+        else:
+            pred = self.guidance.combine(pred_cond, pred_uncond, self.current_sigma().to(pred_cond.device))
+        return GuiderOutput(pred=pred, pred_cond=pred_cond, pred_uncond=pred_uncond)
+
+    @property
+    def is_conditional(self) -> bool:
+        return self._count_prepared == 1
+
+    @property
+    def num_conditions(self) -> int:
+        return 2 if self._is_cfg_enabled() else 1

@@ -1,0 +1,171 @@
+"""The diffusers guider, with the real diffusers (guiders API, UNet2DConditionModel, EulerDiscreteScheduler,
+StableDiffusionPipeline, LoRA loading through peft) on tiny models built from configs: no downloads.
+
+The guider is driven through the loop protocol of diffusers' modular denoise blocks
+(modular_pipelines/stable_diffusion_xl/denoise.py: set_state, prepare_inputs, prepare_models, the UNet on each
+batch, cleanup_models, guider(state)[0]) and compared with diffusers' own ClassifierFreeGuidance, with the
+classic pipeline at guidance_scale = 1 + w, and with the core's GuidedDenoiser sampled by k-diffusion.
+"""
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip('diffusers')
+peft = pytest.importorskip('peft')
+
+from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline,  # noqa: E402
+                       UNet2DConditionModel)
+from diffusers.guiders import ClassifierFreeGuidance  # noqa: E402
+from k_diffusion import external as K_external  # noqa: E402
+from k_diffusion import sampling as K_sampling  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from conftest import tiny_config  # noqa: E402
+from kdiff_align.config import load_config  # noqa: E402
+from kdiff_align.guidance import GuidedDenoiser  # noqa: E402
+from kdiff_align.integrations.diffusers_guider import AlignedGuidance, recommended_guidance_scale  # noqa: E402
+from kdiff_align.metadata import export_metadata  # noqa: E402
+
+STEPS = 6
+EMB = 16
+
+
+def tiny_unet(seed=0):
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(8, 16), norm_num_groups=4, cross_attention_dim=EMB,
+                                attention_head_dim=2, down_block_types=('CrossAttnDownBlock2D', 'DownBlock2D'),
+                                up_block_types=('UpBlock2D', 'CrossAttnUpBlock2D')).eval()
+
+
+def scheduler():
+    return EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule='scaled_linear',
+                                  timestep_spacing='trailing')
+
+
+GEN = torch.Generator().manual_seed(1)
+COND, UNCOND = torch.randn(2, 5, EMB, generator=GEN), torch.randn(2, 5, EMB, generator=GEN)
+LATENTS = torch.randn(2, 4, 8, 8, generator=GEN)
+
+
+class Counter:
+    def __init__(self, unet):
+        self.unet, self.calls = unet, []
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append(args[0].shape[0])
+        return self.unet(*args, **kwargs)
+
+
+@torch.no_grad()
+def guided_loop(unet, sched, guider, latents=LATENTS):
+    """The modular pipelines' denoise step, one guider batch per UNet call."""
+    run = Counter(unet)
+    sched.set_timesteps(STEPS)
+    latents = latents * sched.init_noise_sigma
+    for i, t in enumerate(sched.timesteps):
+        scaled = sched.scale_model_input(latents, t)
+        guider.set_state(step=i, num_inference_steps=STEPS, timestep=t)
+        state = guider.prepare_inputs({'encoder_hidden_states': (COND, UNCOND)})
+        for batch in state:
+            guider.prepare_models(unet)
+            batch.noise_pred = run(scaled, t, encoder_hidden_states=batch.encoder_hidden_states).sample
+            guider.cleanup_models(unet)
+        latents = sched.step(guider(state)[0], t, latents).prev_sample
+    return latents, run.calls
+
+
+def test_guidance_scale_matches_diffusers_cfg():
+    unet = tiny_unet()
+    ours, _ = guided_loop(unet, scheduler(), AlignedGuidance(guidance_scale=4.0))
+    theirs, _ = guided_loop(unet, scheduler(), ClassifierFreeGuidance(guidance_scale=4.0))
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    same, _ = guided_loop(unet, scheduler(), AlignedGuidance(w=3.0))  # the paper's w = s - 1
+    torch.testing.assert_close(same, ours, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('w, interval', [(2.0, None), (2.0, [0.5, 3.0]), (0.0, None)])
+def test_matches_core_guided_denoiser_in_k_diffusion(w, interval):
+    unet, sched = tiny_unet(), scheduler()
+    guider = AlignedGuidance(w=w, sigma_interval=interval).set_scheduler(sched)
+    ours, calls = guided_loop(unet, sched, guider)
+
+    class Eps(K_external.DiscreteEpsDDPMDenoiser):
+        def get_eps(self, x, t, cond):
+            return unet(x, t, encoder_hidden_states=cond).sample
+
+    denoiser = Eps(unet, sched.alphas_cumprod, quantize=True)
+    guided = GuidedDenoiser(denoiser, w, uncond={'cond': UNCOND}, sigma_interval=interval)
+    with torch.no_grad():
+        ref = K_sampling.sample_euler(guided, LATENTS * sched.sigmas[0], sched.sigmas, extra_args={'cond': COND},
+                                      disable=True)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+    in_interval = [w != 0 and (interval is None or interval[0] <= s <= interval[1]) for s in sched.sigmas[:-1]]
+    assert len(calls) == STEPS + sum(in_interval)  # the unconditional batch runs only where w != 0
+
+
+def test_schedule_and_errors():
+    g = AlignedGuidance(w=3.0, sigma_interval=[0.1, 5.0], w_end=0.5)
+    assert g.guidance.scale_at(5.0).item() == pytest.approx(3.0)
+    assert g.guidance.scale_at(0.1).item() == pytest.approx(0.5)
+    assert g.new().config['w_end'] == 0.5  # ConfigMixin round trip
+    with pytest.raises(ValueError, match='exactly one of guidance_scale'):
+        AlignedGuidance(guidance_scale=3.0, w=2.0)
+    with pytest.raises(ValueError, match='exactly one of guidance_scale'):
+        AlignedGuidance()
+    g = AlignedGuidance(w=1.0, sigma_interval=[0.1, 5.0])
+    g.set_state(0, 4, torch.tensor(500))
+    with pytest.raises(RuntimeError, match='set_scheduler'):
+        g.num_conditions
+
+
+def tiny_pipeline(unet):
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,),
+                        down_block_types=('DownEncoderBlock2D',), up_block_types=('UpDecoderBlock2D',),
+                        norm_num_groups=4, sample_size=8)
+    return StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=scheduler(),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def test_lora_export_loads_in_diffusers_and_samples_with_recommended_w(tmp_path):
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    # A LoRA as the project exports one: UNet attention adapters + kdiff_align metadata from the config.
+    trained = tiny_unet()
+    trained.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights=False,
+                                   target_modules=['to_q', 'to_k', 'to_v', 'to_out.0']))
+    lora = convert_state_dict_to_diffusers(get_peft_model_state_dict(trained))
+    config = load_config(tiny_config(w_train=2.0, w_sample=1.5))
+    path = tmp_path / 'aligned_lora.safetensors'
+    save_file({f'unet.{k}': v.contiguous() for k, v in lora.items()}, path, metadata=export_metadata(config))
+
+    pipe = tiny_pipeline(tiny_unet())
+    base, _ = guided_loop(pipe.unet, scheduler(), AlignedGuidance(w=1.5))
+    pipe.load_lora_weights(str(path))
+    loaded, _ = guided_loop(pipe.unet, scheduler(), AlignedGuidance(w=1.5))
+    expected, _ = guided_loop(trained, scheduler(), AlignedGuidance(w=1.5))
+    assert not torch.allclose(loaded, base, atol=1e-4)  # the LoRA changed the model ...
+    torch.testing.assert_close(loaded, expected, rtol=1e-4, atol=1e-4)  # ... into the trained one
+
+    # The recommended w comes from the file: 1.5, i.e. diffusers' guidance_scale 2.5.
+    scale = recommended_guidance_scale(path)
+    assert scale == 2.5
+    guider = AlignedGuidance.from_metadata(path).set_scheduler(pipe.scheduler)
+    assert guider.guidance.w == 1.5 and guider.guidance_scale == 2.5
+    with torch.no_grad():
+        out = pipe(prompt_embeds=COND, negative_prompt_embeds=UNCOND, guidance_scale=scale,
+                   num_inference_steps=STEPS, latents=LATENTS, height=8, width=8, output_type='latent').images
+    via_guider, _ = guided_loop(pipe.unet, scheduler(), guider)
+    torch.testing.assert_close(out, via_guider, rtol=1e-4, atol=1e-4)
+
+
+def test_interval_exports_need_the_guider(tmp_path):
+    config = load_config(tiny_config(w_sample=1.0, sigma_interval=[0.3, 5.0]))
+    path = tmp_path / 'x.safetensors'
+    save_file({'x': torch.zeros(1)}, path, metadata=export_metadata(config))
+    with pytest.raises(ValueError, match='guidance interval'):
+        recommended_guidance_scale(path)
+    assert AlignedGuidance.from_metadata(path).guidance.sigma_interval == (0.3, 5.0)
