@@ -1,0 +1,136 @@
+"""Stable Diffusion components as k-diffusion denoisers.
+
+The diffusers UNet predicts eps (or v) from (x_t, t, text embedding). k-diffusion's DiscreteEpsDDPMDenoiser /
+DiscreteVDDPMDenoiser wrap such a network given the training schedule's alphas_cumprod, with noise levels
+sigma = sqrt((1 - alphas_cumprod) / alphas_cumprod); AlignedDenoiser and GuidedDenoiser use them as they are.
+The conditioning keyword argument is `cond` (the text encoder's last hidden state, [B, 77, D]); the null
+condition is the empty prompt's embedding, {'cond': empty_embedding} with one row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+COND_KEY = 'cond'
+
+
+class UNetAdapter(nn.Module):
+    """inner_model for k-diffusion's DDPM wrappers: forward(x, t, cond) = unet(x, t, encoder_hidden_states=cond)."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, input: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.unet.parameters()).dtype
+        return self.unet(input.to(dtype), t, encoder_hidden_states=cond.to(dtype)).sample.to(input.dtype)
+
+
+@dataclasses.dataclass
+class Components:
+    """The parts of a Stable Diffusion checkpoint that kdiff-align uses."""
+
+    unet: nn.Module
+    vae: nn.Module
+    text_encoder: nn.Module
+    tokenizer: Any
+    alphas_cumprod: torch.Tensor
+    prediction: str
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_scale(self) -> float:
+        """VAE latents are multiplied by this before diffusion (0.18215 for SD 1.x / 2.x)."""
+        return float(self.vae.config.scaling_factor)
+
+
+def alphas_cumprod_from_config(scheduler_config: Mapping[str, Any]) -> torch.Tensor:
+    """alphas_cumprod of the training schedule in a diffusers scheduler config (any scheduler class)."""
+    from diffusers import DDPMScheduler
+
+    keys = ('num_train_timesteps', 'beta_start', 'beta_end', 'beta_schedule', 'trained_betas')
+    sched = DDPMScheduler(**{k: scheduler_config[k] for k in keys if scheduler_config.get(k) is not None})
+    return sched.alphas_cumprod.clone().float()
+
+
+def load_components(model: Mapping[str, Any], *, unet_path: str | Path | None = None,
+                    dtype: torch.dtype = torch.float32) -> Components:
+    """Loads the UNet, VAE, text encoder, tokenizer and schedule of model.pretrained without network access.
+
+    unet_path replaces the UNet with a full fine-tune saved in diffusers' layout (a folder with config.json).
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    pretrained = Path(model['pretrained'])
+    if pretrained.is_dir():
+        def part(cls, name):
+            return cls.from_pretrained(str(pretrained), subfolder=name, local_files_only=True, torch_dtype=dtype)
+        unet = part(UNet2DConditionModel, 'unet') if unet_path is None else None
+        vae = part(AutoencoderKL, 'vae')
+        text_encoder = CLIPTextModel.from_pretrained(str(pretrained), subfolder='text_encoder',
+                                                     local_files_only=True, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(str(pretrained), subfolder='tokenizer', local_files_only=True)
+        scheduler_config = _scheduler_config(pretrained)
+    else:
+        from diffusers import StableDiffusionPipeline
+
+        kwargs = {'torch_dtype': dtype, 'safety_checker': None, 'requires_safety_checker': False}
+        if model.get('pretrained_config'):
+            kwargs['config'] = model['pretrained_config']
+            kwargs['local_files_only'] = Path(model['pretrained_config']).is_dir()
+        pipe = StableDiffusionPipeline.from_single_file(str(pretrained), **kwargs)
+        unet = pipe.unet if unet_path is None else None
+        vae, text_encoder, tokenizer = pipe.vae, pipe.text_encoder, pipe.tokenizer
+        scheduler_config = dict(pipe.scheduler.config)
+        if model.get('prediction') is not None:
+            scheduler_config['prediction_type'] = model['prediction']
+    if unet_path is not None:
+        unet = UNet2DConditionModel.from_pretrained(str(unet_path), local_files_only=True, torch_dtype=dtype)
+    prediction = model.get('prediction') or scheduler_config.get('prediction_type', 'epsilon')
+    for module in (vae, text_encoder):
+        module.requires_grad_(False).eval()
+    return Components(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                      alphas_cumprod=alphas_cumprod_from_config(scheduler_config), prediction=prediction)
+
+
+def _scheduler_config(folder: Path) -> dict[str, Any]:
+    import json
+
+    return json.loads((folder / 'scheduler' / 'scheduler_config.json').read_text())
+
+
+def make_denoiser(unet: nn.Module, alphas_cumprod: torch.Tensor, prediction: str) -> nn.Module:
+    """The UNet as a k-diffusion denoiser: DiscreteEpsDDPMDenoiser (epsilon) or DiscreteVDDPMDenoiser (v)."""
+    from k_diffusion import external
+
+    if prediction == 'epsilon':
+        return external.DiscreteEpsDDPMDenoiser(UNetAdapter(unet), alphas_cumprod, quantize=False)
+    if prediction == 'v_prediction':
+        return external.DiscreteVDDPMDenoiser(UNetAdapter(unet), alphas_cumprod, quantize=False)
+    raise ValueError(f'prediction must be \'epsilon\' or \'v_prediction\', got {prediction!r}')
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer: Any, text_encoder: nn.Module, prompts: Sequence[str],
+                   device: torch.device | str | None = None) -> torch.Tensor:
+    """Text embeddings [B, L, D]: the text encoder's last hidden state, as diffusers' SD pipeline uses them."""
+    device = device or next(text_encoder.parameters()).device
+    tokens = tokenizer(list(prompts), padding='max_length', max_length=tokenizer.model_max_length,
+                       truncation=True, return_tensors='pt')
+    return text_encoder(tokens.input_ids.to(device))[0]
+
+
+def null_condition(tokenizer: Any, text_encoder: nn.Module, device: torch.device | str | None = None
+                   ) -> dict[str, torch.Tensor]:
+    """The null condition: the empty prompt's embedding, one row that broadcasts over a batch."""
+    return {COND_KEY: encode_prompts(tokenizer, text_encoder, [''], device)}

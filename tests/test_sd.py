@@ -1,0 +1,327 @@
+"""Stable Diffusion fine-tuning end to end on tiny random components saved in diffusers' layout (offline)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip('diffusers')
+pytest.importorskip('peft')
+
+import sd_tiny  # noqa: E402
+
+from kdiff_align.config import ConfigError  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    # Tiny convolutions on 2 shared cores run ~10x faster without intra-op threading.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope='module')
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp('sd')
+    return {'root': root, 'pipe': sd_tiny.save_pipeline(root / 'pipe'),
+            'data': sd_tiny.make_captioned_folder(root / 'data')}
+
+
+@pytest.fixture(scope='module')
+def lora_run(tiny):
+    """A 4-step LoRA run with the aligned objective (shared by the export and sampling tests)."""
+    from kdiff_align.sd.train import SDTrainOptions, train
+
+    config = sd_tiny.sd_config(tiny['pipe'], tiny['data'])
+    return train(config, SDTrainOptions(out_dir=str(tiny['root'] / 'runs'), name='lora', batch_size=2, end_step=4,
+                                        seed=0, progress=False, log_every=1, save_every=0))
+
+
+def _unet_inputs(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(2, 4, 4, 4, generator=gen), torch.tensor([10., 700.]),
+            torch.randn(2, 77, 32, generator=gen))
+
+
+def test_import_stays_light():
+    code = ('import sys, kdiff_align, kdiff_align.sd, kdiff_align.sd.config; '
+            'bad = [m for m in ("diffusers", "transformers", "peft") if m in sys.modules]; assert not bad, bad')
+    subprocess.run([sys.executable, '-c', code], check=True, cwd=ROOT)
+
+
+def test_shipped_configs_are_twins():
+    from kdiff_align.metadata import guidance_metadata
+    from kdiff_align.sd.config import is_sd_config, load_config
+
+    aligned, baseline = (load_config(ROOT / 'configs' / f'sd_{n}.json') for n in ('aligned', 'baseline'))
+    assert is_sd_config(aligned) and is_sd_config(baseline)
+    assert guidance_metadata(aligned)['objective'] == 'aligned-cfg'
+    assert guidance_metadata(baseline)['objective'] == 'standard-cfg'
+    assert {k: v for k, v in aligned.items() if k != 'align'} == {k: v for k, v in baseline.items() if k != 'align'}
+
+
+def test_metadata_jsonl_captions(tiny):
+    from kdiff_align.sd.config import find_captioned_images
+
+    folder = sd_tiny.make_captioned_folder(tiny['root'] / 'jsonl', layout='metadata.jsonl')
+    items = find_captioned_images(folder, 'metadata.jsonl')
+    assert [c for _, c in items] == list(sd_tiny.CAPTIONS)
+    with open(folder / 'metadata.jsonl', 'a') as f:
+        f.write('{"file_name": "gone.png", "text": "x"}\n')
+    with pytest.raises(ConfigError, match=r"image 'gone.png' does not exist"):
+        find_captioned_images(folder, 'metadata.jsonl')
+
+
+# Bad inputs: each fails with a message that names the problem, before any model is loaded.
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError('a model was loaded before the inputs were validated')
+    monkeypatch.setattr('kdiff_align.sd.model.load_components', fail)
+
+
+def _train_error(config, tmp_path):
+    from kdiff_align.sd.train import SDTrainOptions, train
+
+    with pytest.raises(ConfigError) as info:
+        train(config, SDTrainOptions(out_dir=str(tmp_path), end_step=1, progress=False))
+    return str(info.value)
+
+
+def test_missing_weights_path(tiny, tmp_path, no_model_loading):
+    config = sd_tiny.sd_config(tmp_path / 'no_such_model', tiny['data'])
+    message = _train_error(config, tmp_path)
+    assert "'model.pretrained'" in message and 'no_such_model' in message and 'does not exist' in message
+
+
+def test_incomplete_weights_folder(tiny, tmp_path, no_model_loading):
+    (tmp_path / 'half' / 'vae').mkdir(parents=True)
+    message = _train_error(sd_tiny.sd_config(tmp_path / 'half', tiny['data']), tmp_path)
+    assert 'not a diffusers Stable Diffusion folder' in message and 'unet/config.json' in message
+
+
+def test_image_without_caption(tiny, tmp_path, no_model_loading):
+    data = sd_tiny.make_captioned_folder(tmp_path / 'data', n=3)
+    (data / 'img_1.txt').unlink()
+    message = _train_error(sd_tiny.sd_config(tiny['pipe'], data), tmp_path)
+    assert '1 image(s)' in message and 'img_1.png' in message and 'img_1.txt' in message
+
+
+@pytest.mark.parametrize('resolution, expected', [
+    (36, 'a multiple of 8'),                                       # not a multiple of the VAE factor
+    (40, "not divisible by the UNet's downsampling factor 2"),     # 5x5 latents for a 2-level UNet
+])
+def test_wrong_resolution(tiny, tmp_path, no_model_loading, resolution, expected):
+    config = sd_tiny.sd_config(tiny['pipe'], tiny['data'])
+    config['model']['resolution'] = resolution
+    message = _train_error(config, tmp_path)
+    assert "'model.resolution'" in message and str(resolution) in message and expected in message
+
+
+def test_prediction_mismatch(tiny, tmp_path, no_model_loading):
+    message = _train_error(sd_tiny.sd_config(tiny['pipe'], tiny['data'], prediction='v_prediction'), tmp_path)
+    assert "'model.prediction' is 'v_prediction'" in message and "prediction_type 'epsilon'" in message
+
+
+def test_cli_reports_bad_input(tiny, tmp_path, capsys, no_model_loading):
+    from kdiff_align.sd.train import main
+
+    config = sd_tiny.sd_config(tiny['pipe'], tiny['data'])
+    config['model']['lora']['target_modules'] = []
+    path = tmp_path / 'bad.json'
+    path.write_text(json.dumps(config))
+    assert main(['--config', str(path), '--out-dir', str(tmp_path)]) == 2
+    assert "error: config key 'model.lora.target_modules'" in capsys.readouterr().err
+
+
+# The objective on the UNet.
+
+def test_both_branches_in_one_unet_call(tiny):
+    from kdiff_align.objective import AlignedDenoiser
+    from kdiff_align.sd.model import load_components, make_denoiser, null_condition
+
+    comps = load_components({'pretrained': str(tiny['pipe'])})
+    uncond = null_condition(comps.tokenizer, comps.text_encoder)
+    denoiser = make_denoiser(comps.unet, comps.alphas_cumprod, 'epsilon')
+    model = AlignedDenoiser(denoiser, guidance_scale=2.0, uncond=uncond, uncond_prob=0.0)
+    x, _, cond = _unet_inputs()
+    noise = torch.randn_like(x)
+    sigma = denoiser.sigmas[torch.tensor([10, 700])]
+    calls = []
+    handle = comps.unet.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    loss = model.loss(x, noise, sigma, cond=cond)
+    handle.remove()
+    assert calls == [4]
+    # Reference: eps_w = (1 + w) eps_c - w eps_u with the empty-prompt embedding, target the noise (DESIGN.md 1).
+    with torch.no_grad():
+        c_in = (1 / (sigma ** 2 + 1) ** 0.5)[:, None, None, None]
+        t = denoiser.sigma_to_t(sigma)
+        eps_c = comps.unet((x + noise * sigma[:, None, None, None]) * c_in, t, encoder_hidden_states=cond).sample
+        eps_u = comps.unet((x + noise * sigma[:, None, None, None]) * c_in, t,
+                           encoder_hidden_states=uncond['cond'].expand(2, -1, -1)).sample
+    expected = ((3 * eps_c - 2 * eps_u - noise) ** 2).flatten(1).mean(1)
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_loss_decreases_on_fixed_batch(tiny):
+    from kdiff_align.objective import AlignedDenoiser
+    from kdiff_align.sd.model import load_components, make_denoiser, null_condition
+    from kdiff_align.sd.train import add_lora
+
+    comps = load_components({'pretrained': str(tiny['pipe'])})
+    uncond = null_condition(comps.tokenizer, comps.text_encoder)
+    add_lora(comps.unet, {'rank': 4, 'alpha': 4, 'dropout': 0.0, 'target_modules': ['to_q', 'to_k', 'to_v',
+                                                                                    'to_out.0']}, torch.float32)
+    params = [p for p in comps.unet.parameters() if p.requires_grad]
+    model = AlignedDenoiser(make_denoiser(comps.unet, comps.alphas_cumprod, 'epsilon'), guidance_scale=1.0,
+                            uncond=uncond, uncond_prob=0.25)
+    x, _, cond = _unet_inputs(1)
+    gen = torch.Generator().manual_seed(2)
+    noise = torch.randn(x.shape, generator=gen)
+    sigma = model.inner_model.sigmas[torch.tensor([300, 600])]
+    opt = torch.optim.Adam(params, lr=3e-2)
+    losses = []
+    for _ in range(15):
+        torch.manual_seed(0)   # the same anchor rows every step
+        loss = model.loss(x, noise, sigma, cond=cond).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+# Training, export, reload, sampling.
+
+def test_lora_run_outputs(lora_run):
+    from kdiff_align.metadata import read_metadata
+
+    run = lora_run.run_dir
+    assert lora_run.step == 4 and len(lora_run.losses) == 4 and all(map(torch.isfinite, torch.tensor(
+        lora_run.losses)))
+    assert lora_run.cache_built and lora_run.cache.is_file()
+    rows = (run / 'metrics.csv').read_text().splitlines()
+    assert rows[0].startswith('step,epoch,loss') and len(rows) == 5
+    assert json.loads((run / 'config.json').read_text())['model']['prediction'] == 'epsilon'
+    meta = read_metadata(lora_run.lora)
+    assert meta['objective'] == 'aligned-cfg' and meta['w_train'] == 1.0 and meta['cfg_scale'] == 1 + meta['w_sample']
+
+
+def test_lora_reloads_in_diffusers(tiny, lora_run):
+    from diffusers import StableDiffusionPipeline
+
+    def pipe_output(lora=None):
+        pipe = StableDiffusionPipeline.from_pretrained(str(tiny['pipe']), local_files_only=True, safety_checker=None,
+                                                       requires_safety_checker=False)
+        if lora is not None:
+            pipe.load_lora_weights(str(lora))
+        with torch.no_grad():
+            return pipe.unet(*_unet_inputs()[:2], encoder_hidden_states=_unet_inputs()[2]).sample
+
+    base, loaded, kohya = pipe_output(), pipe_output(lora_run.lora), pipe_output(lora_run.lora_kohya)
+    trained = lora_run.unet.eval()
+    with torch.no_grad():
+        expected = trained(*_unet_inputs()[:2], encoder_hidden_states=_unet_inputs()[2]).sample
+    assert (loaded - base).abs().max() > 1e-3
+    torch.testing.assert_close(loaded, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(kohya, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_second_run_skips_vae_and_text_encoder(tiny, lora_run, monkeypatch):
+    from kdiff_align.sd import data
+    from kdiff_align.sd.train import main
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError('the cache was not reused')
+    monkeypatch.setattr(data, 'load_image', no_encoding)
+    monkeypatch.setattr('kdiff_align.sd.model.encode_prompts', lambda tok, te, prompts, device=None: (
+        no_encoding() if prompts != [''] else torch.zeros(1, 77, 32)))
+    config = json.loads((lora_run.run_dir / 'config.json').read_text())
+    config['dataset']['cache_dir'] = str(lora_run.cache.parent)
+    path = tiny['root'] / 'resume.json'
+    path.write_text(json.dumps(config))
+    # Resume the run for one more step through the CLI, with the first run's cache.
+    assert main(['--config', str(path), '--resume', str(lora_run.checkpoint), '--out-dir', str(tiny['root'] / 'runs'),
+                 '--name', 'resumed', '--end-step', '5', '--batch-size', '2', '--no-progress']) == 0
+    assert (tiny['root'] / 'runs' / 'resumed' / 'resumed_lora.safetensors').is_file()
+    assert json.loads((tiny['root'] / 'runs' / 'resumed' / 'latest.json').read_text())['latest_checkpoint'] \
+        .endswith('step_00000005.pt')
+
+
+def test_sample_cli(lora_run, tmp_path):
+    from PIL import Image
+
+    from kdiff_align.sd.sample import main
+
+    out = tmp_path / 'cats.png'
+    assert main(['--run', str(lora_run.run_dir), '--prompt', 'a cat', 'a dog', '--n', '2', '--steps', '3',
+                 '--sampler', 'dpmpp_2m', '--out', str(out), '--device', 'cpu']) == 0
+    assert Image.open(out).size == (2 * sd_tiny.RESOLUTION, 2 * sd_tiny.RESOLUTION)
+
+
+@pytest.mark.parametrize('sampler', ['euler_ancestral', 'heun'])
+def test_generate_any_sampler_batched_guidance(tiny, sampler):
+    from kdiff_align.sd.model import load_components
+    from kdiff_align.sd.sample import generate
+
+    comps = load_components({'pretrained': str(tiny['pipe'])})
+    calls = []
+    comps.unet.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    images = generate(comps, ['a cat'], w=3.0, sampler=sampler, steps=3, resolution=sd_tiny.RESOLUTION)
+    assert images.shape == (1, 3, sd_tiny.RESOLUTION, sd_tiny.RESOLUTION) and torch.isfinite(images).all()
+    assert calls and set(calls) == {2}   # conditional + empty-prompt rows in one call per evaluation
+
+
+def test_full_finetune_v_prediction(tiny, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from kdiff_align.objective import AlignedDenoiser
+    from kdiff_align.sd.sample import main as sample_main
+    from kdiff_align.sd.train import SDTrainOptions, train
+
+    pipe = sd_tiny.save_pipeline(tmp_path / 'pipe_v', prediction='v_prediction')
+    config = sd_tiny.sd_config(pipe, tiny['data'], lora=False, prediction='v_prediction', stop_grad_uncond=True)
+    config['model']['gradient_checkpointing'] = False
+    config['ema_sched'] = {'type': 'inverse', 'power': 0.75, 'max_value': 0.999}
+    config['optimizer']['lr'] = 1e-3
+    seen = []
+    original = AlignedDenoiser.loss
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.parameterization)
+        return original(self, *args, **kwargs)
+    AlignedDenoiser.loss = spy
+    try:
+        result = train(config, SDTrainOptions(out_dir=str(tmp_path / 'runs'), name='full', batch_size=2, end_step=2,
+                                              seed=0, progress=False, save_every=0))
+    finally:
+        AlignedDenoiser.loss = original
+    assert seen == ['v', 'v']
+    assert result.lora is None and (result.unet_dir / 'config.json').is_file()
+    assert json.loads((result.unet_dir / 'kdiff_align.json').read_text())['prediction'] == 'v_prediction'
+    tuned = UNet2DConditionModel.from_pretrained(str(result.unet_dir), local_files_only=True)
+    base = UNet2DConditionModel.from_pretrained(str(pipe), subfolder='unet', local_files_only=True)
+    x, t, cond = _unet_inputs()
+    with torch.no_grad():
+        assert (tuned(x, t, encoder_hidden_states=cond).sample - base(x, t, encoder_hidden_states=cond).sample
+                ).abs().max() > 1e-4
+    out = tmp_path / 'v.png'
+    assert sample_main(['--run', str(result.run_dir), '--prompt', 'a dog', '--steps', '2', '--sampler', 'euler',
+                        '--out', str(out), '--device', 'cpu']) == 0 and out.is_file()
+
+
+def test_train_cli_flags_forwardable(capsys):
+    from kdiff_align.sd.train import SDTrainOptions, options_from_args, parse_args
+
+    args = parse_args(['--config', 'c.json', '--demo-every', '5', '--compile', '--batch-size', '3', '--end-step', '7'])
+    assert 'warning: --demo-every, --compile do not apply' in capsys.readouterr().err
+    options = options_from_args(args)
+    assert (options.batch_size, options.end_step, options.grad_clip) == (3, 7, SDTrainOptions().grad_clip)
