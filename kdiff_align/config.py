@@ -119,6 +119,15 @@ def _validate_upstream(config: Mapping[str, Any]) -> None:
     _choice('dataset.type', dataset.get('type'), DATASET_TYPES)
     _number('dataset.num_classes', dataset['num_classes'], lo=0, integer=True)
     _number('dataset.cond_dropout_rate', dataset['cond_dropout_rate'], lo=0, hi=1)
+    if dataset['type'] in ('cifar10', 'imagefolder', 'imagefolder-class', 'custom'):
+        location = dataset.get('location')
+        if not isinstance(location, str) or not location:
+            _fail('dataset.location', location, f'a path, required for dataset type {dataset["type"]!r} (a folder; '
+                  'for custom, a Python file relative to the config)')
+    if dataset['type'] == 'digits' and (model['input_channels'] != 1 or size != [8, 8]):
+        _fail('model.input_size', size, 'digits images are 1 x 8 x 8: input_size [8, 8] and input_channels 1')
+    if dataset['type'] == 'toy' and (model['type'] != 'toy_mlp' or model['input_channels'] != 2):
+        _fail('model.type', model['type'], 'toy data is 2-D points: model type \'toy_mlp\' with input_channels 2')
     _number('optimizer.lr', config['optimizer']['lr'], lo=0, lo_open=True)
     _choice('optimizer.type', config['optimizer']['type'], ('adamw', 'adam', 'sgd'))
     _choice('lr_sched.type', config['lr_sched']['type'], ('constant', 'inverse', 'exponential'))

@@ -1,0 +1,177 @@
+"""Training checkpoints (exact resume) and inference exports (safetensors), both carrying their config.
+
+A checkpoint is a torch.save of plain tensors, numbers and strings, read back with weights_only=True:
+
+    {'format': 'kdiff-align-checkpoint', 'version': 1, 'config': <JSON string>, 'args': <JSON string>,
+     'model', 'model_ema', 'opt', 'sched', 'ema_sched', 'scaler': state dicts,
+     'step', 'epoch', 'batches_seen': ints, 'rng': RNG states (torch, cuda, numpy, python)}
+
+Writes are atomic (a temporary file in the same folder, fsync, os.replace), and the run folder's
+latest.json pointer moves only after the new file is complete, so a crash leaves the previous checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT = 'kdiff-align-checkpoint'
+VERSION = 1
+LATEST = 'latest.json'
+REQUIRED_KEYS = ('config', 'model', 'model_ema', 'opt', 'sched', 'ema_sched', 'step', 'epoch', 'batches_seen',
+                 'rng')
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or export that is missing, unreadable or not from kdiff-align."""
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
+    """Calls write(tmp_path) for a temporary file next to path, then renames it over path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, 'rb') as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def get_rng_state() -> dict[str, Any]:
+    """torch, cuda, numpy and python RNG states as tensors and numbers (loadable with weights_only=True)."""
+    version, py_state, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        'torch': torch.get_rng_state(),
+        'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        'numpy': {'keys': torch.from_numpy(keys.astype(np.int64)), 'pos': int(pos), 'has_gauss': int(has_gauss),
+                  'cached_gaussian': float(cached)},
+        'python': {'version': version, 'state': torch.tensor(py_state, dtype=torch.int64), 'gauss': gauss},
+    }
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restores the states of get_rng_state."""
+    torch.set_rng_state(state['torch'])
+    if state['cuda'] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+    n = state['numpy']
+    np.random.set_state(('MT19937', n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'],
+                         n['cached_gaussian']))
+    p = state['python']
+    random.setstate((p['version'], tuple(int(v) for v in p['state'].tolist()), p['gauss']))
+
+
+def save_checkpoint(run_dir: str | Path, step: int, state: Mapping[str, Any]) -> Path:
+    """Writes run_dir/checkpoints/<step>.pth atomically, then points run_dir/latest.json at it."""
+    run_dir = Path(run_dir)
+    path = run_dir / 'checkpoints' / f'{step:08}.pth'
+    obj = {'format': FORMAT, 'version': VERSION, **state, 'step': step}
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    pointer = json.dumps({'latest_checkpoint': str(path.relative_to(run_dir)), 'step': step}, indent=1)
+    atomic_write(run_dir / LATEST, lambda tmp: Path(tmp).write_text(pointer + '\n'))
+    return path
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, or a run folder / latest.json -> the checkpoint it points at."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / LATEST
+        if not path.exists():
+            raise CheckpointError(f'run folder {str(path.parent)!r} has no {LATEST}: no checkpoint was saved '
+                                  'there yet; pass a .pth checkpoint or a .safetensors export')
+    if path.name == LATEST or path.suffix == '.json':
+        try:
+            pointer = json.loads(path.read_text())
+            return path.parent / pointer['latest_checkpoint']
+        except (OSError, ValueError, KeyError) as err:
+            raise CheckpointError(f'{str(path)!r} is not a latest-checkpoint pointer '
+                                  f'{{"latest_checkpoint": "checkpoints/<step>.pth"}}: {err}') from None
+    if not path.is_file():
+        raise CheckpointError(f'checkpoint {str(path)!r} does not exist; pass a .pth checkpoint, a run folder '
+                              'with latest.json, or a .safetensors export')
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Loads a training checkpoint with weights_only=True and checks that it is kdiff-align's."""
+    path = resolve_checkpoint(path)
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing to the user
+        raise CheckpointError(f'cannot read checkpoint {str(path)!r} (truncated, or not a torch.save file '
+                              f'of plain tensors): {type(err).__name__}: {err}') from None
+    if not isinstance(ckpt, dict) or ckpt.get('format') != FORMAT:
+        raise CheckpointError(f'{str(path)!r} is not a kdiff-align training checkpoint (no format '
+                              f'{FORMAT!r}); upstream k-diffusion checkpoints cannot be resumed here')
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(f'checkpoint {str(path)!r} lacks {", ".join(missing)}')
+    ckpt['config'] = json.loads(ckpt['config'])
+    ckpt['args'] = json.loads(ckpt.get('args', '{}'))
+    ckpt['path'] = str(path)
+    return ckpt
+
+
+def export_metadata(config: Mapping[str, Any], step: int | None = None) -> dict[str, str]:
+    """The safetensors metadata: the config (upstream reads its 'config' key) and the align settings."""
+    from .config import align_section
+
+    align = align_section(config)
+    info = {'convention': 'paper_w', 'cfg_scale': 'cfg_scale = 1 + w', 'w_train': align['w_train'],
+            'w_sample': align['w_sample'], 'sigma_interval': align['sigma_interval'],
+            'uncond_prob': align['uncond_prob'], 'mix': align['mix'], 'stop_grad_uncond': align['stop_grad_uncond'],
+            'sampler': align['sampler'], 'sample_steps': align['sample_steps'],
+            'null_class': config['dataset']['num_classes'] or None}
+    meta = {'config': json.dumps(config), 'kdiff_align': json.dumps(info), 'format': 'kdiff-align-export'}
+    if step is not None:
+        meta['step'] = str(step)
+    return meta
+
+
+def save_export(path: str | Path, state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any],
+                step: int | None = None) -> Path:
+    """Writes inference weights (the EMA model) as safetensors with the config in its metadata, atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to('cpu').contiguous().clone() for k, v in state_dict.items()}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=export_metadata(config, step)))
+
+
+def load_for_inference(path: str | Path, *, ema: bool = True) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config, inner-model state dict) from a .pth checkpoint (EMA weights by default), a run folder, or a
+    .safetensors export."""
+    path = Path(path)
+    if path.suffix == '.safetensors':
+        if not path.is_file():
+            raise CheckpointError(f'export {str(path)!r} does not exist')
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+        try:
+            with safe_open(str(path), 'pt') as f:
+                meta = f.metadata() or {}
+            state = load_file(str(path))
+        except Exception as err:  # noqa: BLE001
+            raise CheckpointError(f'cannot read safetensors export {str(path)!r}: {err}') from None
+        if 'config' not in meta:
+            raise CheckpointError(f'export {str(path)!r} has no "config" in its metadata; it was not written by '
+                                  'kdiff-align or k-diffusion')
+        return json.loads(meta['config']), state
+    ckpt = load_checkpoint(path)
+    return ckpt['config'], ckpt['model_ema' if ema else 'model']

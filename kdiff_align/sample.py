@@ -1,0 +1,199 @@
+"""Sampling from a checkpoint or export: `python -m kdiff_align.sample runs/NAME --classes 0 1 2 --w 0 1 3`.
+
+Writes a grid PNG (rows = classes, columns = w, the paper's; cfg scale = 1 + w) and optionally one PNG per
+sample. Every column of a row starts from the same noise, so columns differ only by w.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import SAMPLERS, ConfigError
+
+
+def build_denoiser(config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor] | None = None,
+                   device: str | torch.device = 'cpu') -> nn.Module:
+    """The config's AlignedDenoiser (for its forward, the Karras denoiser D) with state_dict loaded, in eval."""
+    from .config import make_denoiser_wrapper, make_model
+
+    inner = make_model(config)
+    if state_dict is not None:
+        try:
+            inner.load_state_dict(state_dict)
+        except RuntimeError as err:
+            raise ConfigError(f'the weights do not match the model of their config: {err}') from None
+    return make_denoiser_wrapper(config)(inner).to(device).eval().requires_grad_(False)
+
+
+def data_shape(config: Mapping[str, Any]) -> tuple[int, ...]:
+    """The shape of one sample."""
+    model = config['model']
+    if model['type'] == 'toy_mlp':
+        return (model['input_channels'],)
+    return (model['input_channels'], *model['input_size'])
+
+
+@torch.no_grad()
+def sample(denoiser: nn.Module, config: Mapping[str, Any], noise: torch.Tensor, labels: torch.Tensor | None,
+           w: float, *, steps: int | None = None, sampler: str | None = None,
+           extra_args: Mapping[str, Any] | None = None, disable: bool = True) -> torch.Tensor:
+    """Samples from unit-variance noise with guidance at the paper's w (cfg scale = 1 + w)."""
+    import k_diffusion as K
+
+    from .config import get_sampler, make_guided_denoiser
+
+    align = config['align']
+    steps = align['sample_steps'] if steps is None else steps
+    sampler_fn = get_sampler(align['sampler'] if sampler is None else sampler)
+    model = config['model']
+    sigmas = K.sampling.get_sigmas_karras(steps, model['sigma_min'], model['sigma_max'], rho=7.,
+                                          device=noise.device)
+    extra = dict(extra_args or {})
+    if labels is not None:
+        extra['class_cond'] = labels.to(noise.device)
+        guided = make_guided_denoiser(config, denoiser, w=w)
+    else:
+        if w != 0:
+            raise ValueError(f'an unconditional model (dataset.num_classes 0) samples only at w = 0, got w = {w}')
+        guided = denoiser
+    return sampler_fn(guided, noise * sigmas[0], sigmas, extra_args=extra, disable=disable)
+
+
+@torch.no_grad()
+def sample_grid(denoiser: nn.Module, config: Mapping[str, Any], classes: Sequence[int], ws: Sequence[float], *,
+                n: int = 1, steps: int | None = None, sampler: str | None = None, seed: int = 0,
+                device: str | torch.device = 'cpu') -> torch.Tensor:
+    """Samples [len(classes), len(ws), n, *shape]: the same noise for every w of a (class, i) pair."""
+    num_classes = config['dataset']['num_classes']
+    gen = torch.Generator().manual_seed(seed)
+    rows = max(len(classes), 1)
+    noise = torch.randn(rows * n, *data_shape(config), generator=gen).to(device)
+    labels = torch.tensor(classes, dtype=torch.long).repeat_interleave(n) if num_classes else None
+    out = []
+    with torch.random.fork_rng(devices=[device] if torch.device(device).type == 'cuda' else []):
+        for w in ws:
+            torch.manual_seed(seed)  # ancestral samplers: the same fresh noise for every w
+            out.append(sample(denoiser, config, noise, labels, w, steps=steps, sampler=sampler))
+    x = torch.stack(out, 1)  # [rows * n, len(ws), ...]
+    return x.view(rows, n, len(ws), *x.shape[2:]).transpose(1, 2).cpu()
+
+
+def grid_image(samples: torch.Tensor, config: Mapping[str, Any], classes: Sequence[int], ws: Sequence[float],
+               title: str | None = None):
+    """A PIL image of sample_grid's output: rows = classes, columns = w (n samples per w)."""
+    from .grid import default_scale, image_grid
+
+    rows, n_w, n = samples.shape[:3]
+    if config['model']['type'] == 'toy_mlp':
+        return scatter_image(samples, classes, ws, title)
+    images = samples.reshape(rows * n_w * n, *samples.shape[3:])
+    col_labels = [f'w={w:g}' if i == 0 else '' for w in ws for i in range(n)]
+    row_labels = [str(c) for c in classes] if config['dataset']['num_classes'] else None
+    return image_grid(images, rows, n_w * n, scale=default_scale(config['model']['input_size']),
+                      row_labels=row_labels, col_labels=col_labels, title=title)
+
+
+def scatter_image(samples: torch.Tensor, classes: Sequence[int], ws: Sequence[float], title: str | None = None):
+    """Toy 2-D samples: one scatter panel per w, colours = classes."""
+    import io
+
+    import matplotlib
+    matplotlib.use('Agg')
+    from matplotlib import pyplot as plt
+    from PIL import Image
+
+    fig, axes = plt.subplots(1, len(ws), figsize=(3 * len(ws), 3.2), squeeze=False)
+    for k, (ax, w) in enumerate(zip(axes[0], ws)):
+        for r, c in enumerate(classes):
+            pts = samples[r, k].numpy()
+            ax.scatter(pts[:, 0], pts[:, 1], s=3, label=str(c))
+        ax.set_title(f'w = {w:g}')
+        ax.set_aspect('equal')
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format='png', dpi=80)
+    plt.close(fig)
+    buf.seek(0)
+    return Image.open(buf).convert('RGB')
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog='python -m kdiff_align.sample', description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('checkpoint', help='a .pth checkpoint, a run folder (its latest.json), or a .safetensors export')
+    p.add_argument('--classes', type=int, nargs='+', help='class labels, one grid row each (default: all, up to 10)')
+    p.add_argument('--w', type=float, nargs='+', help="guidance w, one column each (paper's; cfg scale = 1 + w); "
+                   'default: 0 and the config\'s w_sample')
+    p.add_argument('--n', type=int, default=1, help='samples per class and w')
+    p.add_argument('--steps', type=int, help='sampler steps (default: align.sample_steps)')
+    p.add_argument('--sampler', choices=SAMPLERS, help='k-diffusion sampler (default: align.sampler)')
+    p.add_argument('--seed', type=int, default=0, help='the random seed')
+    p.add_argument('--out', default=None, help='the grid PNG (default: <checkpoint stem>_grid.png next to it)')
+    p.add_argument('--png-dir', help='also write one PNG per sample into this folder')
+    p.add_argument('--no-ema', action='store_true', help='use the raw weights, not the EMA (checkpoints only)')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='the torch device')
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault('K_DIFFUSION_USE_COMPILE', '0')
+    args = _parse(argv)
+    from .checkpoint import CheckpointError, load_for_inference
+    from .config import align_section, load_config
+
+    try:
+        raw_config, state = load_for_inference(args.checkpoint, ema=not args.no_ema)
+        config = load_config(raw_config)
+        num_classes = config['dataset']['num_classes']
+        classes = args.classes if args.classes is not None else list(range(min(num_classes, 10)))
+        bad = [c for c in classes if not 0 <= c < max(num_classes, 1)]
+        if bad or (not num_classes and args.classes):
+            raise ConfigError(f'--classes: got {bad or args.classes}; this model has '
+                              + (f'classes 0..{num_classes - 1}' if num_classes else 'no classes (unconditional)'))
+        ws = args.w if args.w is not None else sorted({0.0, float(align_section(config)['w_sample'])})
+        if not num_classes:
+            ws, classes = [0.0], [0]
+        if any(not math.isfinite(w) or w < 0 for w in ws):
+            raise ConfigError(f"--w: got {ws}; allowed: numbers >= 0 (the paper's w; cfg scale = 1 + w)")
+        if args.n < 1 or (args.steps is not None and args.steps < 1):
+            raise ConfigError(f'--n and --steps must be >= 1, got {args.n} and {args.steps}')
+        denoiser = build_denoiser(config, state, args.device)
+    except (ConfigError, CheckpointError) as err:
+        print(f'error: {err}', file=sys.stderr)
+        return 2
+    samples = sample_grid(denoiser, config, classes, ws, n=args.n, steps=args.steps, sampler=args.sampler,
+                          seed=args.seed, device=args.device)
+    src = Path(args.checkpoint)
+    out = Path(args.out) if args.out else (src if src.is_dir() else src.parent) / f'{src.stem}_grid.png'
+    out.parent.mkdir(parents=True, exist_ok=True)
+    steps = args.steps or config['align']['sample_steps']
+    title = f"{args.sampler or config['align']['sampler']}, {steps} steps, w = paper's w (cfg scale = 1 + w)"
+    grid_image(samples, config, classes, ws, title).save(out)
+    print(f'grid: {out} (rows = classes {classes}, columns = w {ws}; paper\'s w, cfg scale = 1 + w)')
+    if args.png_dir and config['model']['type'] != 'toy_mlp':
+        from .grid import to_uint8
+        from PIL import Image
+        folder = Path(args.png_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        for r, c in enumerate(classes):
+            for k, w in enumerate(ws):
+                for i, px in enumerate(to_uint8(samples[r, k])):
+                    arr = px.squeeze(-1).numpy() if px.shape[-1] == 1 else px.numpy()
+                    Image.fromarray(arr).save(folder / f'class{c}_w{w:g}_{i:03}.png')
+        print(f'pngs: {folder}/class<c>_w<w>_<i>.png ({len(classes) * len(ws) * args.n} files)')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

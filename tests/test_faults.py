@@ -1,0 +1,133 @@
+"""Faults: kill -9 then --resume equals an uninterrupted run; corrupt checkpoints; non-finite losses; bad outputs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdiff_align import checkpoint as ckpt_lib
+from kdiff_align.train import TrainingError, TrainOptions, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_digits(tmp_path: Path) -> Path:
+    config = json.loads((ROOT / 'configs' / 'digits_aligned.json').read_text())
+    config['model'].update({'mapping_out': 16, 'channels': [8, 16], 'depths': [1, 1]})
+    path = tmp_path / 'tiny.json'
+    path.write_text(json.dumps(config))
+    return path
+
+
+def cli(*args: str, **popen) -> list[str]:
+    return [sys.executable, '-m', 'kdiff_align.train', '--no-progress', '--demo-every', '0', '--sample-n', '0',
+            '--batch-size', '8', '--seed', '7', *args]
+
+
+ENV = {**os.environ, 'K_DIFFUSION_USE_COMPILE': '0', 'OMP_NUM_THREADS': '1'}
+
+
+def final_weights(run_dir: Path) -> dict:
+    ckpt = ckpt_lib.load_checkpoint(run_dir)
+    return {'step': ckpt['step'], 'model': ckpt['model'], 'model_ema': ckpt['model_ema']}
+
+
+def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
+    config = tiny_digits(tmp_path)
+    end = 60
+    subprocess.run(cli('--config', str(config), '--out-dir', str(tmp_path), '--name', 'full', '--end-step', str(end),
+                       '--save-every', '5'), env=ENV, check=True, capture_output=True)
+
+    run = tmp_path / 'killed'
+    proc = subprocess.Popen(cli('--config', str(config), '--out-dir', str(tmp_path), '--name', 'killed',
+                                '--end-step', str(end), '--save-every', '5'),
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        latest = run / 'latest.json'
+        if latest.exists() and json.loads(latest.read_text())['step'] >= 10:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, 'the run finished before it could be killed'
+    killed_at = json.loads((run / 'latest.json').read_text())['step']
+    assert 10 <= killed_at < end
+
+    subprocess.run(cli('--resume', str(run), '--out-dir', str(tmp_path), '--name', 'killed', '--end-step', str(end),
+                       '--save-every', '5'), env=ENV, check=True, capture_output=True)
+    full, resumed = final_weights(tmp_path / 'full'), final_weights(run)
+    assert full['step'] == resumed['step'] == end
+    for key in ('model', 'model_ema'):
+        for name, tensor in full[key].items():
+            assert torch.equal(tensor, resumed[key][name]), f'{key}.{name} differs after kill -9 and resume'
+
+
+def test_corrupt_checkpoint_is_named_and_the_previous_one_still_loads(tmp_path):
+    config = tiny_digits(tmp_path)
+    subprocess.run(cli('--config', str(config), '--out-dir', str(tmp_path), '--name', 'run', '--end-step', '4',
+                       '--save-every', '2'), env=ENV, check=True, capture_output=True)
+    run = tmp_path / 'run'
+    latest = ckpt_lib.resolve_checkpoint(run)
+    previous = run / 'checkpoints' / f'{2:08}.pth'
+    assert latest.name == f'{4:08}.pth' and previous.exists()
+    data = latest.read_bytes()
+    latest.write_bytes(data[: len(data) // 2])  # truncated, as by a full disk or a copy cut short
+    with pytest.raises(ckpt_lib.CheckpointError, match='cannot read checkpoint .*00000004.pth.*truncated'):
+        ckpt_lib.load_checkpoint(run)
+    assert ckpt_lib.load_checkpoint(previous)['step'] == 2
+
+    proc = subprocess.run(cli('--resume', str(run), '--out-dir', str(tmp_path), '--name', 'run', '--end-step', '6'),
+                          env=ENV, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert 'cannot read checkpoint' in proc.stderr and '00000004.pth' in proc.stderr
+    assert 'Traceback' not in proc.stderr
+    # Garbage that is not even a zip file, and a pickle with an arbitrary object: both refused, nothing executed.
+    latest.write_bytes(b'not a checkpoint')
+    with pytest.raises(ckpt_lib.CheckpointError, match='cannot read checkpoint'):
+        ckpt_lib.load_checkpoint(latest)
+    torch.save({'format': 'kdiff-align-checkpoint', 'payload': Path('/')}, latest)
+    with pytest.raises(ckpt_lib.CheckpointError, match='cannot read checkpoint'):
+        ckpt_lib.load_checkpoint(latest)
+    # Resuming from the previous checkpoint continues.
+    subprocess.run(cli('--resume', str(previous), '--out-dir', str(tmp_path), '--name', 'run', '--end-step', '6'),
+                   env=ENV, check=True, capture_output=True)
+    assert ckpt_lib.load_checkpoint(run)['step'] == 6
+
+
+def test_non_finite_loss_stops_without_a_nan_checkpoint(tmp_path, monkeypatch):
+    from kdiff_align.objective import AlignedDenoiser
+
+    calls = {'n': 0}
+    loss = AlignedDenoiser.loss
+
+    def poisoned(self, *args, **kwargs):
+        calls['n'] += 1
+        out = loss(self, *args, **kwargs)
+        return out * float('nan') if calls['n'] > 4 else out
+
+    monkeypatch.setattr(AlignedDenoiser, 'loss', poisoned)
+    options = TrainOptions(name='nan', out_dir=str(tmp_path), batch_size=8, seed=1, end_step=10, save_every=2,
+                           demo_every=0, sample_n=0, progress=False)
+    with pytest.raises(TrainingError, match=r'the loss is nan at step 5; stopped before the optimizer step.*'
+                                            r'last good checkpoint: .*00000004.pth'):
+        train(json.loads(tiny_digits(tmp_path).read_text()), options)
+    ckpt = ckpt_lib.load_checkpoint(tmp_path / 'nan')
+    assert ckpt['step'] == 4
+    assert all(torch.isfinite(t).all() for t in ckpt['model'].values())
+    assert sorted(p.name for p in (tmp_path / 'nan' / 'checkpoints').iterdir()) == ['00000002.pth', '00000004.pth']
+
+
+def test_unwritable_output_folder_fails_before_training(tmp_path):
+    blocker = tmp_path / 'a-file'
+    blocker.write_text('not a folder')
+    proc = subprocess.run(cli('--config', str(tiny_digits(tmp_path)), '--out-dir', str(blocker / 'runs'),
+                              '--end-step', '2'), env=ENV, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert '--out-dir' in proc.stderr and 'a-file' in proc.stderr and 'Traceback' not in proc.stderr
+    assert not (tmp_path / 'a-file').is_dir()
