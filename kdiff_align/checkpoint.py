@@ -130,16 +130,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def export_metadata(config: Mapping[str, Any], step: int | None = None) -> dict[str, str]:
-    """The safetensors metadata: the config (upstream reads its 'config' key) and the align settings."""
-    from .config import align_section
+    """The safetensors metadata: the config (upstream reads its 'config' key) and the sampling metadata of
+    kdiff_align.metadata (objective, w_train, recommended w_sample and cfg_scale, sigma_interval)."""
+    from . import metadata
 
-    align = align_section(config)
-    info = {'convention': 'paper_w', 'cfg_scale': 'cfg_scale = 1 + w', 'w_train': align['w_train'],
-            'w_sample': align['w_sample'], 'sigma_interval': align['sigma_interval'],
-            'uncond_prob': align['uncond_prob'], 'mix': align['mix'], 'stop_grad_uncond': align['stop_grad_uncond'],
-            'sampler': align['sampler'], 'sample_steps': align['sample_steps'],
-            'null_class': config['dataset']['num_classes'] or None}
-    meta = {'config': json.dumps(config), 'kdiff_align': json.dumps(info), 'format': 'kdiff-align-export'}
+    meta = {'config': json.dumps(config), 'format': 'kdiff-align-export', **metadata.export_metadata(config)}
     if step is not None:
         meta['step'] = str(step)
     return meta

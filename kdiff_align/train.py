@@ -563,9 +563,32 @@ def options_from_args(args: argparse.Namespace) -> TrainOptions:
     return TrainOptions(**values, progress=not args.no_progress, config_path=args.config)
 
 
+def _is_sd_run(argv: Sequence[str]) -> bool:
+    """Whether --config (or the run folder given to --resume) is a Stable Diffusion fine-tuning config."""
+    from .sd.config import is_sd_config
+
+    probe = argparse.ArgumentParser(add_help=False)
+    probe.add_argument('--config')
+    probe.add_argument('--resume')
+    known, _ = probe.parse_known_args(argv)
+    candidates = [Path(known.config)] if known.config else []
+    if known.resume:
+        candidates.append(Path(known.resume) / 'config.json')
+    for path in candidates:
+        try:
+            return is_sd_config(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue  # load_config / the checkpoint loader report unreadable files with their own errors
+    return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The CLI entry point; returns the exit status (2 for bad input, 1 for a failed run, 130 if interrupted)."""
     os.environ.setdefault('K_DIFFUSION_USE_COMPILE', '0')
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if _is_sd_run(argv):
+        from .sd.train import main as sd_main
+        return sd_main(argv)
     args = parse_args(argv)
     stop = {'requested': False}
 

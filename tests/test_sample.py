@@ -10,6 +10,7 @@ from safetensors import safe_open
 
 from kdiff_align.checkpoint import CheckpointError, load_for_inference
 from kdiff_align.config import load_config
+from kdiff_align.metadata import read_metadata
 from kdiff_align.sample import build_denoiser, main, sample_grid
 from kdiff_align.train import TrainOptions, train
 
@@ -29,9 +30,9 @@ def run(tmp_path_factory):
 def test_export_carries_config_and_align_metadata_and_matches_the_ema_weights(run):
     with safe_open(str(run.export), 'pt') as f:
         meta = f.metadata()
-    info = json.loads(meta['kdiff_align'])
-    assert info['convention'] == 'paper_w' and info['w_train'] == 1.5 and info['w_sample'] == 1.5
-    assert info['sigma_interval'] is None and info['null_class'] == 10 and meta['step'] == '2'
+    info = read_metadata(run.export)  # what host integrations read
+    assert info['objective'] == 'aligned-cfg' and info['w_train'] == 1.5 and info['w_sample'] == 1.5
+    assert info['cfg_scale'] == 2.5 and info['sigma_interval'] is None and meta['step'] == '2'
     config, state = load_for_inference(run.export)
     _, ckpt_state = load_for_inference(run.run_dir)  # the run folder's latest checkpoint, EMA weights
     assert config == json.loads(meta['config']) and state.keys() == ckpt_state.keys()

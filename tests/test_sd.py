@@ -140,6 +140,10 @@ def test_cli_reports_bad_input(tiny, tmp_path, capsys, no_model_loading):
     path.write_text(json.dumps(config))
     assert main(['--config', str(path), '--out-dir', str(tmp_path)]) == 2
     assert "error: config key 'model.lora.target_modules'" in capsys.readouterr().err
+    # The project's one training CLI dispatches Stable Diffusion configs here.
+    from kdiff_align.train import main as train_main
+    assert train_main(['--config', str(path), '--out-dir', str(tmp_path)]) == 2
+    assert "error: config key 'model.lora.target_modules'" in capsys.readouterr().err
 
 
 # The objective on the UNet.

@@ -1,0 +1,462 @@
+"""Evaluation sweeps: `python -m kdiff_align.evaluate CKPT [CKPT ...] --w 0 1 2 4 --steps 4 8 16 32`.
+
+For every checkpoint and every cell (sampler, steps, w) of the grid, samples n images or points from the same
+noise (a fixed seed per cell, shared by all cells and checkpoints, so differences between cells come from the
+cell, not from the noise) and computes the metrics of the checkpoint's dataset:
+
+- toy: energy distance and sliced W2^2 to exact samples of p(x | c), averaged over classes, with their floors;
+- digits: Fréchet distance in a deterministic classifier's feature space against the real training split, and
+  class accuracy; floors from the real held-out split (n = its 445 images, with its labels);
+- image datasets (cifar10, imagefolder-class): FID/KID with clean-fid's Inception features against the local
+  training set (or clean-fid's CIFAR-10 statistics, FID only); every printed FID states n and the reference.
+
+Each finished cell is written atomically to OUT/cells/<model>/<cell>.json, so an interrupted sweep resumes where
+it stopped. Outputs: OUT/results.csv, OUT/results.json, plots (metric vs w per step count, metric vs steps per w)
+and sample grids. w is the paper's (w = 0: unguided conditional; cfg scale = 1 + w).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault('K_DIFFUSION_USE_COMPILE', '0')
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+DETERMINISTIC_SAMPLER = 'dpmpp_2m'
+STOCHASTIC_SAMPLER = 'euler_ancestral'
+
+
+class EvaluationError(ValueError):
+    """A checkpoint, option or reference set the evaluation cannot use."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints.
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config, inner-model state dict) from a .safetensors export (config in its metadata, upstream's convention)
+    or a .pth dict with 'config' (dict or JSON) and 'model_ema' or 'model', loaded with weights_only=True."""
+    from .config import load_config
+
+    path = Path(path)
+    if not path.is_file():
+        raise EvaluationError(f'checkpoint {str(path)!r} does not exist; pass a .safetensors export or a .pth file')
+    if path.suffix == '.safetensors':
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+        with safe_open(str(path), 'pt') as f:
+            meta = f.metadata() or {}
+        if 'config' not in meta:
+            raise EvaluationError(f'{str(path)!r} has no "config" in its safetensors metadata; export it with '
+                                  'its config (k-diffusion\'s convention) to evaluate it')
+        config, state = json.loads(meta['config']), load_file(str(path))
+    else:
+        try:
+            ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing
+            raise EvaluationError(f'cannot read {str(path)!r} as a torch.save file of plain tensors: '
+                                  f'{type(err).__name__}: {err}') from None
+        if not isinstance(ckpt, dict) or 'config' not in ckpt or not ({'model_ema', 'model'} & set(ckpt)):
+            keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+            raise EvaluationError(f'{str(path)!r} needs the keys "config" and "model_ema" (or "model"); got {keys}')
+        config = json.loads(ckpt['config']) if isinstance(ckpt['config'], str) else ckpt['config']
+        state = ckpt['model_ema'] if 'model_ema' in ckpt else ckpt['model']
+    return load_config(config), state
+
+
+def build_denoiser(config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor] | None,
+                   device: str | torch.device = 'cpu') -> nn.Module:
+    """The config's denoiser D (an AlignedDenoiser; its forward is the Karras denoiser) with weights, in eval."""
+    from .config import make_denoiser_wrapper, make_model
+
+    inner = make_model(config)
+    if state_dict is not None:
+        try:
+            inner.load_state_dict(state_dict)
+        except RuntimeError as err:
+            raise EvaluationError(f'the weights do not match the model of their config: {err}') from None
+    return make_denoiser_wrapper(config)(inner).to(device).eval().requires_grad_(False)
+
+
+def data_shape(config: Mapping[str, Any]) -> tuple[int, ...]:
+    model = config['model']
+    if model['type'] == 'toy_mlp':
+        return (model['input_channels'],)
+    return (model['input_channels'], *model['input_size'])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cells and sampling.
+
+@dataclass(frozen=True, order=True)
+class Cell:
+    """One point of the grid: a k-diffusion sampler, its number of steps and the paper's w."""
+    sampler: str
+    steps: int
+    w: float
+
+    @property
+    def key(self) -> str:
+        return f'{self.sampler}-s{self.steps}-w{self.w:g}'
+
+
+def make_cells(ws: Iterable[float], steps: Iterable[int], samplers: Iterable[str]) -> list[Cell]:
+    """The grid samplers x steps x w, validated."""
+    from .config import SAMPLERS
+
+    cells = []
+    for sampler in samplers:
+        if sampler not in SAMPLERS:
+            raise EvaluationError(f'sampler {sampler!r} is unknown; allowed: {", ".join(SAMPLERS)}')
+        for s in steps:
+            if int(s) != s or s < 1:
+                raise EvaluationError(f'steps must be integers >= 1, got {s}')
+            for w in ws:
+                if not w >= 0:
+                    raise EvaluationError(f'w (the paper\'s guidance weight) must be >= 0, got {w}')
+                cells.append(Cell(sampler, int(s), float(w)))
+    return cells
+
+
+@torch.no_grad()
+def sample_cell(denoiser: nn.Module, config: Mapping[str, Any], cell: Cell, labels: torch.Tensor | None, *,
+                seed: int, n: int | None = None, batch_size: int = 500, device: str | torch.device = 'cpu'
+                ) -> torch.Tensor:
+    """n (default len(labels)) samples at the cell, in batches; the noise of row i depends only on
+    (seed, i, batch_size). labels None: an unconditional model, w = 0 only."""
+    import k_diffusion as K
+
+    from .config import get_sampler, make_guided_denoiser
+
+    model = config['model']
+    sigmas = K.sampling.get_sigmas_karras(cell.steps, model['sigma_min'], model['sigma_max'], rho=7., device=device)
+    sampler = get_sampler(cell.sampler)
+    conditional = labels is not None
+    guided = make_guided_denoiser(config, denoiser, w=cell.w) if conditional else denoiser
+    if not conditional and cell.w != 0:
+        raise EvaluationError(f'an unconditional model samples only at w = 0, got w = {cell.w}')
+    if n is None:
+        if labels is None:
+            raise EvaluationError('sample_cell needs labels or n')
+        n = labels.shape[0]
+    out = []
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
+        for k, start in enumerate(range(0, n, batch_size)):
+            gen = torch.Generator().manual_seed(seed * 100_003 + k)
+            rows = min(batch_size, n - start)
+            noise = torch.randn(rows, *data_shape(config), generator=gen).to(device)
+            torch.manual_seed(seed * 100_003 + k)  # the ancestral samplers' fresh noise
+            extra = {'class_cond': labels[start:start + rows].to(device)} if conditional else {}
+            out.append(sampler(guided, noise * sigmas[0], sigmas, extra_args=extra, disable=True).float().cpu())
+    return torch.cat(out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metrics per dataset type.
+
+@dataclass
+class Task:
+    """What to sample (labels) and how to score it: evaluate(samples) -> {metric: value}."""
+    kind: str
+    labels: torch.Tensor
+    evaluate: Callable[[torch.Tensor], dict[str, float]]
+    reference: str
+    primary: str                      # the metric the plots and the claims use (lower is better)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def toy_task(config: Mapping[str, Any], n: int | None = None, seed: int = 0) -> Task:
+    from . import metrics
+    from .toy import ToyMixture
+
+    d = config['dataset']
+    mixture = ToyMixture(d['num_classes'], radius=d.get('radius', 2.0), std=d.get('std', 0.25))
+    per_class = (n or 4000) // d['num_classes']
+    if per_class < 2:
+        raise EvaluationError(f'--n {n} gives fewer than 2 samples per class for {d["num_classes"]} classes')
+    labels = torch.arange(d['num_classes']).repeat_interleave(per_class)
+    return Task('toy', labels, lambda x: metrics.toy_distances(x, labels, mixture, seed=seed),
+                f'{per_class} exact samples of p(x|c) per class', 'energy')
+
+
+def digits_task(config: Mapping[str, Any], n: int | None = None, seed: int = 0) -> Task:
+    from . import metrics
+    from .digits import load_digits
+
+    if n is not None:
+        raise EvaluationError('--n does not apply to digits: n is the held-out split\'s size (445), so that the '
+                              'floor (held-out real images) has the same n; omit --n')
+    _, labels = load_digits('test')
+    ref = metrics.digits_reference(seed)
+    return Task('digits', labels, lambda x: metrics.digits_metrics(x, labels, seed=seed),
+                f'digits train split ({ref["n_train"]} real images), classifier features', 'fd')
+
+
+def image_task(config: Mapping[str, Any], n: int | None = None, seed: int = 0, *, inception: str | None = None,
+               reference: str = 'train', reference_n: int | None = None, allow_unverified: bool = False,
+               device: str | torch.device = 'cpu', cache_dir: Path | None = None) -> Task:
+    """FID/KID (clean-fid's Inception features, "clean" resizing) against the local training set or clean-fid's
+    CIFAR-10 statistics."""
+    import numpy as np
+
+    from . import metrics
+
+    d = config['dataset']
+    num_classes = d['num_classes']
+    n = n or 50_000
+    extractor = metrics.InceptionFeatures(inception, allow_unverified=allow_unverified, device=device)
+    if reference == 'clean-fid':
+        if d['type'] != 'cifar10':
+            raise EvaluationError(f'--reference clean-fid has statistics for cifar10 only, not {d["type"]!r}')
+        from cleanfid import fid as cfid
+        try:
+            mu, sigma = cfid.get_reference_statistics('cifar10', 32, mode='clean', split='train')
+        except Exception as err:  # noqa: BLE001 - offline
+            raise EvaluationError(f'clean-fid\'s CIFAR-10 statistics could not be loaded ({err}); they download '
+                                  'on first use: run once online, or use --reference train') from None
+        ref_feats, ref_desc = None, 'clean-fid CIFAR-10 train statistics (50,000 images)'
+    elif reference == 'train':
+        images = _training_images(config, reference_n or n)
+        cache = None if cache_dir is None else cache_dir / f'reference_{d["type"]}_{images.shape[0]}.npy'
+        if cache is not None and cache.exists():
+            ref_feats = torch.from_numpy(np.load(cache))
+        else:
+            ref_feats = metrics.image_features(extractor, images)
+            if cache is not None:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                np.save(cache, ref_feats.numpy())
+        mu, sigma = metrics.feature_statistics(ref_feats)
+        ref_desc = f'{d["type"]} training set ({ref_feats.shape[0]} images at {d.get("location")})'
+    else:
+        raise EvaluationError(f'--reference must be train or clean-fid, got {reference!r}')
+    labels = torch.arange(n) % num_classes if num_classes else None
+
+    def evaluate(x: torch.Tensor) -> dict[str, float]:
+        f = metrics.image_features(extractor, x)
+        out = {'fid': metrics.frechet_distance(mu, sigma, *metrics.feature_statistics(f))}
+        if ref_feats is not None:
+            out['kid'] = metrics.kid(f, ref_feats, num_subsets=100, subset_size=min(1000, f.shape[0]))
+        return out
+
+    note = '' if extractor.verified else ' (UNVERIFIED Inception weights: not comparable to published FIDs)'
+    return Task('image', labels if labels is not None else torch.zeros(n, dtype=torch.long), evaluate,
+                ref_desc + note, 'fid', extra={'unconditional': labels is None})
+
+
+def _training_images(config: Mapping[str, Any], n: int) -> torch.Tensor:
+    """Up to n training images in [-1, 1] (cifar10 or an imagefolder, at the model's input size)."""
+    from torchvision import datasets, transforms
+
+    d = config['dataset']
+    location = d.get('location')
+    size = config['model']['input_size']
+    tf = transforms.Compose([transforms.Resize(min(size), interpolation=transforms.InterpolationMode.BICUBIC),
+                             transforms.CenterCrop(size), transforms.ToTensor()])
+    try:
+        if d['type'] == 'cifar10':
+            ds = datasets.CIFAR10(location, train=True, download=False, transform=tf)
+        elif d['type'] in ('imagefolder', 'imagefolder-class'):
+            ds = datasets.ImageFolder(location, transform=tf)
+        else:
+            raise EvaluationError(f'FID reference from dataset type {d["type"]!r} is not supported; '
+                                  'allowed: cifar10, imagefolder, imagefolder-class')
+    except RuntimeError as err:
+        raise EvaluationError(f'the training set for the FID reference is not at {location!r} ({err}); set '
+                              'dataset.location or use --reference clean-fid') from None
+    idx = range(min(n, len(ds)))
+    return torch.stack([ds[i][0] for i in idx]) * 2 - 1
+
+
+def make_task(config: Mapping[str, Any], n: int | None = None, seed: int = 0, **image_kwargs: Any) -> Task:
+    """The metric task for the config's dataset type."""
+    kind = config['dataset']['type']
+    if kind == 'toy':
+        return toy_task(config, n, seed)
+    if kind == 'digits':
+        return digits_task(config, n, seed)
+    return image_task(config, n, seed, **image_kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The resumable sweep.
+
+@dataclass
+class SweepResult:
+    rows: list[dict[str, Any]]
+    computed: list[tuple[str, str]]   # (model, cell key) sampled and scored in this call
+    skipped: list[tuple[str, str]]    # finished before this call, read back
+
+
+def cell_path(out_dir: Path, model: str, cell: Cell) -> Path:
+    return Path(out_dir) / 'cells' / model / f'{cell.key}.json'
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def run_sweep(models: Mapping[str, tuple[Mapping[str, Any], nn.Module]], cells: Sequence[Cell], task: Task | Callable,
+              out_dir: str | Path, *, seed: int = 0, batch_size: int = 500, device: str | torch.device = 'cpu',
+              preview: int | None = None, progress: bool = True, extra: Mapping[str, Any] | None = None) -> SweepResult:
+    """Samples and scores every (model, cell) whose cell file does not exist yet; returns every row.
+
+    task is a Task or a callable config -> Task. A cell's row holds the metrics, n, the reference set, the seed,
+    seconds, and the first `preview` samples of each class (default 8 images, 200 points) are saved beside it
+    (.pt) for sample grids.
+    """
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    rows, computed, skipped = [], [], []
+    todo = [(name, cell) for name in models for cell in cells]
+    bar = tqdm(todo, desc='evaluate', disable=not progress, unit='cell', file=sys.stderr)
+    tasks: dict[str, Task] = {}
+    for name, cell in bar:
+        path = cell_path(out_dir, name, cell)
+        if path.exists():
+            rows.append(json.loads(path.read_text()))
+            skipped.append((name, cell.key))
+            continue
+        config, denoiser = models[name]
+        if name not in tasks:
+            tasks[name] = task(config) if callable(task) and not isinstance(task, Task) else task
+        t = tasks[name]
+        bar.set_postfix_str(f'{name} {cell.key}')
+        start = time.perf_counter()
+        labels = None if t.extra.get('unconditional') else t.labels
+        x = sample_cell(denoiser, config, cell, labels, seed=seed, n=t.labels.shape[0], batch_size=batch_size,
+                        device=device)
+        scores = t.evaluate(x)
+        row = {'model': name, 'sampler': cell.sampler, 'steps': cell.steps, 'w': cell.w, **scores,
+               'n': int(x.shape[0]), 'reference': t.reference, 'seed': seed,
+               'seconds': round(time.perf_counter() - start, 3), **(extra or {})}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        k = preview if preview is not None else (200 if x.ndim == 2 else 8)
+        keep = torch.cat([(t.labels == c).nonzero().squeeze(1)[:k] for c in t.labels.unique()])
+        torch.save({'samples': x[keep].clone(), 'labels': t.labels[keep].clone()}, path.with_suffix('.pt'))
+        _atomic_write_text(path, json.dumps(row, indent=1))  # written last: its existence marks the cell done
+        rows.append(row)
+        computed.append((name, cell.key))
+    return SweepResult(rows, computed, skipped)
+
+
+def write_table(rows: Sequence[Mapping[str, Any]], out_dir: str | Path, stem: str = 'results') -> tuple[Path, Path]:
+    """rows -> OUT/<stem>.csv and OUT/<stem>.json."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    columns: list[str] = []
+    for r in rows:
+        columns += [k for k in r if k not in columns]
+    with open(out_dir / f'{stem}.csv', 'w', newline='') as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    (out_dir / f'{stem}.json').write_text(json.dumps(list(rows), indent=1))
+    return out_dir / f'{stem}.csv', out_dir / f'{stem}.json'
+
+
+def describe(row: Mapping[str, Any], primary: str) -> str:
+    """A one-line summary that states n and the reference set (FID is meaningless without them)."""
+    name = primary.upper() if primary in ('fid', 'fd') else primary
+    label = f'FID-{row["n"]}' if primary == 'fid' else name
+    return (f'{row["model"]} {row["sampler"]} steps={row["steps"]} w={row["w"]:g}: {label} = {row[primary]:.4g} '
+            f'(n = {row["n"]} samples vs {row["reference"]})')
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI.
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog='python -m kdiff_align.evaluate', description=__doc__.split('\n\n')[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('checkpoints', nargs='*', help='.safetensors exports (config in metadata) or .pth files with '
+                   '"config" and "model_ema"/"model"')
+    p.add_argument('--out', type=Path, default=Path('eval'), help='output folder (resumable: finished cells are kept)')
+    p.add_argument('--w', type=float, nargs='+', default=[0., 0.5, 1., 2., 4., 8.],
+                   help="guidance w, the paper's (cfg scale = 1 + w)")
+    p.add_argument('--steps', type=int, nargs='+', default=[4, 8, 16, 32])
+    p.add_argument('--samplers', nargs='+', default=[DETERMINISTIC_SAMPLER, STOCHASTIC_SAMPLER])
+    p.add_argument('--n', type=int, default=None, help='samples per cell (toy default 4000, images 50000; digits: '
+                   'fixed to the held-out split\'s 445)')
+    p.add_argument('--batch-size', type=int, default=500)
+    p.add_argument('--seed', type=int, default=0, help='the noise seed of every cell')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--inception', default=None, help=f'path of inception-2015-12-05.pt for FID/KID (or set '
+                   f'$KDIFF_ALIGN_INCEPTION)')
+    p.add_argument('--allow-unverified-inception', action='store_true',
+                   help='accept an Inception TorchScript whose features are not verified equal to clean-fid\'s')
+    p.add_argument('--reference', choices=['train', 'clean-fid'], default='train',
+                   help='FID reference: the local training set, or clean-fid\'s CIFAR-10 statistics (online once)')
+    p.add_argument('--reference-n', type=int, default=None, help='training images for the reference (default n)')
+    p.add_argument('--compare-inception', nargs=2, metavar=('A', 'B'), default=None,
+                   help='only compare the features of two Inception TorchScript files on the same random images')
+    p.add_argument('--no-progress', action='store_true')
+    args = p.parse_args(argv)
+    if args.compare_inception is None and not args.checkpoints:
+        p.error('pass at least one checkpoint (or --compare-inception A B)')
+    for flag in ('batch_size', 'n', 'reference_n'):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            p.error(f'--{flag.replace("_", "-")} must be >= 1, got {value}')
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from . import plots
+
+    args = _parse(argv)
+    if args.compare_inception:
+        from . import metrics
+        print(json.dumps(metrics.compare_inception(*args.compare_inception), indent=1))
+        return 0
+    try:
+        cells = make_cells(args.w, args.steps, args.samplers)
+        models, names = {}, []
+        for path in args.checkpoints:
+            name = Path(path).stem
+            while name in models:
+                name += '_'
+            config, state = load_checkpoint(path)
+            models[name] = (config, build_denoiser(config, state, args.device))
+            names.append(name)
+        kinds = {c['dataset']['type'] for c, _ in models.values()}
+        if len(kinds) > 1:
+            raise EvaluationError(f'checkpoints of different datasets cannot share one sweep: {sorted(kinds)}')
+        image_kwargs = dict(inception=args.inception, reference=args.reference, reference_n=args.reference_n,
+                            allow_unverified=args.allow_unverified_inception, device=args.device,
+                            cache_dir=args.out)
+        first_config = next(iter(models.values()))[0]
+        kind = first_config['dataset']['type']
+        task = make_task(first_config, args.n, args.seed, **({} if kind in ('toy', 'digits') else image_kwargs))
+    except (EvaluationError, FileNotFoundError) as err:
+        print(f'error: {err}', file=sys.stderr)
+        return 2
+    result = run_sweep(models, cells, task, args.out, seed=args.seed, batch_size=args.batch_size,
+                       device=args.device, progress=not args.no_progress)
+    csv_path, _ = write_table(result.rows, args.out)
+    for row in result.rows:
+        print(describe(row, task.primary))
+    plots.sweep_plots(result.rows, task.primary, args.out, group='model')
+    plots.sample_grids(args.out, names, cells, first_config)
+    print(f'{len(result.computed)} cells computed, {len(result.skipped)} read back; table {csv_path}; plots in '
+          f'{args.out}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""`python -m kdiff_align.evaluate`: checkpoint loading, the resumable sweep, outputs, and error messages."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from conftest import randomize_
+from kdiff_align import evaluate, metrics
+from kdiff_align.config import load_config, make_model
+from kdiff_align.claims import toy_config
+
+
+@pytest.fixture
+def toy():
+    config = load_config(toy_config(quick=True))
+    torch.manual_seed(0)
+    model = randomize_(make_model(config), seed=0)
+    return config, model
+
+
+def save_pth(path, config, model, as_json=True, key='model_ema'):
+    torch.save({'config': json.dumps(config) if as_json else config, key: model.state_dict()}, path)
+    return path
+
+
+def test_load_checkpoint_pth_and_safetensors_give_the_same_model(tmp_path, toy):
+    from safetensors.torch import save_file
+
+    config, model = toy
+    paths = [save_pth(tmp_path / 'a.pth', config, model), save_pth(tmp_path / 'b.pth', config, model, as_json=False,
+                                                                   key='model')]
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / 'c.safetensors'),
+              metadata={'config': json.dumps(config)})
+    paths.append(tmp_path / 'c.safetensors')
+    x, sigma, labels = torch.randn(5, 2), torch.full((5,), 1.5), torch.tensor([0, 1, 2, 3, 0])
+    outs = []
+    for p in paths:
+        cfg, state = evaluate.load_checkpoint(p)
+        assert cfg == config
+        outs.append(evaluate.build_denoiser(cfg, state)(x, sigma, class_cond=labels))
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def test_load_checkpoint_errors_name_the_problem(tmp_path, toy):
+    config, model = toy
+    with pytest.raises(evaluate.EvaluationError, match='does not exist'):
+        evaluate.load_checkpoint(tmp_path / 'missing.pth')
+    torch.save({'weights': model.state_dict()}, tmp_path / 'bad.pth')
+    with pytest.raises(evaluate.EvaluationError, match=r'needs the keys "config" and "model_ema" \(or "model"\)'):
+        evaluate.load_checkpoint(tmp_path / 'bad.pth')
+    with pytest.raises(evaluate.EvaluationError, match="sampler 'nope' is unknown"):
+        evaluate.make_cells([1.], [4], ['nope'])
+    with pytest.raises(evaluate.EvaluationError, match='must be >= 0'):
+        evaluate.make_cells([-1.], [4], ['euler'])
+
+
+def test_sweep_resumes_without_recomputing_finished_cells(tmp_path, toy):
+    config, model = toy
+    denoiser = evaluate.build_denoiser(config, model.state_dict())
+    models = {'toy': (config, denoiser)}
+    task = evaluate.make_task(config, n=80)
+    first = evaluate.make_cells([0., 2.], [2], ['euler'])
+    full = evaluate.make_cells([0., 2.], [2, 3], ['euler', 'euler_ancestral'])
+    # A sweep interrupted after the first cells: only those cell files exist.
+    r1 = evaluate.run_sweep(models, first, task, tmp_path, progress=False)
+    assert len(r1.computed) == 2 and not r1.skipped
+    done = {c.key: evaluate.cell_path(tmp_path, 'toy', c) for c in first}
+    mtimes = {k: p.stat().st_mtime_ns for k, p in done.items()}
+    r2 = evaluate.run_sweep(models, full, task, tmp_path, progress=False)
+    assert sorted(k for _, k in r2.skipped) == sorted(done)
+    assert sorted(k for _, k in r2.computed) == sorted(c.key for c in full if c.key not in done)
+    assert {k: p.stat().st_mtime_ns for k, p in done.items()} == mtimes
+    assert len(r2.rows) == len(full)
+    # A fixed seed per cell: recomputing a deleted cell reproduces it exactly.
+    before = json.loads(done['euler-s2-w2'].read_text())
+    done['euler-s2-w2'].unlink()
+    r3 = evaluate.run_sweep(models, full, task, tmp_path, progress=False)
+    assert [k for _, k in r3.computed] == ['euler-s2-w2']
+    again = json.loads(done['euler-s2-w2'].read_text())
+    assert again['energy'] == before['energy'] and again['n'] == 80
+    # The guided cell differs from the unguided one (w is applied).
+    assert before['energy'] != json.loads(done['euler-s2-w0'].read_text())['energy']
+
+
+def test_cli_writes_tables_plots_grids_and_resumes(tmp_path, toy, capsys):
+    config, model = toy
+    ckpt = save_pth(tmp_path / 'toy.pth', config, model)
+    out = tmp_path / 'eval'
+    argv = [str(ckpt), '--out', str(out), '--w', '0', '1', '--steps', '2', '4', '--samplers', 'euler', 'euler_ancestral',
+            '--n', '40', '--no-progress']
+    assert evaluate.main(argv) == 0
+    text = capsys.readouterr().out
+    assert '8 cells computed, 0 read back' in text
+    assert 'n = 40 samples vs 10 exact samples of p(x|c) per class' in text
+    rows = list(csv.DictReader(open(out / 'results.csv')))
+    assert len(rows) == 8 and {'energy', 'energy_floor', 'sliced_w2', 'n', 'reference', 'seed'} <= set(rows[0])
+    for name in ('energy_vs_w.png', 'energy_vs_steps.png', 'samples_toy.png'):
+        assert (out / name).stat().st_size > 1000
+    assert evaluate.main(argv) == 0
+    assert '0 cells computed, 8 read back' in capsys.readouterr().out
+
+
+def test_digits_task_uses_the_held_out_split_and_rejects_n(toy):
+    from kdiff_align.claims import digits_config
+
+    config = load_config(digits_config(quick=True))
+    task = evaluate.make_task(config)
+    assert task.labels.shape[0] == metrics.digits_reference()['n_test'] and task.primary == 'fd'
+    with pytest.raises(evaluate.EvaluationError, match='--n does not apply to digits'):
+        evaluate.make_task(config, n=100)
+
+
+def test_fid_without_inception_weights_fails_with_where_to_get_them(tmp_path, capsys, monkeypatch):
+    from conftest import tiny_config
+
+    monkeypatch.delenv(metrics.INCEPTION_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    raw = tiny_config()
+    raw['dataset'] = {'type': 'cifar10', 'num_classes': 10, 'location': str(tmp_path / 'data')}
+    config = load_config(raw)
+    ckpt = save_pth(tmp_path / 'img.pth', config, make_model(config))
+    code = evaluate.main([str(ckpt), '--out', str(tmp_path / 'o'), '--inception', str(tmp_path / 'none.pt'),
+                          '--no-progress'])
+    err = capsys.readouterr().err
+    assert code == 2 and metrics.INCEPTION_URL in err and 'inception-2015-12-05.pt' in err
