@@ -27,14 +27,18 @@ MODELS = {
     # A small image_v1 for CPUs, and upstream's CIFAR-10 U-Net (configs/cifar_aligned.json) for GPUs.
     'tiny': dict(input_channels=3, input_size=[16, 16], mapping_out=128, depths=[2, 2], channels=[64, 128],
                  self_attn_depths=[False, True]),
-    'cifar': dict(input_channels=3, input_size=[32, 32], mapping_out=256, depths=[2, 2, 4, 4],
-                  channels=[128, 256, 256, 512], self_attn_depths=[False, False, True, True]),
+    'cifar': None,  # configs/cifar_aligned.json's model section
 }
+CONFIGS = Path(__file__).resolve().parents[1] / 'configs'
 
 
 def bench_config(model: str, w: float, **align) -> dict:
-    return {'model': {'type': 'image_v1', **MODELS[model], 'sigma_data': 0.5, 'sigma_min': 1e-2, 'sigma_max': 80.,
-                      'sigma_sample_density': {'type': 'lognormal', 'mean': -1.2, 'std': 1.2}},
+    if MODELS[model] is None:
+        section = json.loads((CONFIGS / f'{model}_aligned.json').read_text())['model']
+    else:
+        section = {'type': 'image_v1', **MODELS[model], 'sigma_data': 0.5, 'sigma_min': 1e-2, 'sigma_max': 80.,
+                   'sigma_sample_density': {'type': 'lognormal', 'mean': -1.2, 'std': 1.2}}
+    return {'model': section,
             'dataset': {'type': 'cifar10', 'num_classes': 10, 'location': 'unused'},
             'optimizer': {'type': 'adamw', 'lr': 1e-4},
             'align': {'w_train': w, **align}}
@@ -86,7 +90,7 @@ def speed(args: argparse.Namespace) -> dict:
     model = make_model(config).to(device)
     size = config['model']['input_size']
     b = args.batch_size
-    x = torch.randn(b, 3, *size, device=device)
+    x = torch.randn(b, config['model']['input_channels'], *size, device=device)
     noise = torch.randn_like(x)
     sigma = K.utils.rand_log_normal([b], -1.2, 1.2, device=device)
     labels = torch.randint(0, 10, (b,), device=device)

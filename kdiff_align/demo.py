@@ -25,7 +25,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument('--batch-size', type=int, default=64, help='the batch size')
     p.add_argument('--w', type=float, nargs='+', default=[0., 1., 2., 4.],
                    help="grid columns: guidance w (paper's; cfg scale = 1 + w)")
-    p.add_argument('--n', type=int, default=2, help='samples per class and w')
+    p.add_argument('--n', type=int, default=2, help='samples per class and w in the grid')
+    p.add_argument('--eval-n', type=int, default=30, help='samples per class and w for the printed metrics (0: none)')
     p.add_argument('--no-baseline', action='store_true', help='train only the aligned config')
     p.add_argument('--out-dir', default='runs/demo', help='where the runs and the grid go (replaced)')
     p.add_argument('--threads', type=int, default=os.cpu_count() or 1, help='torch CPU threads')
@@ -36,8 +37,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault('K_DIFFUSION_USE_COMPILE', '0')
     args = _parse(argv)
-    if args.steps < 1 or args.batch_size < 1 or args.n < 1 or any(w < 0 for w in args.w):
-        print('error: --steps, --batch-size and --n must be >= 1 and every --w >= 0', file=sys.stderr)
+    if args.steps < 1 or args.batch_size < 1 or args.n < 1 or args.eval_n < 0 or any(w < 0 for w in args.w):
+        print('error: --steps, --batch-size and --n must be >= 1, --eval-n >= 0 and every --w >= 0', file=sys.stderr)
         return 2
     import torch
     from PIL import Image, ImageDraw
@@ -72,7 +73,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         title = f'{label} (w_train = {align_section(config)["w_train"]:g})'
         panels.append(image_grid(images, len(classes), len(args.w) * args.n, scale=default_scale([8, 8]),
                                  row_labels=[str(c) for c in classes], col_labels=col_labels, title=title))
-        results.append((name, label, config, result))
+        scores = {}
+        if args.eval_n:
+            from .metrics import digits_metrics
+            many = sample_grid(denoiser, config, classes, args.w, n=args.eval_n, seed=args.seed + 1)
+            labels = torch.tensor(classes).repeat_interleave(args.eval_n)
+            for i, w in enumerate(args.w):
+                scores[w] = digits_metrics(many[:, i].reshape(-1, *many.shape[3:]), labels)
+        results.append((name, label, config, result, scores))
 
     gap = 12
     height = max(p.height for p in panels) + 16
@@ -88,13 +96,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     total = time.time() - start
     print('\n== kdiff-align demo: scikit-learn digits (real 8x8 images, offline), class-conditional image_v1')
-    for name, label, config, result in results:
+    for name, label, config, result, _ in results:
         loss = 'n/a' if result.loss is None else f'{result.loss:.4f}'
         print(f'  {label:<13} w_train = {align_section(config)["w_train"]:g}: {result.step} steps in '
               f'{result.seconds:.0f} s, final training loss {loss} -> {result.run_dir}/')
         print(f'  {"":<13} checkpoint {result.checkpoint}; export {result.export}; metrics {result.metrics}')
     if len(results) > 1:
         print('  (the two losses are different objectives and are not comparable; compare the samples)')
+    if args.eval_n:
+        floor = results[0][4][args.w[0]]
+        print(f'\nSamples scored by a digits classifier trained on the real training split ({args.eval_n} per class '
+              f'and w, {len(classes) * args.eval_n} per cell, seed {args.seed + 1}). FD = Frechet distance '
+              f'of its features to the real training split (lower is better; real held-out digits: '
+              f'{floor["fd_floor"]:.2f}); acc = fraction classified as the requested class (real held-out: '
+              f'{floor["accuracy_real"]:.3f}).')
+        header = "w (paper's)"
+        print(f'  {header:<22}' + ''.join(f'{w:>16g}' for w in args.w))
+        for name, label, config, result, scores in results:
+            print('  ' + f'{label + " FD / acc":<22}'
+                  + ''.join(f'{scores[w]["fd"]:>9.2f} / {scores[w]["accuracy"]:.2f}' for w in args.w))
     print(f'Sample grid: {grid_path}  (rows = classes 0-9, columns = w {", ".join(f"{w:g}" for w in args.w)}; '
           f"paper's w, cfg scale = 1 + w)")
     print(f'Total time: {total:.0f} s. More samples: python -m kdiff_align.sample {results[0][3].run_dir} '
