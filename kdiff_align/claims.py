@@ -202,7 +202,8 @@ def run_job(job: Job) -> dict[str, Any]:
     steps = round(bench.steps * variant.steps_factor)
     work = Path(job.work) / job.bench
     ckpt = work / 'checkpoints' / f'{job.variant}-seed{job.seed}.pth'
-    if ckpt.exists():
+    trained = not ckpt.exists()
+    if not trained:
         saved = torch.load(ckpt, map_location='cpu', weights_only=True)
         state, train_seconds = saved['model_ema'], float(saved['train_seconds'])
     else:
@@ -230,7 +231,7 @@ def run_job(job: Job) -> dict[str, Any]:
                                                        'train_seed': job.seed, 'train_steps': steps,
                                                        'batch_size': bench.batch_size})
     return {'job': asdict(job), 'rows': result.rows, 'train_seconds': train_seconds, 'train_steps': steps,
-            'eval_seconds': time.perf_counter() - start, 'computed': len(result.computed),
+            'eval_seconds': time.perf_counter() - start, 'computed': len(result.computed), 'trained': trained,
             'skipped': len(result.skipped), 'name': name}
 
 
@@ -326,9 +327,12 @@ def git_commit() -> str:
     try:
         head = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, cwd=root,
                               check=True).stdout.strip()
-        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], capture_output=True,
-                               text=True, cwd=root, check=True).stdout.strip()
-        return head + (' (with uncommitted changes)' if dirty else '')
+        # Untracked files count inside the package and its configs: the code that made the report must be in it.
+        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=normal', '--', 'kdiff_align',
+                                'configs', 'pyproject.toml'], capture_output=True, text=True, cwd=root,
+                               check=True).stdout
+        return head + (' (with uncommitted changes to ' + ', '.join(sorted({line[3:] for line in dirty.splitlines()}))
+                       + ')' if dirty.strip() else '')
     except (OSError, subprocess.CalledProcessError):
         return 'unknown'
 
@@ -339,8 +343,8 @@ def write_report(out: Path, rows: list[dict], jobs_info: list[dict], meta: dict,
     lines = [f'# Claims report: aligned CFG training vs standard CFG',
              '',
              f'Produced by `{meta["command"]}` at commit `{meta["commit"]}` on {meta["date"]}; '
-             f'{meta["machine"]}; wall time {meta["wall_minutes"]:.1f} min ({meta["workers"]} worker processes x '
-             f'{meta["threads"]} thread). Training seeds: {meta["seeds"]}. Evaluation noise seed 0 for every cell '
+             f'{meta["machine"]}; {meta["wall_text"]} ({meta["workers"]} worker processes x {meta["threads"]} '
+             f'thread; {meta["compute_minutes"]:.0f} worker-minutes of training and evaluation). Training seeds: {meta["seeds"]}. Evaluation noise seed 0 for every cell '
              '(common random numbers). w is the paper\'s (w = 0: unguided conditional; cfg scale = 1 + w).',
              '']
     if meta['quick']:
@@ -568,7 +572,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     default, table = choose_default(rows, grid)
     grid['defaults_text'] = (f'Mean rank of each aligned variant over both benchmarks\' statistics (dpmpp_2m: best w '
                              f'at few steps, worst w at every step count; lower is better): {table}. By this rule the '
-                             f'recommended default is **{default}** (the configs\' align section should follow it).')
+                             f'recommended default is **{default}** (the configs\' align section should follow it). Caveat: the worst-w '
+                             'statistics reward a larger w_train partly because it compresses the effective guidance '
+                             '(w - w_train)/(1 + w_train) of a fixed w grid; a larger w_train also needs a larger '
+                             'w_sample for the same guidance (see the accuracy table).')
     grid['notes'] = [
         '- Spread = sd over training seeds; the evaluation noise is shared by all models (seed 0), so the spread '
         'measures training variability, not sampling noise; sampling noise is bounded by the floor.',
@@ -577,15 +584,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         'w_train = 1, than the baseline\'s [0, 8]. C2\'s "robustness" partly reflects that compression; the matched '
         'comparison above removes it.',
         '- FLOPs: the aligned step runs both branches on the conditional rows (ratio 2 - uncond_prob = 1.9 at '
-        'equal batch); the equal-FLOPs baseline trains 1.9x the steps. Measured training seconds are in the tables.',
+        'equal batch); the equal-FLOPs baseline trains 1.9x the steps. The tables\' training seconds are wall '
+        'seconds of one worker on a machine that other processes may share: compare FLOPs, not those seconds.',
         '- Small models, CPU budgets: these are statements about these benchmarks, not about CIFAR-10 or Stable '
         'Diffusion. CIFAR-10 FID-50k runs through `python -m kdiff_align.evaluate` (see the README).',
     ]
     wall = (time.time() - start) / 60
+    compute = (sum(r['train_seconds'] for r in results) + sum(r['seconds'] for r in rows)) / 60
+    wall_file = work / 'wall.json'
+    if any(r['trained'] or r['computed'] for r in results) or not wall_file.exists():
+        wall_file.parent.mkdir(parents=True, exist_ok=True)
+        wall_file.write_text(json.dumps({'wall_minutes': wall, 'workers': args.workers, 'threads': args.threads}))
+        wall_text = f'wall time {wall:.1f} min'
+    else:  # everything was read back: report the run that computed it
+        wall_text = (f'wall time {json.loads(wall_file.read_text())["wall_minutes"]:.1f} min when computed '
+                     f'(this invocation re-read the finished results in {wall:.1f} min)')
     meta = {'command': 'python -m kdiff_align.bench claims ' + ' '.join(argv if argv is not None else sys.argv[2:]),
             'commit': git_commit(), 'date': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()),
             'machine': f'{platform.machine()} CPU, torch {torch.__version__}', 'wall_minutes': wall,
-            'workers': args.workers, 'threads': args.threads, 'seeds': list(range(args.seeds)), 'quick': args.quick}
+            'workers': args.workers, 'threads': args.threads, 'seeds': list(range(args.seeds)), 'quick': args.quick,
+            'wall_text': wall_text, 'compute_minutes': compute}
     report = write_report(out, rows, results, meta, grid)
     (out / 'run.json').write_text(json.dumps({**meta, 'jobs': [{k: v for k, v in r.items() if k != 'rows'}
                                                                for r in results]}, indent=1))

@@ -28,7 +28,7 @@ SECTIONS = ('model', 'dataset', 'optimizer', 'lr_sched', 'ema_sched', 'align')
 
 # The align section: key -> (default, what is allowed). The paper's w throughout (w = 0: no guidance).
 ALIGN_DEFAULTS: dict[str, Any] = {
-    'w_train': 1.0,              # training-time w: a number >= 0, or {"type": "uniform"|"log-uniform", ...}
+    'w_train': 2.0,              # training-time w: a number >= 0, or {"type": "uniform"|"log-uniform", ...}
     'uncond_prob': None,         # anchor fraction in [0, 1]; null: dataset.cond_dropout_rate
     'stop_grad_uncond': False,   # no gradient through F_u inside the aligned term
     'mix': 1.0,                  # L = mix L_aligned + (1 - mix) L_standard on conditional rows

@@ -88,7 +88,7 @@ class AlignedDenoiser(nn.Module):
     """
 
     def __init__(self, inner_model: nn.Module, sigma_data: float = 1., weighting: str | Callable = 'karras', *,
-                 guidance_scale: GuidanceScale = 1., uncond: Mapping[str, Any] | None = None,
+                 guidance_scale: GuidanceScale = 2., uncond: Mapping[str, Any] | None = None,
                  uncond_prob: float = 0.1, stop_grad_uncond: bool = False, mix: float = 1.):
         super().__init__()
         self.inner_model = inner_model

@@ -34,7 +34,7 @@ def test_aligned_config_round_trips_through_a_safetensors_file(tmp_path):
 
 def test_defaults_standard_objective_and_distributions():
     meta = guidance_metadata(load_config(tiny_config()))
-    assert meta['objective'] == 'aligned-cfg' and meta['w_sample'] == meta['w_train'] == 1.0
+    assert meta['objective'] == 'aligned-cfg' and meta['w_sample'] == meta['w_train'] == 2.0
     assert meta['sigma_interval'] is None
     assert guidance_metadata(load_config(tiny_config(mix=0.0)))['objective'] == 'standard-cfg'
     assert guidance_metadata(load_config(tiny_config(w_train=0.0)))['objective'] == 'standard-cfg'
@@ -66,7 +66,7 @@ def test_malformed_metadata_says_which_key():
     with pytest.raises(MetadataError, match='sigma_interval'):
         parse_metadata({**good, 'kdiff_align.sigma_interval': '[5, 1]'})
     # cfg_scale is derived from w: a stale value in the file is not trusted.
-    assert parse_metadata({**good, 'kdiff_align.cfg_scale': '9'})['cfg_scale'] == 2.0
+    assert parse_metadata({**good, 'kdiff_align.cfg_scale': '9'})['cfg_scale'] == 3.0
 
 
 def test_not_a_safetensors_file(tmp_path):

@@ -42,7 +42,7 @@ def test_cli_trains_digits_and_writes_checkpoint_demo_metrics_export(tmp_path, c
     rows = list(csv.DictReader(open(run / 'metrics.csv')))
     assert [r['step'] for r in rows] == ['2'] and math.isfinite(float(rows[0]['loss']))
     assert (run / 'cli.safetensors').is_file()
-    assert json.loads((run / 'config.json').read_text())['align']['w_train'] == 1.0
+    assert json.loads((run / 'config.json').read_text())['align']['w_train'] == 2.0
     out = capsys.readouterr().out
     assert 'Done: step 2' in out and str(run / 'cli.safetensors') in out
 
@@ -114,7 +114,7 @@ def test_w_override_and_baseline_config(tmp_path):
     config = load_config(ROOT / 'configs' / 'digits_baseline.json')
     result = train(config, opts(tmp_path, end_step=0, w_train=2.5, sample_n=0))
     saved = json.loads((result.run_dir / 'config.json').read_text())
-    assert saved['align']['w_train'] == 2.5 and saved['align']['w_sample'] == 1.0
+    assert saved['align']['w_train'] == 2.5 and saved['align']['w_sample'] == 2.0
 
 
 @pytest.mark.parametrize('argv, message', [
