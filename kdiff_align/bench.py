@@ -211,7 +211,7 @@ def print_speed(result: dict) -> None:
     print(f"# speed: {result['model']} model, batch {result['batch_size']}, {result['dtype']}, "
           f"{result['device']}, torch {result['torch']}, commit {result['commit']}, w = {result['w']} (paper's), "
           f"uncond_prob = {result['uncond_prob']}")
-    print(f"| bench | variant | measured | ratio | FLOP ratio (nominal / at uncond_prob) |")
+    print("| bench | variant | measured | ratio | FLOP ratio (nominal / at uncond_prob) |")
     print('|---|---|---|---|---|')
     for row in result['rows']:
         if 'seconds' in row:

@@ -340,7 +340,7 @@ def git_commit() -> str:
 def write_report(out: Path, rows: list[dict], jobs_info: list[dict], meta: dict, grid: dict) -> Path:
     from . import plots
 
-    lines = [f'# Claims report: aligned CFG training vs standard CFG',
+    lines = ['# Claims report: aligned CFG training vs standard CFG',
              '',
              f'Produced by `{meta["command"]}` at commit `{meta["commit"]}` on {meta["date"]}; '
              f'{meta["machine"]}; {meta["wall_text"]} ({meta["workers"]} worker processes x {meta["threads"]} '

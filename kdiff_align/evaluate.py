@@ -33,6 +33,8 @@ os.environ.setdefault('K_DIFFUSION_USE_COMPILE', '0')
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from .sample import build_denoiser, data_shape  # noqa: E402,F401 (re-exported for claims and tests)
+
 DETERMINISTIC_SAMPLER = 'dpmpp_2m'
 STOCHASTIC_SAMPLER = 'euler_ancestral'
 
@@ -73,27 +75,6 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.T
         config = json.loads(ckpt['config']) if isinstance(ckpt['config'], str) else ckpt['config']
         state = ckpt['model_ema'] if 'model_ema' in ckpt else ckpt['model']
     return load_config(config), state
-
-
-def build_denoiser(config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor] | None,
-                   device: str | torch.device = 'cpu') -> nn.Module:
-    """The config's denoiser D (an AlignedDenoiser; its forward is the Karras denoiser) with weights, in eval."""
-    from .config import make_denoiser_wrapper, make_model
-
-    inner = make_model(config)
-    if state_dict is not None:
-        try:
-            inner.load_state_dict(state_dict)
-        except RuntimeError as err:
-            raise EvaluationError(f'the weights do not match the model of their config: {err}') from None
-    return make_denoiser_wrapper(config)(inner).to(device).eval().requires_grad_(False)
-
-
-def data_shape(config: Mapping[str, Any]) -> tuple[int, ...]:
-    model = config['model']
-    if model['type'] == 'toy_mlp':
-        return (model['input_channels'],)
-    return (model['input_channels'], *model['input_size'])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -396,8 +377,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument('--batch-size', type=int, default=500)
     p.add_argument('--seed', type=int, default=0, help='the noise seed of every cell')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--inception', default=None, help=f'path of inception-2015-12-05.pt for FID/KID (or set '
-                   f'$KDIFF_ALIGN_INCEPTION)')
+    p.add_argument('--inception', default=None, help='path of inception-2015-12-05.pt for FID/KID (or set '
+                   '$KDIFF_ALIGN_INCEPTION)')
     p.add_argument('--allow-unverified-inception', action='store_true',
                    help='accept an Inception TorchScript whose features are not verified equal to clean-fid\'s')
     p.add_argument('--reference', choices=['train', 'clean-fid'], default='train',
