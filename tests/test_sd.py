@@ -239,6 +239,29 @@ def test_lora_reloads_in_diffusers(tiny, lora_run):
     torch.testing.assert_close(kohya, expected, rtol=1e-4, atol=1e-5)
 
 
+def test_project_lora_samples_in_diffusers_at_its_recommended_w(tiny, lora_run):
+    from diffusers import StableDiffusionPipeline
+
+    from kdiff_align.integrations.diffusers_guider import recommended_guidance_scale
+    from kdiff_align.metadata import read_metadata
+
+    scale = recommended_guidance_scale(lora_run.lora)
+    assert scale == 1 + read_metadata(lora_run.lora)['w_sample']  # hosts' convention, from the file alone
+
+    def sample(lora=None):
+        pipe = StableDiffusionPipeline.from_pretrained(str(tiny['pipe']), local_files_only=True, safety_checker=None,
+                                                       requires_safety_checker=False)
+        if lora is not None:
+            pipe.load_lora_weights(str(lora))
+        with torch.no_grad():
+            return pipe('a cat', guidance_scale=scale, num_inference_steps=2, height=sd_tiny.RESOLUTION,
+                        width=sd_tiny.RESOLUTION, output_type='latent',
+                        generator=torch.Generator().manual_seed(0)).images
+
+    base, tuned = sample(), sample(lora_run.lora)
+    assert torch.isfinite(tuned).all() and not torch.allclose(base, tuned)
+
+
 def test_second_run_skips_vae_and_text_encoder(tiny, lora_run, monkeypatch):
     from kdiff_align.sd import data
     from kdiff_align.sd.train import main
