@@ -611,6 +611,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         signal.signal(signal.SIGINT, previous)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()  # gloo's threads can abort the process at exit otherwise
     if not result.is_main:
         return 130 if result.interrupted else 0
     print(f'Done: step {result.step}, loss {result.loss if result.loss is None else format(result.loss, ".4g")}, '

@@ -49,3 +49,6 @@ if __name__ == '__main__':
     if accelerator.is_main_process:
         with open(f'{out}/result.json', 'w') as f:
             json.dump({'world': world, 'loss': loss}, f)
+    # Tear gloo down before the interpreter exits; otherwise its threads can abort the process at exit.
+    accelerator.wait_for_everyone()
+    torch.distributed.destroy_process_group()
