@@ -486,32 +486,20 @@ class _Evaluator:
                 f.write(f'{step},{fid},{kid},{self.n},{w}\n')
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f'must be an integer >= 1, got {value}')
-    return value
+def _bounded(kind: type, minimum: float, *, strict: bool = False) -> Callable[[str], Any]:
+    """An argparse type: an int (or a finite float) >= minimum, or > minimum when strict."""
+    def parse(text: str):
+        value = kind(text)
+        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+            what = 'an integer' if kind is int else 'a finite number'
+            raise argparse.ArgumentTypeError(f'must be {what} {">" if strict else ">="} {minimum:g}, got {text}')
+        return value
+    parse.__name__ = kind.__name__  # argparse's "invalid int value" for text that is not a number
+    return parse
 
 
-def _nonnegative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f'must be an integer >= 0, got {value}')
-    return value
-
-
-def _nonnegative_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f'must be a finite number >= 0, got {text}')
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f'must be a finite number > 0, got {text}')
-    return value
+_positive_int, _nonnegative_int = _bounded(int, 1), _bounded(int, 0)
+_nonnegative_float, _positive_float = _bounded(float, 0), _bounded(float, 0, strict=True)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

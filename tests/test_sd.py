@@ -140,6 +140,9 @@ def test_cli_reports_bad_input(tiny, tmp_path, capsys, no_model_loading):
     path.write_text(json.dumps(config))
     assert main(['--config', str(path), '--out-dir', str(tmp_path)]) == 2
     assert "error: config key 'model.lora.target_modules'" in capsys.readouterr().err
+    # A resume target that holds no checkpoint is named before anything loads.
+    assert main(['--config', str(path), '--resume', str(tmp_path), '--out-dir', str(tmp_path)]) == 2
+    assert f"run folder '{tmp_path}' has no latest.json" in capsys.readouterr().err
     # The project's one training CLI dispatches Stable Diffusion configs here.
     from kdiff_align.train import main as train_main
     assert train_main(['--config', str(path), '--out-dir', str(tmp_path)]) == 2

@@ -26,17 +26,16 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..checkpoint import CheckpointError, resolve_checkpoint
 from ..config import ConfigError
-
-
-class TrainingError(RuntimeError):
-    """Training cannot continue (a non-finite loss)."""
+from ..schedulers import make_optimizer
+from ..train import TrainingError  # one error type for both training paths
 
 
 @dataclasses.dataclass
@@ -216,25 +215,6 @@ def export_unet(unet: torch.nn.Module, config: Mapping[str, Any], folder: Path) 
     return folder
 
 
-def _resolve_checkpoint(path: str | Path) -> Path:
-    path = Path(path)
-    if path.is_dir():
-        latest = path / 'latest.json'
-        if not latest.is_file():
-            raise ConfigError(f'option \'resume\': {str(path)!r} has no latest.json; pass a checkpoint file')
-        path = path / json.loads(latest.read_text())['latest_checkpoint']
-    if not path.is_file():
-        raise ConfigError(f'option \'resume\': checkpoint {str(path)!r} does not exist')
-    return path
-
-
-def _optimizer(params: list[torch.nn.Parameter], opt: Mapping[str, Any]) -> torch.optim.Optimizer:
-    if opt['type'] == 'sgd':
-        return torch.optim.SGD(params, lr=opt['lr'], weight_decay=opt['weight_decay'])
-    cls = torch.optim.AdamW if opt['type'] == 'adamw' else torch.optim.Adam
-    return cls(params, lr=opt['lr'], betas=tuple(opt['betas']), eps=opt['eps'], weight_decay=opt['weight_decay'])
-
-
 def train(config: str | Path | Mapping[str, Any], options: SDTrainOptions | None = None, *,
           should_stop: Callable[[], bool] | None = None) -> SDTrainResult:
     """Runs (or resumes) a fine-tuning run; every input is validated before a model is loaded."""
@@ -249,7 +229,7 @@ def train(config: str | Path | Mapping[str, Any], options: SDTrainOptions | None
 
     options = options or SDTrainOptions()
     _check_options(options)
-    resume_path = _resolve_checkpoint(options.resume) if options.resume else None
+    resume_path = resolve_checkpoint(options.resume) if options.resume else None
     resume_state = torch.load(resume_path, map_location='cpu', weights_only=False) if resume_path else None
     if config is None:
         if resume_state is None:
@@ -298,7 +278,7 @@ def train(config: str | Path | Mapping[str, Any], options: SDTrainOptions | None
         unet.enable_gradient_checkpointing()
     unet.train()
     trainable = {n: p for n, p in unet.named_parameters() if p.requires_grad}
-    opt = _optimizer(list(trainable.values()), config['optimizer'])
+    opt = make_optimizer(list(trainable.values()), config['optimizer'], config['optimizer']['lr'])
     warmup = config['lr_sched']['warmup']
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - warmup ** (s + 1))
     ema = EMA(trainable, config['ema_sched']) if config['ema_sched'] is not None else None
@@ -336,7 +316,7 @@ def train(config: str | Path | Mapping[str, Any], options: SDTrainOptions | None
         if not accelerator.is_main_process:
             return None, None, None
         base = accelerator.unwrap_model(unet_prepared)
-        with ema.swapped_in() if ema else _nullcontext():
+        with ema.swapped_in() if ema else nullcontext():
             if model_cfg['lora'] is not None:
                 lora, kohya = export_lora(base, config, run_dir / f'{options.name}_lora.safetensors')
                 return lora, kohya, None
@@ -405,11 +385,6 @@ def train(config: str | Path | Mapping[str, Any], options: SDTrainOptions | None
     return SDTrainResult(run_dir=run_dir, step=step, loss=last_loss, losses=losses, checkpoint=checkpoint,
                          lora=lora, lora_kohya=kohya, unet_dir=unet_dir, cache=cache_file, cache_built=built,
                          unet=accelerator.unwrap_model(unet_prepared), seconds=time.time() - start)
-
-
-@contextmanager
-def _nullcontext():
-    yield
 
 
 UNUSED_TRAIN_FLAGS = ('--demo-every', '--sample-n', '--evaluate-every', '--evaluate-n', '--num-workers', '--compile',
@@ -488,7 +463,7 @@ def main(config_path_or_dict: str | Path | Mapping[str, Any] | None = None,
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
         result = train(config_path_or_dict, options_from_args(args), should_stop=lambda: stop['requested'])
-    except ConfigError as err:
+    except (ConfigError, CheckpointError) as err:
         print(f'error: {err}', file=sys.stderr)
         return 2
     except TrainingError as err:
