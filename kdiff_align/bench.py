@@ -1,9 +1,12 @@
 """Benchmarks: `python -m kdiff_align.bench speed` and `python -m kdiff_align.bench claims`.
 
 speed measures, in one process and interleaved, ratios against a baseline run on the same model and batch:
-training step (loss + backward) of AlignedDenoiser vs upstream's Denoiser, guided sampling vs a minimal
-hand-written batched CFG function, the w = 0 and outside-interval shortcuts, evaluation (sampling)
-throughput vs raw forward throughput, and the memory of a training step.
+training step (loss + backward) of AlignedDenoiser vs upstream's Denoiser, next to the ratio of their FLOPs
+as counted by torch.utils.flop_counter on the same inputs (and the achieved TFLOP/s), guided sampling vs a
+minimal hand-written batched CFG function, the w = 0 and outside-interval shortcuts, a one-pass
+(conditional only) vs a two-pass (CFG) sampling step, evaluation (sampling) throughput vs raw forward
+throughput, and the memory of a training step. `python -m kdiff_align.bench gpu` (kdiff_align.gpu_check)
+runs it on a GPU among other checks.
 """
 
 from __future__ import annotations
@@ -75,6 +78,15 @@ def saved_activation_bytes(fn: Callable[[], torch.Tensor]) -> int:
     return total
 
 
+def counted_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of fn (matmuls, convolutions, attention; forward and backward) by torch.utils.flop_counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
 def speed(args: argparse.Namespace) -> dict:
     import k_diffusion as K
 
@@ -106,18 +118,19 @@ def speed(args: argparse.Namespace) -> dict:
             loss.backward()
         return fn
 
-    train = interleaved({'upstream': step(upstream), 'aligned': step(full), 'aligned_stop_grad': step(stop)},
-                        args.repeats, args.warmup, sync)
+    steps_by_name = {'upstream': step(upstream), 'aligned': step(full), 'aligned_stop_grad': step(stop)}
+    train = interleaved(steps_by_name, args.repeats, args.warmup, sync)
+    flops = {}
+    for name, fn in steps_by_name.items():
+        torch.manual_seed(1)  # the same anchor rows for both aligned variants
+        flops[name] = counted_flops(fn)
     p = args.uncond_prob
-    rows = [
-        {'bench': 'train_step', 'variant': 'upstream Denoiser.loss+backward', 'seconds': train['upstream'],
-         'ratio': 1.0, 'flop_ratio': 1.0},
-        {'bench': 'train_step', 'variant': 'AlignedDenoiser (full)', 'seconds': train['aligned'],
-         'ratio': train['aligned'] / train['upstream'], 'flop_ratio': 2.0, 'flop_ratio_at_p': 2 - p},
-        {'bench': 'train_step', 'variant': 'AlignedDenoiser (stop-gradient)', 'seconds': train['aligned_stop_grad'],
-         'ratio': train['aligned_stop_grad'] / train['upstream'], 'flop_ratio': 4 / 3,
-         'flop_ratio_at_p': (4 - p) / 3},
-    ]
+    rows = []
+    for name, label in (('upstream', 'upstream Denoiser.loss+backward'), ('aligned', 'AlignedDenoiser (full)'),
+                        ('aligned_stop_grad', 'AlignedDenoiser (stop-gradient)')):
+        rows.append({'bench': 'train_step', 'variant': label, 'seconds': train[name],
+                     'ratio': train[name] / train['upstream'], 'flops': flops[name],
+                     'flop_ratio': flops[name] / flops['upstream'], 'tflops_per_s': flops[name] / train[name] / 1e12})
 
     # Memory of one training step.
     def loss_of(denoiser):
@@ -162,21 +175,25 @@ def speed(args: argparse.Namespace) -> dict:
 
     samp = interleaved({'hand': call(hand_cfg), 'guided': call(lambda: guided(x, sig, class_cond=labels)),
                         'w0': call(lambda: unguided(x, sig, class_cond=labels)),
-                        'outside': call(lambda: outside(x, sig, class_cond=labels))},
+                        'outside': call(lambda: outside(x, sig, class_cond=labels)),
+                        'one_pass': call(lambda: denoiser(x, sig, class_cond=labels))},
                        args.repeats, args.warmup, sync)
     for name, label in (('guided', 'GuidedDenoiser'), ('w0', 'GuidedDenoiser, w = 0 shortcut'),
-                        ('outside', 'GuidedDenoiser, sigma outside interval')):
-        rows.append({'bench': 'guided_call', 'variant': f'{label} vs hand-written batched CFG',
+                        ('outside', 'GuidedDenoiser, sigma outside interval'),
+                        ('one_pass', 'one-pass step (conditional only, B rows)')):
+        rows.append({'bench': 'guided_call', 'variant': f'{label} vs hand-written batched CFG (2B rows)',
                      'seconds': samp[name], 'ratio': samp[name] / samp['hand']})
 
     # Evaluation throughput: guided sampling vs raw forward passes of the same model.
     steps = args.sample_steps
     sigmas = K.sampling.get_sigmas_karras(steps, 1e-2, 80., device=device)
 
-    def sample():
-        with torch.no_grad(), autocast:
-            K.sampling.sample_dpmpp_2m(guided, torch.randn_like(x) * 80., sigmas,
-                                       extra_args={'class_cond': labels}, disable=True)
+    def sampler(model):
+        def run():
+            with torch.no_grad(), autocast:
+                K.sampling.sample_dpmpp_2m(model, torch.randn_like(x) * 80., sigmas,
+                                           extra_args={'class_cond': labels}, disable=True)
+        return run
 
     xx, ss, ll = torch.cat([x, x]), torch.cat([sig, sig]), torch.cat([labels, null])
 
@@ -184,11 +201,16 @@ def speed(args: argparse.Namespace) -> dict:
         with torch.no_grad(), autocast:
             denoiser(xx, ss, class_cond=ll)
 
-    ev = interleaved({'sample': sample, 'forward': forward}, max(1, args.repeats // 4), 1, sync)
+    ev = interleaved({'sample': sampler(guided), 'one_pass': sampler(denoiser), 'forward': forward},
+                     max(1, args.repeats // 4), 1, sync)
+    forward_flops = counted_flops(forward)
     # dpmpp_2m makes one guided evaluation (one forward of 2B rows) per step.
-    rows.append({'bench': 'eval_throughput', 'variant': f'dpmpp_2m {steps} steps guided, images/s',
+    rows.append({'bench': 'eval_throughput', 'variant': f'dpmpp_2m {steps} steps guided (two-pass), images/s',
                  'images_per_s': b / ev['sample'], 'raw_forward_images_per_s': b / (steps * ev['forward']),
-                 'ratio': steps * ev['forward'] / ev['sample']})
+                 'ratio': steps * ev['forward'] / ev['sample'],
+                 'tflops_per_s': steps * forward_flops / ev['sample'] / 1e12})
+    rows.append({'bench': 'eval_throughput', 'variant': f'dpmpp_2m {steps} steps one-pass, images/s vs two-pass',
+                 'images_per_s': b / ev['one_pass'], 'ratio': ev['sample'] / ev['one_pass']})
     return {'device': device_name(device), 'dtype': args.dtype, 'model': args.model, 'batch_size': b, 'w': args.w,
             'uncond_prob': p, 'torch': torch.__version__, 'commit': commit(), 'rows': rows}
 
@@ -200,36 +222,41 @@ def device_name(device: torch.device) -> str:
 
 
 def commit() -> str:
+    """The checkout's commit (with -dirty for local changes); $KDIFF_ALIGN_COMMIT where there is no git."""
     try:
         return subprocess.run(['git', 'describe', '--always', '--dirty'], capture_output=True, text=True,
                               cwd=Path(__file__).parent, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return 'unknown'
+        return os.environ.get('KDIFF_ALIGN_COMMIT', 'unknown')
 
 
 def print_speed(result: dict) -> None:
     print(f"# speed: {result['model']} model, batch {result['batch_size']}, {result['dtype']}, "
           f"{result['device']}, torch {result['torch']}, commit {result['commit']}, w = {result['w']} (paper's), "
           f"uncond_prob = {result['uncond_prob']}")
-    print("| bench | variant | measured | ratio | FLOP ratio (nominal / at uncond_prob) |")
-    print('|---|---|---|---|---|')
+    print('| bench | variant | measured | ratio | FLOP ratio (counted) | TFLOP/s |')
+    print('|---|---|---|---|---|---|')
     for row in result['rows']:
         if 'seconds' in row:
             measured = f"{row['seconds'] * 1e3:.1f} ms"
         elif 'bytes' in row:
             measured = f"{row['bytes'] / 2 ** 20:.1f} MiB"
         else:
-            measured = f"{row['images_per_s']:.1f} img/s (raw forward {row['raw_forward_images_per_s']:.1f} img/s)"
-        flops = f"{row['flop_ratio']:.2f} / {row['flop_ratio_at_p']:.2f}" if 'flop_ratio_at_p' in row else ''
-        print(f"| {row['bench']} | {row['variant']} | {measured} | {row['ratio']:.2f} | {flops} |")
-    print('eval_throughput: raw forward img/s = the rate if sampling were nothing but its forward passes '
-          '(steps x one 2B-row forward); ratio = measured / that (1.0 = no overhead beyond the network).')
+            measured = f"{row['images_per_s']:.1f} img/s"
+            if 'raw_forward_images_per_s' in row:
+                measured += f" (raw forward {row['raw_forward_images_per_s']:.1f} img/s)"
+        flops = f"{row['flop_ratio']:.2f}" if 'flop_ratio' in row else ''
+        tflops = f"{row['tflops_per_s']:.3g}" if 'tflops_per_s' in row else ''
+        print(f"| {row['bench']} | {row['variant']} | {measured} | {row['ratio']:.2f} | {flops} | {tflops} |")
+    print('FLOP ratio: counted by torch.utils.flop_counter on the same inputs (one draw of the anchor rows). '
+          'eval_throughput: raw forward img/s = the rate if sampling were nothing but its forward passes '
+          '(steps x one 2B-row forward); ratio = measured / that (1.0 = no overhead beyond the network); '
+          'one-pass ratio = two-pass time / one-pass time.')
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog='python -m kdiff_align.bench', description=__doc__.split('\n')[0])
-    sub = parser.add_subparsers(dest='command', required=True)
-    p = sub.add_parser('speed', help='training-step, guidance and evaluation cost, as ratios')
+def speed_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """The flags of `bench speed` (on parser, or on a new one)."""
+    p = parser or argparse.ArgumentParser(prog='python -m kdiff_align.bench speed')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--model', choices=sorted(MODELS), default=None,
                    help='tiny (CPU default) or cifar (GPU default: configs/cifar_aligned.json\'s U-Net)')
@@ -241,12 +268,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument('--warmup', type=int, default=2)
     p.add_argument('--sample-steps', type=int, default=8)
     p.add_argument('--out', type=Path, default=None, help='also write the rows as JSON here')
-    sub.add_parser('claims', help='the evidence benchmark (see python -m kdiff_align.bench claims --help)',
-                   add_help=False)
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ['claims']:
-        from . import claims
-        return claims.main(argv[1:])
+    return p
+
+
+def speed_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parsed `bench speed` flags with the device-dependent defaults filled in; bad values exit with status 2."""
     args = parser.parse_args(argv)
     gpu = args.device.startswith('cuda')
     if gpu and not torch.cuda.is_available():
@@ -259,6 +285,24 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f'--{name.replace("_", "-")} must be >= 1, got {getattr(args, name)}')
     if not 0 <= args.uncond_prob <= 1:
         parser.error(f'--uncond-prob must lie in [0, 1], got {args.uncond_prob}')
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog='python -m kdiff_align.bench', description=__doc__.split('\n')[0])
+    sub = parser.add_subparsers(dest='command', required=True)
+    speed_p = speed_parser(sub.add_parser('speed', help='training-step, guidance and evaluation cost, as ratios'))
+    for name, what in (('claims', 'the evidence benchmark'), ('gpu', 'the prepared GPU check')):
+        sub.add_parser(name, help=f'{what} (see python -m kdiff_align.bench {name} --help)', add_help=False)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ['claims']:
+        from . import claims
+        return claims.main(argv[1:])
+    if argv[:1] == ['gpu']:
+        from . import gpu_check
+        return gpu_check.main(argv[1:])
+    parser.parse_args(argv[:1])  # the subcommand
+    args = speed_args(speed_p, argv[1:])
     result = speed(args)
     print_speed(result)
     if args.out:
