@@ -222,12 +222,14 @@ def device_name(device: torch.device) -> str:
 
 
 def commit() -> str:
-    """The checkout's commit (with -dirty for local changes); $KDIFF_ALIGN_COMMIT where there is no git."""
+    """$KDIFF_ALIGN_COMMIT if set (a copy without its .git), else the checkout's commit (-dirty: local changes)."""
+    if os.environ.get('KDIFF_ALIGN_COMMIT'):
+        return os.environ['KDIFF_ALIGN_COMMIT']
     try:
         return subprocess.run(['git', 'describe', '--always', '--dirty'], capture_output=True, text=True,
                               cwd=Path(__file__).parent, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get('KDIFF_ALIGN_COMMIT', 'unknown')
+        return 'unknown'
 
 
 def print_speed(result: dict) -> None:

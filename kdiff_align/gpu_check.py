@@ -145,9 +145,11 @@ class Check:
         config_path = work / 'cifar_digits.json'
         config_path.write_text(json.dumps(config, indent=2))
         env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')])}
-        if tiny:
-            env['TORCHDYNAMO_DISABLE'] = '1'  # --compile's code path without minutes of CPU compilation
-        common = ['--config', str(config_path), '--out-dir', str(work / 'runs'), '--mixed-precision', 'bf16',
+        if tiny:  # --compile's code path without minutes of CPU compilation; one thread copes with a busy CPU
+            env.update(TORCHDYNAMO_DISABLE='1', OMP_NUM_THREADS='1')
+        # The self-test trains in fp32 on the main process: CPU bf16 autocast and worker start-up cost seconds.
+        common = ['--config', str(config_path), '--out-dir', str(work / 'runs'),
+                  *(['--mixed-precision', 'no', '--num-workers', '0'] if tiny else ['--mixed-precision', 'bf16']),
                   '--batch-size', str(8 if tiny else 128), '--seed', '0', '--no-progress', '--save-every', '0',
                   '--demo-every', '0', '--sample-n', str(10 if tiny else 100)]
         run_dir, seconds, log_every = work / 'runs' / 'cifar_digits', self.args.train_seconds, 1 if tiny else 10

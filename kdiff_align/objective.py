@@ -85,11 +85,18 @@ class AlignedDenoiser(nn.Module):
     inner_model is a Karras network F(c_in x, sigma, **cond), or one of k-diffusion's DDPM wrappers
     (DiscreteEpsDDPMDenoiser and subclasses, DiscreteVDDPMDenoiser), whose own preconditioning and
     eps / v target are then used.
+
+    fixed_rows evaluates F_u for every row, anchors included, and drops the anchors' afterwards, so the
+    network always sees 2B rows (B + B with stop-gradient) instead of a count that changes with each draw
+    of the anchor rows: the loss is the same, at (2 - uncond_prob) / 2 more FLOPs, and every step has one
+    shape, which cuDNN's plan cache and torch.compile need (on an H200 a new row count per step made the
+    aligned step several times slower and recompiled a compiled model; docs/gpu.md). None: on CUDA only.
     """
 
     def __init__(self, inner_model: nn.Module, sigma_data: float = 1., weighting: str | Callable = 'karras', *,
                  guidance_scale: GuidanceScale = 2., uncond: Mapping[str, Any] | None = None,
-                 uncond_prob: float = 0.1, stop_grad_uncond: bool = False, mix: float = 1.):
+                 uncond_prob: float = 0.1, stop_grad_uncond: bool = False, mix: float = 1.,
+                 fixed_rows: bool | None = None):
         super().__init__()
         self.inner_model = inner_model
         if hasattr(inner_model, 'get_eps') and hasattr(inner_model, 'sigma_to_t'):
@@ -117,6 +124,7 @@ class AlignedDenoiser(nn.Module):
         if not 0 <= mix <= 1:
             raise ValueError(f'mix must lie in [0, 1], got {mix}')
         self.uncond_prob, self.stop_grad_uncond, self.mix = float(uncond_prob), bool(stop_grad_uncond), float(mix)
+        self.fixed_rows = fixed_rows
         needs_null = self.uncond_prob > 0 or (self.mix > 0 and self.guidance_scale != 0)
         if needs_null and not self.uncond:
             raise ValueError('uncond (the null condition) is required when uncond_prob > 0 or guidance_scale != 0; '
@@ -183,16 +191,20 @@ class AlignedDenoiser(nn.Module):
         if n == 0:
             model_output = self.network(model_input, sigma, **main_kwargs)
         else:
-            null = conditioning.null_rows(kwargs, self.uncond, rows, batch_size, device)
+            fixed = self.fixed_rows if self.fixed_rows is not None else input.is_cuda
+            twins = torch.arange(batch_size, device=device) if fixed else rows  # the rows that get F_u
+            null = conditioning.null_rows(kwargs, self.uncond, twins, batch_size, device)
             if self.stop_grad_uncond:
                 model_output = self.network(model_input, sigma, **main_kwargs)
                 with torch.no_grad():
-                    uncond_output = self.network(model_input[rows], sigma[rows], **null)
+                    uncond_output = self.network(model_input[twins], sigma[twins], **null)
             else:
-                both = conditioning.cat_rows(main_kwargs, null, batch_size, n)
-                output = self.network(torch.cat([model_input, model_input[rows]]), torch.cat([sigma, sigma[rows]]),
-                                      **both)
+                both = conditioning.cat_rows(main_kwargs, null, batch_size, twins.shape[0])
+                output = self.network(torch.cat([model_input, model_input[twins]]),
+                                      torch.cat([sigma, sigma[twins]]), **both)
                 model_output, uncond_output = output[:batch_size], output[batch_size:]
+            if fixed:
+                uncond_output = uncond_output[rows]
 
         sq_error = ((model_output - target) ** 2).flatten(1).mean(1)
         if n:

@@ -219,3 +219,30 @@ def test_bad_arguments_name_what_is_wrong(image_model, kwargs, message):
     with pytest.raises((ValueError, TypeError)) as err:
         kdiff_align.AlignedDenoiser(image_model, **{'uncond': UNCOND, **kwargs})
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize('stop_grad', [False, True])
+def test_fixed_rows_give_the_same_loss_with_one_row_count(batch, stop_grad):
+    """fixed_rows evaluates F_u for every row (2B rows, or B + B), whatever the anchor draw; same loss, grads."""
+    x, noise, sigma, labels = batch
+    config = load_config(tiny_config())
+    counter = CallCounter(randomize_(make_model(config)).eval())
+    params = list(counter.parameters())
+    results = {}
+    for fixed in (False, True):
+        ours = kdiff_align.AlignedDenoiser(counter, sigma_data=0.5, guidance_scale=2., uncond=UNCOND,
+                                           uncond_prob=0.3, stop_grad_uncond=stop_grad, fixed_rows=fixed)
+        counter.calls.clear()
+        torch.manual_seed(3)  # the same anchor rows both times
+        loss = ours.loss(x, noise, sigma, class_cond=labels)
+        results[fixed] = loss, torch.autograd.grad(loss.sum(), params, allow_unused=True), list(counter.calls)
+    (loss_var, grads_var, calls_var), (loss_fix, grads_fix, calls_fix) = results[False], results[True]
+    b = x.shape[0]
+    assert calls_fix == ([(b, True), (b, False)] if stop_grad else [(2 * b, True)])
+    assert sum(n for n, _ in calls_var) < sum(n for n, _ in calls_fix)  # the draw had anchor rows
+    torch.testing.assert_close(loss_fix, loss_var, rtol=1e-5, atol=1e-6)
+    for g, r in zip(grads_fix, grads_var):
+        if r is None:
+            assert g is None or not g.any()
+        else:
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
