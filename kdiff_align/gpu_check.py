@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--sections', nargs='+', choices=('speed', 'train', 'sd'), default=['speed', 'sd', 'train'])
     p.add_argument('--train-seconds', type=float, default=None,
                    help='training time of each of the two runs after its first logged step (default 60; --tiny 2)')
-    p.add_argument("--compile-cap", type=float, default=120.,
+    p.add_argument("--compile-cap", type=float, default=180.,
                    help='seconds before the --compile run is stopped even if compilation has not finished')
     args = p.parse_args(argv)
     if args.device.startswith('cuda') and not torch.cuda.is_available():
