@@ -87,22 +87,22 @@ class SeededItems(data.Dataset):
 
 
 class ResumableSampler(data.Sampler):
-    """(epoch, index) keys of one process's batches, from global batch `start` of `epoch` onwards."""
+    """(epoch, index) keys of one process's batches, endless, from global batch `start` of `epoch` onwards."""
 
     def __init__(self, n: int, batch_size: int, seed: int, epoch: int, start: int = 0, rank: int = 0,
                  world_size: int = 1):
         self.n, self.batch_size, self.seed, self.epoch, self.start = n, batch_size, seed, epoch, start
         self.rank, self.world_size = rank, world_size
 
-    def __len__(self) -> int:
-        return (batches_per_epoch(self.n, self.batch_size, self.world_size) - self.start) * self.batch_size
-
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
-        for i in range(self.start, batches_per_epoch(self.n, self.batch_size, self.world_size)):
-            lo = (i * self.world_size + self.rank) * self.batch_size
-            for index in perm[lo:lo + self.batch_size]:
-                yield self.epoch, index
+        epoch, start = self.epoch, self.start
+        while True:
+            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+            for i in range(start, batches_per_epoch(self.n, self.batch_size, self.world_size)):
+                lo = (i * self.world_size + self.rank) * self.batch_size
+                for index in perm[lo:lo + self.batch_size]:
+                    yield epoch, index
+            epoch, start = epoch + 1, 0
 
 
 def batches_per_epoch(n: int, batch_size: int, world_size: int = 1) -> int:
@@ -112,22 +112,23 @@ def batches_per_epoch(n: int, batch_size: int, world_size: int = 1) -> int:
 
 def batches(dataset: data.Dataset, batch_size: int, seed: int, batches_seen: int = 0, *, num_workers: int = 0,
             rank: int = 0, world_size: int = 1, seeded_items: bool = True) -> Iterator[Any]:
-    """An endless iterator of one process's batches, starting after `batches_seen` batches."""
+    """An endless iterator of one process's batches, starting after `batches_seen` batches.
+
+    One loader for the whole run: its workers live across epochs (a loader per epoch restarted every worker
+    every 14 steps in the GPU check's digits run; docs/gpu.md), and batches are pinned for asynchronous copies
+    when CUDA is available."""
     n = len(dataset)
     per_epoch = batches_per_epoch(n, batch_size, world_size)
     if per_epoch == 0:
         raise DataError(f'the dataset has {n} items, fewer than one batch of {batch_size} x {world_size} '
                         f'process(es); lower --batch-size')
-    items = SeededItems(dataset, seed, seeded_items)
     epoch, start = divmod(batches_seen, per_epoch)
-    while True:
-        sampler = ResumableSampler(n, batch_size, seed, epoch, start, rank, world_size)
-        # The loader's own seed (worker base seeds) comes from this generator, never from the global RNG.
-        loader = data.DataLoader(items, batch_size, sampler=sampler, drop_last=True, num_workers=num_workers,
-                                 generator=torch.Generator().manual_seed(seed + epoch),
-                                 persistent_workers=False)
-        yield from loader
-        epoch, start = epoch + 1, 0
+    sampler = ResumableSampler(n, batch_size, seed, epoch, start, rank, world_size)
+    # The loader's own seed (worker base seeds) comes from this generator, never from the global RNG.
+    loader = data.DataLoader(SeededItems(dataset, seed, seeded_items), batch_size, sampler=sampler,
+                             num_workers=num_workers, generator=torch.Generator().manual_seed(seed + epoch),
+                             pin_memory=torch.cuda.is_available())
+    yield from loader
 
 
 def _size(config: Mapping[str, Any]) -> list[int]:
