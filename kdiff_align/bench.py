@@ -232,15 +232,14 @@ def commit() -> str:
         return 'unknown'
 
 
-def print_speed(result: dict) -> None:
-    print(f"# speed: {result['model']} model, batch {result['batch_size']}, {result['dtype']}, "
-          f"{result['device']}, torch {result['torch']}, commit {result['commit']}, w = {result['w']} (paper's), "
-          f"uncond_prob = {result['uncond_prob']}")
-    print('| bench | variant | measured | ratio | FLOP ratio (counted) | TFLOP/s |')
-    print('|---|---|---|---|---|---|')
-    for row in result['rows']:
+def speed_table(rows: list[dict], peak_tflops: float | None = None) -> list[str]:
+    """`bench speed` rows as a Markdown table; with a peak, each TFLOP/s also as its share of it."""
+    lines = ['| bench | variant | measured | ratio | FLOP ratio (counted) | TFLOP/s |' + (' of bf16 peak |' if peak_tflops
+                                                                                      else ''),
+             '|---|---|---|---|---|---|' + ('---|' if peak_tflops else '')]
+    for row in rows:
         if 'seconds' in row:
-            measured = f"{row['seconds'] * 1e3:.1f} ms"
+            measured = f"{row['seconds'] * 1e3:.2f} ms"
         elif 'bytes' in row:
             measured = f"{row['bytes'] / 2 ** 20:.1f} MiB"
         else:
@@ -248,8 +247,20 @@ def print_speed(result: dict) -> None:
             if 'raw_forward_images_per_s' in row:
                 measured += f" (raw forward {row['raw_forward_images_per_s']:.1f} img/s)"
         flops = f"{row['flop_ratio']:.2f}" if 'flop_ratio' in row else ''
-        tflops = f"{row['tflops_per_s']:.3g}" if 'tflops_per_s' in row else ''
-        print(f"| {row['bench']} | {row['variant']} | {measured} | {row['ratio']:.2f} | {flops} | {tflops} |")
+        tflops = row.get('tflops_per_s')
+        line = f"| {row['bench']} | {row['variant']} | {measured} | {row['ratio']:.2f} | {flops} | " \
+               f"{'' if tflops is None else format(tflops, '.3g')} |"
+        if peak_tflops:
+            line += f" {'' if tflops is None else format(tflops / peak_tflops, '.1%')} |"
+        lines.append(line)
+    return lines
+
+
+def print_speed(result: dict) -> None:
+    print(f"# speed: {result['model']} model, batch {result['batch_size']}, {result['dtype']}, "
+          f"{result['device']}, torch {result['torch']}, commit {result['commit']}, w = {result['w']} (paper's), "
+          f"uncond_prob = {result['uncond_prob']}")
+    print('\n'.join(speed_table(result['rows'])))
     print('FLOP ratio: counted by torch.utils.flop_counter on the same inputs (one draw of the anchor rows). '
           'eval_throughput: raw forward img/s = the rate if sampling were nothing but its forward passes '
           '(steps x one 2B-row forward); ratio = measured / that (1.0 = no overhead beyond the network); '

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .bench import speed_table
+
 
 def _f(value: Any, fmt: str = '.3g') -> str:
     return '' if value is None else format(value, fmt)
@@ -29,26 +31,11 @@ def _environment(env: dict[str, Any]) -> list[str]:
 
 
 def _speed(speed: dict[str, Any], peak: float | None) -> list[str]:
-    lines = [f"`python -m kdiff_align.bench speed {' '.join(speed.get('argv', []))}`: {speed.get('model')} model, "
-             f"batch {speed.get('batch_size')}, {speed.get('dtype')}, w = {speed.get('w')} (paper's), "
-             f"uncond_prob = {speed.get('uncond_prob')}. Ratios are against the first row of each bench, measured "
-             'in the same process, interleaved; FLOPs counted by torch.utils.flop_counter on the same inputs.', '',
-             '| bench | variant | measured | ratio | FLOP ratio (counted) | TFLOP/s | of bf16 peak |',
-             '|---|---|---|---|---|---|---|']
-    for row in speed.get('rows', []):
-        if 'seconds' in row:
-            measured = f"{row['seconds'] * 1e3:.2f} ms"
-        elif 'bytes' in row:
-            measured = f"{row['bytes'] / 2 ** 20:.0f} MiB"
-        else:
-            measured = f"{row['images_per_s']:.0f} img/s"
-            if 'raw_forward_images_per_s' in row:
-                measured += f" (raw forward {row['raw_forward_images_per_s']:.0f} img/s)"
-        tflops = row.get('tflops_per_s')
-        share = f'{tflops / peak:.1%}' if tflops is not None and peak else ''
-        lines.append(f"| {row['bench']} | {row['variant']} | {measured} | {row['ratio']:.2f} | "
-                     f"{_f(row.get('flop_ratio'), '.2f')} | {_f(tflops)} | {share} |")
-    return lines
+    return [f"`python -m kdiff_align.bench speed {' '.join(speed.get('argv', []))}`: {speed.get('model')} model, "
+            f"batch {speed.get('batch_size')}, {speed.get('dtype')}, w = {speed.get('w')} (paper's), "
+            f"uncond_prob = {speed.get('uncond_prob')}. Ratios are against the first row of each bench, measured "
+            'in the same process, interleaved; FLOPs counted by torch.utils.flop_counter on the same inputs.',
+            ''] + speed_table(speed.get('rows', []), peak)
 
 
 def _train(train: dict[str, Any]) -> list[str]:
