@@ -79,32 +79,46 @@ def make_guidance_scale(spec: GuidanceScale) -> float | ScaleDistribution:
     return float(spec)
 
 
-class AlignedDenoiser(nn.Module):
-    """A drop-in for k_diffusion.layers.Denoiser whose loss trains the guided prediction (eq. A).
+def parameterization(inner_model: nn.Module) -> str:
+    """'eps' or 'v' for k-diffusion's DDPM wrappers, 'karras' for a network F(c_in x, sigma, **cond)."""
+    if hasattr(inner_model, 'get_eps') and hasattr(inner_model, 'sigma_to_t'):
+        return 'eps'
+    if hasattr(inner_model, 'get_v') and hasattr(inner_model, 'sigma_to_t'):
+        return 'v'
+    return 'karras'
+
+
+def raw_prediction(model: nn.Module, kind: str, input: torch.Tensor, sigma: torch.Tensor, **kwargs: Any
+                   ) -> torch.Tensor:
+    """The raw prediction F of a model of parameterization kind (eps or v for the DDPM wrappers)."""
+    if kind == 'eps':
+        return model.get_eps(input, model.sigma_to_t(sigma), **kwargs)
+    if kind == 'v':
+        return model.get_v(input, model.sigma_to_t(sigma), **kwargs)
+    return model(input, sigma, **kwargs)
+
+
+class GuidanceObjective(nn.Module):
+    """What every training-time guidance objective shares: k-diffusion's preconditioning and weighting, the
+    null condition, the anchor rows and the one-shape option. Subclasses define loss().
 
     inner_model is a Karras network F(c_in x, sigma, **cond), or one of k-diffusion's DDPM wrappers
     (DiscreteEpsDDPMDenoiser and subclasses, DiscreteVDDPMDenoiser), whose own preconditioning and
     eps / v target are then used.
 
     fixed_rows evaluates F_u for every row, anchors included, and drops the anchors' afterwards, so the
-    network always sees 2B rows (B + B with stop-gradient) instead of a count that changes with each draw
-    of the anchor rows: the loss is the same, at (2 - uncond_prob) / 2 more FLOPs, and every step has one
-    shape, which cuDNN's plan cache and torch.compile need (on an H200 a new row count per step made the
-    aligned step several times slower and recompiled a compiled model; docs/gpu.md). None: on CUDA only.
+    network always sees the same number of rows instead of a count that changes with each draw of the anchor
+    rows: the loss is the same, at 2 / (2 - uncond_prob) of the FLOPs, and every step has one shape, which
+    cuDNN's plan cache and torch.compile need (on an H200 a new row count per step made the aligned step
+    several times slower and recompiled a compiled model; docs/gpu.md). None: on CUDA only.
     """
 
     def __init__(self, inner_model: nn.Module, sigma_data: float = 1., weighting: str | Callable = 'karras', *,
                  guidance_scale: GuidanceScale = 2., uncond: Mapping[str, Any] | None = None,
-                 uncond_prob: float = 0.1, stop_grad_uncond: bool = False, mix: float = 1.,
-                 fixed_rows: bool | None = None):
+                 uncond_prob: float = 0.1, fixed_rows: bool | None = None):
         super().__init__()
         self.inner_model = inner_model
-        if hasattr(inner_model, 'get_eps') and hasattr(inner_model, 'sigma_to_t'):
-            self.parameterization = 'eps'
-        elif hasattr(inner_model, 'get_v') and hasattr(inner_model, 'sigma_to_t'):
-            self.parameterization = 'v'
-        else:
-            self.parameterization = 'karras'
+        self.parameterization = parameterization(inner_model)
         self.sigma_data = getattr(inner_model, 'sigma_data', sigma_data) if self.parameterization != 'karras' \
             else sigma_data
         if callable(weighting):
@@ -121,12 +135,10 @@ class AlignedDenoiser(nn.Module):
         self.uncond = conditioning.check_uncond(uncond)
         if not 0 <= uncond_prob <= 1:
             raise ValueError(f'uncond_prob must lie in [0, 1], got {uncond_prob}')
-        if not 0 <= mix <= 1:
-            raise ValueError(f'mix must lie in [0, 1], got {mix}')
-        self.uncond_prob, self.stop_grad_uncond, self.mix = float(uncond_prob), bool(stop_grad_uncond), float(mix)
-        self.fixed_rows = fixed_rows
-        needs_null = self.uncond_prob > 0 or (self.mix > 0 and self.guidance_scale != 0)
-        if needs_null and not self.uncond:
+        self.uncond_prob, self.fixed_rows = float(uncond_prob), fixed_rows
+
+    def _require_null(self, needed: bool) -> None:
+        if needed and not self.uncond:
             raise ValueError('uncond (the null condition) is required when uncond_prob > 0 or guidance_scale != 0; '
                              'pass e.g. uncond={"class_cond": num_classes}')
 
@@ -150,11 +162,14 @@ class AlignedDenoiser(nn.Module):
 
     def network(self, input: torch.Tensor, sigma: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """The raw prediction F (eps or v for the DDPM wrappers) for preconditioned input c_in x."""
-        if self.parameterization == 'eps':
-            return self.inner_model.get_eps(input, self.inner_model.sigma_to_t(sigma), **kwargs)
-        if self.parameterization == 'v':
-            return self.inner_model.get_v(input, self.inner_model.sigma_to_t(sigma), **kwargs)
-        return self.inner_model(input, sigma, **kwargs)
+        return raw_prediction(self.inner_model, self.parameterization, input, sigma, **kwargs)
+
+    def forward(self, input: torch.Tensor, sigma: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """The denoiser D(x; sigma, c) = c_skip x + c_out F(c_in x; sigma, c)."""
+        if self.parameterization != 'karras':
+            return self.inner_model(input, sigma, **kwargs)
+        c_skip, c_out, c_in = [append_dims(x, input.ndim) for x in self.get_scalings(sigma)]
+        return self.inner_model(input * c_in, sigma, **kwargs) * c_out + input * c_skip
 
     def sample_guidance_scale(self, n: int, device: torch.device | str) -> torch.Tensor:
         """The training-time w for n rows."""
@@ -162,22 +177,56 @@ class AlignedDenoiser(nn.Module):
             return self.guidance_scale(n, device)
         return torch.full((n,), self.guidance_scale, device=device)
 
-    def loss(self, input: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        """The per-row loss [B]: eq. A on conditional rows, the standard loss on the null anchor rows."""
+    def uses_fixed_rows(self, input: torch.Tensor) -> bool:
+        return self.fixed_rows if self.fixed_rows is not None else input.is_cuda
+
+    def prepare(self, input: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, kwargs: Mapping[str, Any]
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, Any]]:
+        """(c_in x, target T, lambda(sigma), anchor mask, the kwargs with the anchors' null condition)."""
         batch_size, device = input.shape[0], input.device
         c_skip, c_out, c_in = [append_dims(x, input.ndim) for x in self.get_scalings(sigma)]
-        c_weight = self.weighting(sigma)
         noised_input = input + noise * append_dims(sigma, input.ndim)
         target = noise if self.parameterization == 'eps' else (input - c_skip * noised_input) / c_out
-
         # Anchor rows (CFG's condition dropout) are trained on the null condition.
         anchor = torch.rand(batch_size, device=device) < self.uncond_prob if self.uncond_prob > 0 else None
         if anchor is not None and anchor.any():
             all_rows = torch.arange(batch_size, device=device)
             null = conditioning.null_rows(kwargs, self.uncond, all_rows, batch_size, device)
-            main_kwargs = conditioning.where_rows(anchor, null, kwargs)
-        else:
-            main_kwargs = kwargs
+            kwargs = conditioning.where_rows(anchor, null, kwargs)
+        return noised_input * c_in, target, self.weighting(sigma), anchor, dict(kwargs)
+
+class AlignedDenoiser(GuidanceObjective):
+    """A drop-in for k_diffusion.layers.Denoiser whose loss trains the guided prediction (eq. A).
+
+    The coefficient form of docs/design.md section 5(a): on guided rows L = lambda mean((a G + b F_u - T)^2)
+    with (a, b) = coefficients(w); here (1 + w, -w), so a G + b F_u = (1 + w) F_c - w F_u is CFG's
+    combination at the training w. GFTDenoiser is the same loss with other coefficients. Anchor rows get the
+    standard loss on the null condition; on the other rows L = mix L_aligned + (1 - mix) L_standard.
+    See GuidanceObjective for inner_model and fixed_rows.
+    """
+
+    tells_w = False   # whether the network is told w (guidance_cond), as GFT's is
+
+    def __init__(self, inner_model: nn.Module, sigma_data: float = 1., weighting: str | Callable = 'karras', *,
+                 guidance_scale: GuidanceScale = 2., uncond: Mapping[str, Any] | None = None,
+                 uncond_prob: float = 0.1, stop_grad_uncond: bool = False, mix: float = 1.,
+                 fixed_rows: bool | None = None):
+        super().__init__(inner_model, sigma_data, weighting, guidance_scale=guidance_scale, uncond=uncond,
+                         uncond_prob=uncond_prob, fixed_rows=fixed_rows)
+        if not 0 <= mix <= 1:
+            raise ValueError(f'mix must lie in [0, 1], got {mix}')
+        self.stop_grad_uncond, self.mix = bool(stop_grad_uncond), float(mix)
+        self._require_null(self.uncond_prob > 0 or (self.mix > 0 and self.guidance_scale != 0))
+
+    @staticmethod
+    def coefficients(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a, b) with a + b = 1 of the guided prediction a G + b F_u: (1 + w, -w), i.e. beta = 1 + w."""
+        return 1 + w, -w
+
+    def loss(self, input: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """The per-row loss [B]: the coefficient form on guided rows, the standard loss on anchor rows."""
+        batch_size, device = input.shape[0], input.device
+        model_input, target, c_weight, anchor, main_kwargs = self.prepare(input, noise, sigma, kwargs)
 
         # Conditional rows with w != 0 also need F_u, in the same batched call.
         guided = torch.zeros(batch_size, dtype=torch.bool, device=device)
@@ -185,15 +234,18 @@ class AlignedDenoiser(nn.Module):
         if self.mix > 0 and self.guidance_scale != 0:
             w = self.sample_guidance_scale(batch_size, device)
             guided = w != 0 if anchor is None else (w != 0) & ~anchor
+            if self.tells_w:  # the network is told w on guided rows, 0 elsewhere (anchors: the standard loss)
+                main_kwargs['guidance_cond'] = torch.where(guided, w, torch.zeros_like(w))
+        elif self.tells_w:
+            main_kwargs['guidance_cond'] = torch.zeros(batch_size, device=device)
         rows = guided.nonzero().squeeze(1)
         n = rows.shape[0]
-        model_input = noised_input * c_in
         if n == 0:
             model_output = self.network(model_input, sigma, **main_kwargs)
         else:
-            fixed = self.fixed_rows if self.fixed_rows is not None else input.is_cuda
+            fixed = self.uses_fixed_rows(input)
             twins = torch.arange(batch_size, device=device) if fixed else rows  # the rows that get F_u
-            null = conditioning.null_rows(kwargs, self.uncond, twins, batch_size, device)
+            null = conditioning.null_rows(main_kwargs, self.uncond, twins, batch_size, device)
             if self.stop_grad_uncond:
                 model_output = self.network(model_input, sigma, **main_kwargs)
                 with torch.no_grad():
@@ -208,17 +260,10 @@ class AlignedDenoiser(nn.Module):
 
         sq_error = ((model_output - target) ** 2).flatten(1).mean(1)
         if n:
-            w_rows = append_dims(w[rows], input.ndim).to(model_output.dtype)
-            guided_output = (1 + w_rows) * model_output[rows] - w_rows * uncond_output
+            a, b = (append_dims(c, input.ndim).to(model_output.dtype) for c in self.coefficients(w[rows]))
+            guided_output = a * model_output[rows] + b * uncond_output
             aligned = ((guided_output - target[rows]) ** 2).flatten(1).mean(1)
             if self.mix < 1:
                 aligned = self.mix * aligned + (1 - self.mix) * sq_error[rows]
             sq_error = sq_error.index_put((rows,), aligned)
         return sq_error * c_weight
-
-    def forward(self, input: torch.Tensor, sigma: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        """The denoiser D(x; sigma, c) = c_skip x + c_out F(c_in x; sigma, c)."""
-        if self.parameterization != 'karras':
-            return self.inner_model(input, sigma, **kwargs)
-        c_skip, c_out, c_in = [append_dims(x, input.ndim) for x in self.get_scalings(sigma)]
-        return self.inner_model(input * c_in, sigma, **kwargs) * c_out + input * c_skip
