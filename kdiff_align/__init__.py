@@ -10,6 +10,10 @@ __version__ = '0.1.0'
 
 _EXPORTS = {
     'AlignedDenoiser': 'objective',
+    'GFTDenoiser': 'objective',
+    'TeacherTargetDenoiser': 'objective',
+    'OnePassDenoiser': 'guidance',
+    'GuidanceEmbedding': 'models',
     'ScaleDistribution': 'objective',
     'GuidedDenoiser': 'guidance',
     'guide': 'guidance',

@@ -98,3 +98,23 @@ class GuidedDenoiser(nn.Module):
         if n == batch_size:
             return guide(cond, uncond, w)
         return cond.index_put((guided,), guide(cond[guided], uncond, w[guided]))
+
+
+class OnePassDenoiser(nn.Module):
+    """One network evaluation per step for models trained to be guided (GFT, guidance distillation, MG).
+
+    model(x, sigma, **extra_args) = denoiser(x, sigma, **extra_args, guidance_cond=w) for a model told w
+    (GFTDenoiser, distillation), or the plain conditional denoiser for an MG model (w None), whose one pass
+    samples the effective guidance it was trained for.
+    """
+
+    def __init__(self, denoiser: nn.Module, w: float | None = None):
+        super().__init__()
+        if w is not None and (isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0):
+            raise ValueError(f"w must be a number >= 0 (the paper's w) or None for a model not told w, got {w!r}")
+        self.inner_model, self.w = denoiser, w
+
+    def forward(self, input: torch.Tensor, sigma: torch.Tensor, **extra_args: Any) -> torch.Tensor:
+        if self.w is not None:
+            extra_args['guidance_cond'] = torch.full((input.shape[0],), float(self.w), device=input.device)
+        return self.inner_model(input, sigma, **extra_args)

@@ -1,4 +1,4 @@
-"""The aligned classifier-free-guidance objective (DESIGN.md section 1; Patel et al., arXiv 2311.00938).
+"""Training-time guidance objectives (docs/design.md sections 1 and 5; Patel et al., arXiv 2311.00938).
 
 Upstream k-diffusion trains F toward T = (x0 - c_skip x) / c_out with loss lambda(sigma) mean((F - T)^2).
 Sampling with guidance uses F_w = (1 + w) F_c - w F_u, so the aligned objective trains that combination:
@@ -7,6 +7,11 @@ Sampling with guidance uses F_w = (1 + w) F_c - w F_u, so the aligned objective 
 
 A fraction uncond_prob of rows (the anchor) gets the standard loss on the null condition, and on the
 conditional rows L = mix L_aligned + (1 - mix) L_standard. mix = 0 or w = 0 is upstream CFG training.
+
+The family: AlignedDenoiser and GFTDenoiser are one coefficient form, a G + b F_u -> T, on either side of
+beta = 1 (a = beta = 1 + w, or 1 / (1 + w) with G told w); TeacherTargetDenoiser trains F_c toward a guided
+target built by a no-grad teacher (model-guidance with the EMA model, or guidance distillation). GFT, MG
+and distillation models sample guided in one network evaluation per step (guidance.OnePassDenoiser).
 """
 
 from __future__ import annotations
@@ -267,3 +272,113 @@ class AlignedDenoiser(GuidanceObjective):
                 aligned = self.mix * aligned + (1 - self.mix) * sq_error[rows]
             sq_error = sq_error.index_put((rows,), aligned)
         return sq_error * c_weight
+
+
+class GFTDenoiser(AlignedDenoiser):
+    """Guidance-free training (Chen et al. 2025): the coefficient form at beta = 1 / (1 + w).
+
+    Guided rows train a G + b F_u toward T with (a, b) = (1 / (1 + w), w / (1 + w)), G the network told w
+    (keyword argument guidance_cond) and F_u its null-condition output at w = 0 without gradient; anchor rows
+    get the standard loss at w = 0. At the optimum G(x; sigma, c, w) = T_c + w (T_c - T_u), CFG's guided
+    prediction, so sampling is ONE network evaluation per step (guidance.OnePassDenoiser). w is drawn per
+    row (default uniform on [0, 4]); the network needs a w input (models.GuidanceEmbedding).
+    """
+
+    tells_w = True
+
+    def __init__(self, inner_model: nn.Module, sigma_data: float = 1., weighting: str | Callable = 'karras', *,
+                 guidance_scale: GuidanceScale = None, uncond: Mapping[str, Any] | None = None,
+                 uncond_prob: float = 0.1, fixed_rows: bool | None = None):
+        if guidance_scale is None:
+            guidance_scale = {'type': 'uniform', 'min_value': 0., 'max_value': 4.}
+        super().__init__(inner_model, sigma_data, weighting, guidance_scale=guidance_scale, uncond=uncond,
+                         uncond_prob=uncond_prob, stop_grad_uncond=True, mix=1., fixed_rows=fixed_rows)
+        self.uncond = {**self.uncond, 'guidance_cond': 0.}
+
+    @staticmethod
+    def coefficients(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1 / (1 + w), w / (1 + w)): beta = 1 / (1 + w)."""
+        return 1 / (1 + w), w / (1 + w)
+
+
+TEACHER_KINDS = ('mg', 'distill')
+
+
+class TeacherTargetDenoiser(GuidanceObjective):
+    """The teacher-target form (docs/design.md section 5(b)): L = lambda mean((G - T')^2) on conditional rows,
+    with a guided target T' = base + w (F^t_c - F^t_u) from a teacher evaluated without gradient.
+
+    - kind 'mg' (model-guidance, Tang et al. 2025): base = T, teacher = the EMA of the model itself (None:
+      the model's current weights), w fixed in [0, 1); rows with sigma outside sigma_range, and every row
+      while `active` is False (the training loop's warm-up), get the standard loss. The fixed point is CFG at
+      w / (1 - w) with no w input: one-pass sampling of the plain conditional model.
+    - kind 'distill' (guidance distillation, Meng et al. 2023, stage 1): base = F^t_c, a frozen teacher
+      trained with CFG, w drawn per row and told to the student (guidance_cond).
+
+    The teacher is held outside the module's parameters and state_dict: it gets no gradient, is not in the
+    optimizer and is not saved with the student. Anchor rows get the standard loss on the null condition.
+    """
+
+    def __init__(self, inner_model: nn.Module, teacher: nn.Module | None, sigma_data: float = 1.,
+                 weighting: str | Callable = 'karras', *, kind: str, guidance_scale: GuidanceScale = 0.45,
+                 uncond: Mapping[str, Any] | None = None, uncond_prob: float = 0.1,
+                 sigma_range: tuple[float, float] | None = None, fixed_rows: bool | None = None):
+        super().__init__(inner_model, sigma_data, weighting, guidance_scale=guidance_scale, uncond=uncond,
+                         uncond_prob=uncond_prob, fixed_rows=fixed_rows)
+        if kind not in TEACHER_KINDS:
+            raise ValueError(f'kind must be one of {TEACHER_KINDS}, got {kind!r}')
+        if kind == 'mg' and not (isinstance(self.guidance_scale, float) and 0 <= self.guidance_scale < 1):
+            raise ValueError(f"model-guidance needs a fixed w in [0, 1) (its fixed point is CFG at w / (1 - w)), "
+                             f"got {self.guidance_scale!r}")
+        if kind == 'distill' and teacher is None:
+            raise ValueError('guidance distillation needs a teacher: a frozen model trained with CFG on the same data')
+        if teacher is not None and parameterization(teacher) != self.parameterization:
+            raise ValueError(f'the teacher predicts {parameterization(teacher)!r}, the student '
+                             f'{self.parameterization!r}; both must be the same kind of model')
+        if sigma_range is not None:
+            lo, hi = (float(v) for v in sigma_range)
+            if not 0 <= lo <= hi:
+                raise ValueError(f'sigma_range must satisfy 0 <= sigma_lo <= sigma_hi, got {sigma_range!r}')
+            sigma_range = lo, hi
+        self.kind, self.sigma_range, self.tells_w, self.active = kind, sigma_range, kind == 'distill', True
+        self._teacher = [teacher]   # a list: not a submodule, so no parameters, gradient or state_dict entries
+        self._require_null(True)
+
+    @property
+    def teacher(self) -> nn.Module:
+        """The teacher network (the model itself under no_grad for MG without an EMA)."""
+        return self._teacher[0] if self._teacher[0] is not None else self.inner_model
+
+    def loss(self, input: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """The per-row loss [B]: (G - T')^2 on conditional rows, the standard loss on anchor rows."""
+        batch_size, device = input.shape[0], input.device
+        model_input, target, c_weight, anchor, main_kwargs = self.prepare(input, noise, sigma, kwargs)
+        conditional = torch.ones(batch_size, dtype=torch.bool, device=device) if anchor is None else ~anchor
+        w = self.sample_guidance_scale(batch_size, device)
+        if not self.active:
+            w = torch.zeros_like(w)
+        if self.sigma_range is not None:
+            lo, hi = self.sigma_range
+            w = torch.where((sigma >= lo) & (sigma <= hi), w, torch.zeros_like(w))
+        # MG changes the target of rows with w != 0; distillation replaces the target of every conditional row.
+        targeted = conditional & (w != 0) if self.kind == 'mg' else conditional
+        teacher_kwargs = dict(main_kwargs)
+        if self.tells_w:
+            main_kwargs['guidance_cond'] = torch.where(conditional, w, torch.zeros_like(w))
+        rows = targeted.nonzero().squeeze(1)
+        if rows.shape[0]:
+            twins = torch.arange(batch_size, device=device) if self.uses_fixed_rows(input) else rows
+            n = twins.shape[0]
+            cond = conditioning.take_rows(teacher_kwargs, twins, batch_size)
+            null = conditioning.null_rows(teacher_kwargs, self.uncond, twins, batch_size, device)
+            with torch.no_grad():
+                out = raw_prediction(self.teacher, self.parameterization, model_input[twins].repeat(2, *[1] * (
+                    input.ndim - 1)), sigma[twins].repeat(2), **conditioning.cat_rows(cond, null, n, n))
+            if twins.shape[0] != rows.shape[0]:
+                out = torch.cat([out[:n][rows], out[n:][rows]])
+            t_cond, t_uncond = out.chunk(2)
+            w_rows = append_dims(w[rows], input.ndim).to(t_cond.dtype)
+            base = target[rows] if self.kind == 'mg' else t_cond
+            target = target.index_put((rows,), (base + w_rows * (t_cond - t_uncond)).to(target.dtype))
+        output = self.network(model_input, sigma, **main_kwargs)
+        return ((output - target) ** 2).flatten(1).mean(1) * c_weight

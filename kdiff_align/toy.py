@@ -12,6 +12,8 @@ import math
 import torch
 from torch import nn
 
+from .models import GuidanceEmbedding, guidance_term
+
 
 class ToyMixture:
     """p(x | c): an equal mixture of N(mu_c, std^2 I) and N(-mu_c, std^2 I), mu_c on a circle of radius."""
@@ -49,21 +51,25 @@ class ToyMLP(nn.Module):
     """F(c_in x; sigma, class_cond) for 2-D data: an MLP with noise-level and class embeddings (label
     num_classes is the null condition)."""
 
-    def __init__(self, num_classes: int, width: int = 128, depth: int = 3, input_channels: int = 2):
+    def __init__(self, num_classes: int, width: int = 128, depth: int = 3, input_channels: int = 2,
+                 guidance_embed: bool = False):
         super().__init__()
         self.num_classes = num_classes
         self.sigma_embed = FourierFeatures(width)
         self.class_embed = nn.Embedding(num_classes + 1, width)
+        self.guidance_embed = GuidanceEmbedding(width) if guidance_embed else None
         self.proj_in = nn.Linear(input_channels, width)
         self.blocks = nn.ModuleList(nn.Sequential(nn.SiLU(), nn.Linear(width, width)) for _ in range(depth))
         self.proj_out = nn.Sequential(nn.SiLU(), nn.Linear(width, input_channels))
 
-    def forward(self, input: torch.Tensor, sigma: torch.Tensor, class_cond: torch.Tensor | None = None
-                ) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, sigma: torch.Tensor, class_cond: torch.Tensor | None = None,
+                guidance_cond: torch.Tensor | None = None) -> torch.Tensor:
         if class_cond is None:
             raise ValueError(f'class_cond is required: labels in 0..{self.num_classes - 1}, '
                              f'or {self.num_classes} for the null condition')
-        cond = self.sigma_embed(sigma.log()[:, None] / 4) + self.class_embed(class_cond)
+        embed = self.class_embed(class_cond)
+        cond = self.sigma_embed(sigma.log()[:, None] / 4) + (embed + guidance_term(self.guidance_embed,
+                                                                                    guidance_cond, embed))
         h = self.proj_in(input)
         for block in self.blocks:
             h = h + block(h + cond)
