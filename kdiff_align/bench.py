@@ -12,6 +12,7 @@ runs it on a GPU among other checks.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -92,6 +93,8 @@ def speed(args: argparse.Namespace) -> dict:
 
     from .config import load_config, make_denoiser_wrapper, make_model
     from .guidance import GuidedDenoiser
+    from .models import with_guidance_embedding
+    from .objective import GFTDenoiser, TeacherTargetDenoiser
 
     device = torch.device(args.device)
     dtype = {'fp32': torch.float32, 'bf16': torch.bfloat16}[args.dtype]
@@ -106,28 +109,40 @@ def speed(args: argparse.Namespace) -> dict:
     noise = torch.randn_like(x)
     sigma = K.utils.rand_log_normal([b], -1.2, 1.2, device=device)
     labels = torch.randint(0, 10, (b,), device=device)
-    upstream = K.layers.Denoiser(model, sigma_data=0.5)
-    full = make_denoiser_wrapper(config)(model)
-    stop = make_denoiser_wrapper(config, stop_grad_uncond=True)(model)
+    p, null_label = args.uncond_prob, {'class_cond': 10}
+    told = with_guidance_embedding(model)   # the same network told w, for GFT and distillation
+    teacher = copy.deepcopy(model).eval().requires_grad_(False)   # stands for MG's EMA / a distillation teacher
+    objectives = {
+        'upstream': ('upstream Denoiser.loss+backward', K.layers.Denoiser(model, sigma_data=0.5)),
+        'aligned': ('AlignedDenoiser (full)', make_denoiser_wrapper(config)(model)),
+        'aligned_stop_grad': ('AlignedDenoiser (stop-gradient)',
+                              make_denoiser_wrapper(config, stop_grad_uncond=True)(model)),
+        'gft': ('GFTDenoiser, w ~ U[0, 4]', GFTDenoiser(told, sigma_data=0.5, uncond=null_label, uncond_prob=p)),
+        'mg': ('TeacherTargetDenoiser, model-guidance w = 0.45',
+               TeacherTargetDenoiser(model, teacher, sigma_data=0.5, kind='mg', guidance_scale=0.45,
+                                     uncond=null_label, uncond_prob=p)),
+        'distill': ('TeacherTargetDenoiser, distillation w ~ U[0, 4]',
+                    TeacherTargetDenoiser(told, teacher, sigma_data=0.5, kind='distill', uncond=null_label,
+                                          uncond_prob=p, guidance_scale={'type': 'uniform', 'min_value': 0.,
+                                                                         'max_value': 4.})),
+    }
 
     def step(denoiser):
         def fn():
-            model.zero_grad(set_to_none=True)
+            told.zero_grad(set_to_none=True)
             with autocast:
                 loss = denoiser.loss(x, noise, sigma, class_cond=labels).mean()
             loss.backward()
         return fn
 
-    steps_by_name = {'upstream': step(upstream), 'aligned': step(full), 'aligned_stop_grad': step(stop)}
+    steps_by_name = {name: step(denoiser) for name, (_, denoiser) in objectives.items()}
     train = interleaved(steps_by_name, args.repeats, args.warmup, sync)
     flops = {}
     for name, fn in steps_by_name.items():
-        torch.manual_seed(1)  # the same anchor rows for both aligned variants
+        torch.manual_seed(1)  # the same anchor rows for every objective
         flops[name] = counted_flops(fn)
-    p = args.uncond_prob
     rows = []
-    for name, label in (('upstream', 'upstream Denoiser.loss+backward'), ('aligned', 'AlignedDenoiser (full)'),
-                        ('aligned_stop_grad', 'AlignedDenoiser (stop-gradient)')):
+    for name, (label, _) in objectives.items():
         rows.append({'bench': 'train_step', 'variant': label, 'seconds': train[name],
                      'ratio': train[name] / train['upstream'], 'flops': flops[name],
                      'flop_ratio': flops[name] / flops['upstream'], 'tflops_per_s': flops[name] / train[name] / 1e12})
@@ -137,8 +152,8 @@ def speed(args: argparse.Namespace) -> dict:
         return lambda: denoiser.loss(x, noise, sigma, class_cond=labels).mean()
 
     mem = {}
-    for name, denoiser in (('upstream', upstream), ('aligned', full), ('aligned_stop_grad', stop)):
-        model.zero_grad(set_to_none=True)
+    for name, (_, denoiser) in objectives.items():
+        told.zero_grad(set_to_none=True)
         if device.type == 'cuda':
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()

@@ -73,3 +73,12 @@ def guidance_term(embedding: GuidanceEmbedding | None, guidance_cond: torch.Tens
         raise ValueError('guidance_cond (w per row) is required by a model with a guidance embedding')
     w = torch.as_tensor(guidance_cond, device=like.device).expand(like.shape[0])
     return embedding(w).to(like.dtype)
+
+
+def with_guidance_embedding(model: ClassConditionedModel) -> ClassConditionedModel:
+    """The same network told w: shares model's inner model and class embedding and adds a zero-initialised
+    GuidanceEmbedding, so its output equals model's at any w until the embedding is trained."""
+    told = ClassConditionedModel(model.inner_model, model.num_classes, model.class_embed.embedding_dim,
+                                 guidance_embed=True)
+    told.class_embed = model.class_embed
+    return told.to(model.class_embed.weight.device)

@@ -15,8 +15,8 @@ def test_speed_writes_every_row(tmp_path):
                 '--uncond-prob', '0', '--out', str(out)])
     result = json.loads(out.read_text())
     variants = [(r['bench'], r['variant']) for r in result['rows']]
-    assert [b for b, _ in variants].count('train_step') == 3
-    assert [b for b, _ in variants].count('train_memory') == 3
+    assert [b for b, _ in variants].count('train_step') == 6
+    assert [b for b, _ in variants].count('train_memory') == 6
     assert [b for b, _ in variants].count('guided_call') == 4
     assert [b for b, _ in variants].count('eval_throughput') == 2
     rows = {v: r for (b, v), r in zip(variants, result['rows'])}
@@ -25,6 +25,11 @@ def test_speed_writes_every_row(tmp_path):
     # layer computes no input gradient).
     assert rows['AlignedDenoiser (full)']['flop_ratio'] == pytest.approx(2.0, rel=1e-9)
     assert 4 / 3 <= rows['AlignedDenoiser (stop-gradient)']['flop_ratio'] < 1.36
+    # GFT: the same passes as stop-gradient (plus its small w embedding); MG and distillation: B rows forward
+    # and backward plus a no-grad teacher call on 2B rows.
+    assert 4 / 3 <= rows['GFTDenoiser, w ~ U[0, 4]']['flop_ratio'] < 1.37
+    for name in ('TeacherTargetDenoiser, model-guidance w = 0.45', 'TeacherTargetDenoiser, distillation w ~ U[0, 4]'):
+        assert 5 / 3 <= rows[name]['flop_ratio'] < 1.73
     memory = [r for r in result['rows'] if r['bench'] == 'train_memory']
     # Saved activations are deterministic: aligned keeps both branches, stop-gradient only the conditional one.
     assert memory[1]['bytes'] > 1.5 * memory[0]['bytes']
