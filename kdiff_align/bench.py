@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import subprocess
@@ -19,7 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-os.environ.setdefault('K_DIFFUSION_USE_COMPILE', '0')
+from .env import cli_defaults; cli_defaults()  # noqa: E702 (before k-diffusion is imported)
 
 import torch  # noqa: E402
 

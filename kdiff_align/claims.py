@@ -32,7 +32,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault('K_DIFFUSION_USE_COMPILE', '0')
+from .env import cli_defaults
+cli_defaults()  # before k-diffusion is imported
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

@@ -35,7 +35,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    os.environ.setdefault('K_DIFFUSION_USE_COMPILE', '0')
+    from .env import cli_defaults
+    cli_defaults()  # before k-diffusion is imported
     args = _parse(argv)
     if args.steps < 1 or args.batch_size < 1 or args.n < 1 or args.eval_n < 0 or any(w < 0 for w in args.w):
         print('error: --steps, --batch-size and --n must be >= 1, --eval-n >= 0 and every --w >= 0', file=sys.stderr)

@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault('K_DIFFUSION_USE_COMPILE', '0')
+from .env import cli_defaults
+cli_defaults()  # before k-diffusion is imported
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402

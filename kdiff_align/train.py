@@ -572,7 +572,8 @@ def _is_sd_run(argv: Sequence[str]) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The CLI entry point; returns the exit status (2 for bad input, 1 for a failed run, 130 if interrupted)."""
-    os.environ.setdefault('K_DIFFUSION_USE_COMPILE', '0')
+    from .env import cli_defaults
+    cli_defaults()  # before k-diffusion is imported
     argv = list(sys.argv[1:] if argv is None else argv)
     if _is_sd_run(argv):
         from .sd.train import main as sd_main

@@ -1,6 +1,8 @@
 import os
 
-os.environ.setdefault('K_DIFFUSION_USE_COMPILE', '0')
+from kdiff_align.env import cli_defaults
+
+cli_defaults()  # as every entry point does; subprocesses inherit K_DIFFUSION_USE_COMPILE
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('WANDB_MODE', 'disabled')
 
