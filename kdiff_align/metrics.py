@@ -1,8 +1,9 @@
-"""Sample-quality metrics for the evidence benchmarks (DESIGN.md section 4).
+"""Sample-quality metrics for the evidence benchmarks (docs/design.md section 5).
 
-- Fréchet distance between Gaussians fitted to features (Heusel et al. 2017, eq. 6):
-      FD = |mu_1 - mu_2|^2 + tr(S_1 + S_2 - 2 (S_1^1/2 S_2 S_1^1/2)^1/2)
-- KID: the unbiased MMD^2 with the cubic polynomial kernel k(x, y) = (x.y / d + 1)^3 (Binkowski et al. 2018).
+- Fréchet distance between Gaussians fitted to features (Heusel et al. 2017, eq. 6), clean-fid's implementation:
+      FD = |mu_1 - mu_2|^2 + tr(S_1 + S_2 - 2 (S_1 S_2)^1/2)
+- KID: the unbiased MMD^2 with the cubic polynomial kernel k(x, y) = (x.y / d + 1)^3 (Binkowski et al. 2018),
+  clean-fid's implementation.
 - Energy distance (Székely & Rizzo 2013): D^2 = 2 E|X - Y| - E|X - X'| - E|Y - Y'| (V-statistic: 0 for identical
   sets, O(1/n) for independent sets from one distribution, the floor the benchmarks report beside it).
 - Sliced Wasserstein-2: SW_2^2 = E_theta W_2^2(theta.X, theta.Y), theta uniform on the sphere.
@@ -51,23 +52,17 @@ def feature_statistics(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray,
     return f.mean(0), np.cov(f, rowvar=False).reshape(f.shape[1], f.shape[1])
 
 
-def _sqrtm_psd(a: np.ndarray) -> np.ndarray:
-    vals, vecs = np.linalg.eigh((a + a.T) / 2)
-    return (vecs * np.sqrt(np.clip(vals, 0, None))) @ vecs.T
-
-
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """The Fréchet (2-Wasserstein) distance squared between N(mu1, sigma1) and N(mu2, sigma2) (eq. 6 above)."""
+    """The Fréchet (2-Wasserstein) distance squared between N(mu1, sigma1) and N(mu2, sigma2) (eq. 6 above), computed
+    by clean-fid (`cleanfid.fid.frechet_distance`) after checking the shapes; clipped at 0 against rounding."""
+    from cleanfid import fid as cleanfid_fid
+
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.size, mu1.size):
         raise ValueError(f'frechet_distance: shapes do not match: mu {mu1.shape} / {mu2.shape}, '
                          f'sigma {sigma1.shape} / {sigma2.shape}')
-    # tr((S1^1/2 S2 S1^1/2)^1/2) = tr((S1 S2)^1/2), computed with symmetric eigendecompositions (no complex sqrtm).
-    s1 = _sqrtm_psd(sigma1)
-    covmean_trace = np.sqrt(np.clip(np.linalg.eigvalsh(s1 @ sigma2 @ s1), 0, None)).sum()
-    fd = ((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * covmean_trace
-    return float(max(fd, 0.0))
+    return float(max(cleanfid_fid.frechet_distance(mu1, sigma1, mu2, sigma2), 0.0))
 
 
 def frechet_distance_features(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:
@@ -77,23 +72,22 @@ def frechet_distance_features(a: torch.Tensor | np.ndarray, b: torch.Tensor | np
 
 def kid(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray, *, num_subsets: int = 100,
         subset_size: int = 1000, seed: int = 0) -> float:
-    """KID: the unbiased MMD^2 with kernel (x.y / d + 1)^3, averaged over random subsets (Binkowski et al. 2018)."""
+    """KID: the unbiased MMD^2 with kernel (x.y / d + 1)^3, averaged over random subsets (Binkowski et al. 2018),
+    computed by clean-fid (`cleanfid.fid.kernel_distance`) with its subsets drawn from seed."""
+    from cleanfid import fid as cleanfid_fid
+
     a, b = _as_numpy(a), _as_numpy(b)
     if a.shape[1] != b.shape[1]:
         raise ValueError(f'kid: feature widths differ: {a.shape[1]} vs {b.shape[1]}')
-    m = min(a.shape[0], b.shape[0], subset_size)
-    if m < 2:
+    if min(a.shape[0], b.shape[0], subset_size) < 2:
         raise ValueError(f'kid needs at least 2 rows in each set, got {a.shape[0]} and {b.shape[0]}')
-    d = a.shape[1]
-    rng = np.random.default_rng(seed)
-    total = 0.0
-    for _ in range(num_subsets):
-        x = a[rng.choice(a.shape[0], m, replace=False)]
-        y = b[rng.choice(b.shape[0], m, replace=False)]
-        kxx, kyy, kxy = (x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3
-        total += ((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
-                  - 2 * kxy.mean())
-    return float(total / num_subsets)
+    # clean-fid draws its subsets from numpy's global generator: seed it, and give the caller's state back.
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        return float(cleanfid_fid.kernel_distance(a, b, num_subsets=num_subsets, max_subset_size=subset_size))
+    finally:
+        np.random.set_state(state)
 
 
 def energy_distance(x: torch.Tensor, y: torch.Tensor) -> float:

@@ -100,6 +100,23 @@ def test_digits_metrics_real_held_out_split_is_the_floor():
     assert metrics.digits_metrics(x, y)['fd_floor'] == pytest.approx(m['fd_floor'], rel=1e-5)
 
 
+def test_frechet_distance_and_kid_are_clean_fids():
+    from cleanfid import fid as cleanfid_fid
+
+    x, y = gaussian(300, 16, seed=3).numpy(), gaussian(200, 16, shift=0.3, scale=1.2, seed=4).numpy()
+    theirs = cleanfid_fid.frechet_distance(x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False))
+    assert theirs > 1
+    assert abs(metrics.frechet_distance_features(x, y) - theirs) <= 1e-13
+    np.random.seed(7)
+    theirs_kid = cleanfid_fid.kernel_distance(x, y, num_subsets=5, max_subset_size=100)
+    # Our seed selects clean-fid's subsets, and numpy's global generator is left as the caller had it.
+    np.random.seed(11)
+    expected_next = np.random.rand()
+    np.random.seed(11)
+    assert metrics.kid(x, y, num_subsets=5, subset_size=100, seed=7) == theirs_kid
+    assert np.random.rand() == expected_next
+
+
 def test_bad_inputs_name_the_problem():
     with pytest.raises(ValueError, match='shapes do not match'):
         metrics.frechet_distance(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3))
@@ -109,6 +126,8 @@ def test_bad_inputs_name_the_problem():
         metrics.energy_distance(torch.zeros(3, 2), torch.zeros(3, 3))
     with pytest.raises(ValueError, match='feature widths differ'):
         metrics.kid(np.zeros((4, 2)), np.zeros((4, 3)))
+    with pytest.raises(ValueError, match='at least 2 rows in each set, got 1 and 4'):
+        metrics.kid(np.zeros((1, 2)), np.zeros((4, 2)))
 
 
 def test_missing_inception_weights_say_where_to_get_them(tmp_path, monkeypatch):
