@@ -1,4 +1,4 @@
-"""The aligned classifier-free-guidance objective (DESIGN.md section 1; Patel et al., arXiv 2311.00938).
+"""The aligned classifier-free-guidance objective (docs/design.md section 1; Patel et al., arXiv 2311.00938).
 
 Upstream k-diffusion trains F toward T = (x0 - c_skip x) / c_out with loss lambda(sigma) mean((F - T)^2).
 Sampling with guidance uses F_w = (1 + w) F_c - w F_u, so the aligned objective trains that combination:

@@ -1,7 +1,7 @@
 """Trains k-diffusion models with the aligned CFG objective: `python -m kdiff_align.train --config CONFIG`.
 
 Upstream train.py's flags and loop (accelerate, EMA warmup, LR schedules, demo grids, CSV log, wandb), with
-the objective of DESIGN.md section 1: each step draws sigma from the config's sample density and calls
+the objective of docs/design.md section 1: each step draws sigma from the config's sample density and calls
 AlignedDenoiser.loss(x, noise, sigma, class_cond=labels), which chooses the null-condition anchor rows itself.
 Outputs go to <out-dir>/<name>/: config.json, args.json, metrics.csv, demo/, checkpoints/, latest.json and
 <name>.safetensors (EMA weights for inference). Multi-GPU / multi-node: `accelerate launch -m kdiff_align.train`.

@@ -2,7 +2,7 @@
 
 The UNet becomes a k-diffusion DDPM denoiser (eps or v, model.py) inside AlignedDenoiser, whose loss runs
 the conditional rows and their null-condition twins (the empty-prompt embedding) in one batched UNet call
-(DESIGN.md section 1). Each step draws DDPM timesteps t uniformly from the training schedule, sigma =
+(docs/design.md section 1). Each step draws DDPM timesteps t uniformly from the training schedule, sigma =
 sigmas[t], latents from the cached VAE posterior and the cached caption embeddings (data.py): after the
 first run's caching pass the VAE and text encoder are not used. LoRA via peft (model.lora) or a full
 fine-tune (model.lora = null); accelerate for mixed precision, gradient accumulation and multi-GPU.
