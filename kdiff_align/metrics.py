@@ -10,7 +10,8 @@
 - Digits: a small MLP trained deterministically on the real training split of scikit-learn's digits; its
   penultimate layer is the feature space for the Fréchet distance and its predictions give class accuracy.
 - Inception features for FID/KID on images, with clean-fid's preprocessing ("clean" mode: PIL bicubic resize to
-  299 x 299, then (x - 128) / 128) and a TorchScript weights file the user points to (no download).
+  299 x 299, then (x - 128) / 128) and a TorchScript weights file the user points to, or else the one clean-fid
+  downloads into its cache; either is checked by SHA-256.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import platform
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,6 +36,8 @@ INCEPTION_SHA256 = 'f58cb9b6ec323ed63459aa4fb441fe750cfe39fafad6da5cb504a16f19e9
 # clean-fid's offline (see docs/claims/report.md), so it is accepted only with allow_unverified=True.
 FID_HELPER_SHA256 = '7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34'
 INCEPTION_ENV = 'KDIFF_ALIGN_INCEPTION'
+# clean-fid's cache for the Inception file (cleanfid.features.feature_extractor: /tmp, or ./ on Windows).
+CLEANFID_CACHE = Path('.' if platform.system() == 'Windows' else '/tmp')
 
 
 def _as_numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -233,20 +238,52 @@ def sha256(path: str | Path) -> str:
 
 
 def inception_path(path: str | Path | None = None) -> Path:
-    """The Inception TorchScript: path, else $KDIFF_ALIGN_INCEPTION, else clean-fid's / k-diffusion's caches."""
+    """The Inception TorchScript: path, else $KDIFF_ALIGN_INCEPTION, else a cached copy (the working folder,
+    k-diffusion's or clean-fid's cache), else the file clean-fid fetches into its cache, checked by SHA-256."""
     candidates = [Path(p) for p in (path, os.environ.get(INCEPTION_ENV)) if p]
     if not candidates:
         candidates = [Path.cwd() / INCEPTION_FILE, Path.home() / '.cache' / 'k-diffusion' / INCEPTION_FILE,
-                      Path('/tmp') / INCEPTION_FILE]
+                      CLEANFID_CACHE / INCEPTION_FILE]
     for p in candidates:
         p = p / INCEPTION_FILE if p.is_dir() else p
         if p.is_file():
             return p
+    if path is None and not os.environ.get(INCEPTION_ENV):
+        return fetch_inception()
     raise InceptionError(
         f'Inception weights not found (looked at {", ".join(str(p) for p in candidates)}). FID/KID need the '
         f'TorchScript {INCEPTION_FILE} (SHA-256 {INCEPTION_SHA256[:16]}...), which clean-fid and k-diffusion use. '
         f'Download it on a machine with network from {INCEPTION_URL} and pass its path with --inception PATH or '
         f'the environment variable {INCEPTION_ENV}.')
+
+
+def fetch_inception(folder: str | Path | None = None) -> Path:
+    """Lets clean-fid download inception-2015-12-05.pt into its cache (folder), then checks its SHA-256."""
+    from cleanfid import downloads_helper
+
+    folder = Path(CLEANFID_CACHE if folder is None else folder)
+    target = folder / INCEPTION_FILE
+    existed = target.exists()
+    if not existed:
+        print(f'Downloading {INCEPTION_FILE} with clean-fid into {folder} (about 100 MB)', file=sys.stderr, flush=True)
+    try:
+        fetched = Path(downloads_helper.check_download_inception(fpath=str(folder)))
+    except Exception as err:  # noqa: BLE001 - urllib, DNS, disk: every failure gets the same advice
+        if not existed:
+            target.unlink(missing_ok=True)  # clean-fid writes in place: drop a partial download
+        reason = (str(err).strip().splitlines() or [''])[0] or type(err).__name__
+        raise InceptionError(
+            f'{INCEPTION_FILE} is not on disk and clean-fid could not download it ({reason}); to run offline, copy '
+            f'it (SHA-256 {INCEPTION_SHA256[:16]}..., from {INCEPTION_URL}) to {target}, or pass --inception PATH, '
+            f'or set ${INCEPTION_ENV}') from None
+    digest = sha256(fetched)
+    if digest != INCEPTION_SHA256:
+        if not existed:
+            fetched.unlink(missing_ok=True)
+        raise InceptionError(f'{fetched}, downloaded by clean-fid, has SHA-256 {digest}, not that of '
+                             f'{INCEPTION_FILE} ({INCEPTION_SHA256}); {"removed it; " if not existed else ""}'
+                             f'download it from {INCEPTION_URL} and pass --inception PATH')
+    return fetched
 
 
 class InceptionFeatures(nn.Module):

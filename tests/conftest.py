@@ -35,6 +35,17 @@ def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return module
 
 
+@pytest.fixture(autouse=True)
+def no_downloads(monkeypatch):
+    """Nothing downloads during tests: clean-fid's Inception fetch fails as it does offline."""
+    from cleanfid import downloads_helper
+
+    def refuse(*args, **kwargs):
+        raise OSError('the tests never download')
+
+    monkeypatch.setattr(downloads_helper, 'check_download_inception', refuse)
+
+
 @pytest.fixture
 def image_model():
     from kdiff_align.config import load_config, make_model

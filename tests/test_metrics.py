@@ -1,6 +1,8 @@
 """Metrics on cases with known answers: identical sets, shifted Gaussians (closed forms), floors, bad inputs."""
 
+import hashlib
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -140,3 +142,78 @@ def test_missing_inception_weights_say_where_to_get_them(tmp_path, monkeypatch):
     wrong.write_bytes(b'not a model')
     with pytest.raises(metrics.InceptionError, match='SHA-256'):
         metrics.InceptionFeatures(tmp_path)
+
+
+@pytest.fixture
+def no_inception_on_disk(tmp_path, monkeypatch):
+    """No Inception file where kdiff-align looks (no flag, no $KDIFF_ALIGN_INCEPTION, empty caches); returns
+    clean-fid's cache folder."""
+    monkeypatch.delenv(metrics.INCEPTION_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv('HOME', str(tmp_path / 'home'))
+    cache = tmp_path / 'cleanfid-cache'
+    cache.mkdir()
+    monkeypatch.setattr(metrics, 'CLEANFID_CACHE', cache)
+    return cache
+
+
+def fake_fetch(monkeypatch, content=None, error=None):
+    """clean-fid's Inception download replaced: it writes content into the folder, then raises error if given."""
+    from cleanfid import downloads_helper
+
+    calls = []
+
+    def fetch(fpath):
+        calls.append(fpath)
+        path = Path(fpath) / metrics.INCEPTION_FILE
+        if content is not None:
+            path.write_bytes(content)
+        if error is not None:
+            raise error
+        return str(path)
+
+    monkeypatch.setattr(downloads_helper, 'check_download_inception', fetch)
+    return calls
+
+
+def test_failed_inception_fetch_says_in_one_line_how_to_run_offline(no_inception_on_disk, monkeypatch):
+    from urllib.error import URLError
+
+    calls = fake_fetch(monkeypatch, content=b'partial', error=URLError('[Errno -3] Temporary failure in name '
+                                                                      'resolution'))
+    with pytest.raises(metrics.InceptionError) as err:
+        metrics.InceptionFeatures()
+    message = str(err.value)
+    assert calls == [str(no_inception_on_disk)]
+    assert '\n' not in message and 'could not download' in message and 'name resolution' in message
+    assert str(no_inception_on_disk / metrics.INCEPTION_FILE) in message
+    assert '--inception PATH' in message and metrics.INCEPTION_ENV in message
+    assert not (no_inception_on_disk / metrics.INCEPTION_FILE).exists()  # the partial file does not trip a rerun
+
+
+def test_a_fetched_file_with_the_wrong_sha256_is_refused_and_removed(no_inception_on_disk, monkeypatch):
+    fake_fetch(monkeypatch, content=b'<html>an error page, not a TorchScript</html>')
+    with pytest.raises(metrics.InceptionError) as err:
+        metrics.InceptionFeatures(allow_unverified=True)  # a download must be the real file, flag or not
+    message = str(err.value)
+    assert '\n' not in message and 'downloaded by clean-fid' in message and metrics.INCEPTION_SHA256 in message
+    assert not (no_inception_on_disk / metrics.INCEPTION_FILE).exists()
+
+
+def test_a_fetched_file_is_checked_and_then_reused_from_clean_fids_cache(no_inception_on_disk, monkeypatch):
+    content = b'stands in for the TorchScript'
+    monkeypatch.setattr(metrics, 'INCEPTION_SHA256', hashlib.sha256(content).hexdigest())
+    calls = fake_fetch(monkeypatch, content=content)
+    expected = no_inception_on_disk / metrics.INCEPTION_FILE
+    assert metrics.inception_path() == expected and len(calls) == 1
+    assert metrics.inception_path() == expected and len(calls) == 1  # found on disk: no second fetch
+
+
+def test_an_explicit_path_or_variable_never_fetches(tmp_path, monkeypatch):
+    calls = fake_fetch(monkeypatch, content=b'x')
+    monkeypatch.setenv(metrics.INCEPTION_ENV, str(tmp_path / 'missing.pt'))
+    with pytest.raises(metrics.InceptionError, match='not found'):
+        metrics.inception_path()
+    with pytest.raises(metrics.InceptionError, match='not found'):
+        metrics.inception_path(tmp_path / 'also-missing.pt')
+    assert calls == []
