@@ -5,6 +5,7 @@ The wheel is built from a copy of the sources and installed without dependencies
 the development environment's editable finder for kdiff_align must not be what gets imported.
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -86,32 +87,15 @@ def test_cli_and_demo_run_from_the_install_with_config_names(installed, tmp_path
     assert 'Sample grid' in demo.stdout and (tmp_path / 'demo' / 'grid.png').is_file()
 
 
-COMFYUI_LOADER = """
-import importlib.util, json, sys, types
-comfy, samplers = types.ModuleType('comfy'), types.ModuleType('comfy.samplers')
-samplers.CFGGuider, samplers.calc_cond_batch, comfy.samplers = type('CFGGuider', (), {}), None, samplers
-sys.modules.update({'comfy': comfy, 'comfy.samplers': samplers})  # ComfyUI itself: only what import needs
-path = list(sys.path)
-# ComfyUI's load_custom_node: the folder imported as a top-level package named after itself.
-spec = importlib.util.spec_from_file_location('kdiff_align_comfyui', sys.argv[1])
-module = importlib.util.module_from_spec(spec)
-sys.modules['kdiff_align_comfyui'] = module
-spec.loader.exec_module(module)
-import kdiff_align
-print(json.dumps({'kdiff_align': kdiff_align.__file__, 'path_unchanged': sys.path == path,
-                  'nodes': sorted(module.NODE_CLASS_MAPPINGS)}))
-"""
-
-
-def test_comfyui_glue_imports_the_installed_package(installed, tmp_path):
-    import json
-
+def test_comfyui_and_a1111_glue_import_the_installed_package(installed, tmp_path):
     site, env = installed
-    glue = site / 'kdiff_align' / 'integrations' / 'comfyui'
-    linked = tmp_path / 'custom_nodes' / 'kdiff_align_comfyui'  # installed as docs/integrations.md says: a symlink
-    linked.parent.mkdir()
-    linked.symlink_to(glue, target_is_directory=True)
-    out = json.loads(run([sys.executable, '-c', COMFYUI_LOADER, str(linked / '__init__.py')], cwd=tmp_path,
-                         env=env).stdout)
+    glue = site / 'kdiff_align' / 'integrations'
+    # Installed as docs/integrations.md says: symlinks to the installed glue in the hosts' folders.
+    comfyui, a1111 = tmp_path / 'custom_nodes' / 'kdiff_align_comfyui', tmp_path / 'extensions' / 'kdiff-align'
+    for link, target in ((comfyui, glue / 'comfyui'), (a1111, glue / 'a1111')):
+        link.parent.mkdir()
+        link.symlink_to(target, target_is_directory=True)
+    out = json.loads(run([sys.executable, str(ROOT / 'tests' / 'glue_loader.py'), str(comfyui / '__init__.py'),
+                          str(a1111 / 'scripts' / 'kdiff_align_cfg.py')], cwd=tmp_path, env=env).stdout)
     assert Path(out['kdiff_align']).is_relative_to(site) and out['path_unchanged']
-    assert 'KDiffAlignGuider' in out['nodes'] and 'KDiffAlignCFGPatch' in out['nodes']
+    assert 'KDiffAlignGuider' in out['nodes'] and 'KDiffAlignCFGPatch' in out['nodes'] and out['a1111_script']
