@@ -28,7 +28,7 @@ MODELS = {
                  self_attn_depths=[False, True]),
     'cifar': None,  # configs/cifar_aligned.json's model section
 }
-from .config import CONFIGS  # noqa: E402 (the shipped configs/)
+from .shipped import CONFIGS  # noqa: E402 (the shipped configs/)
 
 
 def bench_config(model: str, w: float, **align) -> dict:

@@ -19,6 +19,7 @@ from torch import nn
 
 from . import objective
 from .guidance import GuidedDenoiser, check_sigma_interval
+from .shipped import CONFIGS, find_config, shipped_configs
 
 SAMPLERS = ('euler', 'euler_ancestral', 'heun', 'dpm_2', 'dpm_2_ancestral', 'lms', 'dpmpp_2s_ancestral',
             'dpmpp_sde', 'dpmpp_2m', 'dpmpp_2m_sde', 'dpmpp_3m_sde')
@@ -42,35 +43,6 @@ ALIGN_DEFAULTS: dict[str, Any] = {
 
 class ConfigError(ValueError):
     """A config value that is missing, of the wrong type or out of range."""
-
-
-def _configs_dir() -> Path:
-    here = Path(__file__).resolve().parent
-    installed, checkout = here / 'configs', here.parent / 'configs'
-    return installed if installed.is_dir() or not checkout.is_dir() else checkout
-
-
-# The shipped configs: kdiff_align/configs/ in an installed package, the top-level configs/ in a source checkout.
-CONFIGS = _configs_dir()
-
-
-def shipped_configs() -> list[str]:
-    """The names of the configs that ship with kdiff-align, e.g. 'cifar_aligned' for configs/cifar_aligned.json."""
-    return sorted(p.stem for p in CONFIGS.glob('*.json'))
-
-
-def config_path(path_or_name: str | Path) -> Path:
-    """A config file: path_or_name if it is a file, else the shipped config of that name ('cifar_aligned' or
-    'cifar_aligned.json')."""
-    path = Path(path_or_name)
-    if path.is_file():
-        return path
-    names = shipped_configs()
-    if path.parent == Path('.') and path.name.removesuffix('.json') in names:
-        return CONFIGS / f'{path.name.removesuffix(".json")}.json'
-    raise ConfigError(f'config file {str(path_or_name)!r} does not exist and is not the name of a shipped config; '
-                      'pass the path of a JSON config or one of the shipped names: '
-                      + (", ".join(names) or f'(none found in {CONFIGS})'))
 
 
 def _fail(key: str, value: Any, allowed: str) -> None:
@@ -163,9 +135,20 @@ def _validate_upstream(config: Mapping[str, Any]) -> None:
     _choice('ema_sched.type', config['ema_sched']['type'], ('inverse',))
 
 
+def config_path(path_or_name: str | Path) -> Path:
+    """A config file from its path or a shipped config's name (kdiff_align.shipped), else a ConfigError that lists
+    the shipped names."""
+    path = find_config(path_or_name)
+    if path is None:
+        raise ConfigError(f'config file {str(path_or_name)!r} does not exist and is not the name of a shipped '
+                          'config; pass the path of a JSON config or one of the shipped names: '
+                          + (', '.join(shipped_configs()) or f'(none found in {CONFIGS})'))
+    return path
+
+
 def load_config(path_or_dict: str | Path | Mapping[str, Any]) -> dict[str, Any]:
     """Upstream's load_config plus the validated "align" section (defaults merged), from a dict, a JSON file or a
-    shipped config's name (see config_path)."""
+    shipped config's name (config_path)."""
     from k_diffusion import config as K_config
 
     if isinstance(path_or_dict, Mapping):

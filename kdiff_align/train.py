@@ -553,19 +553,19 @@ def options_from_args(args: argparse.Namespace) -> TrainOptions:
 
 def _is_sd_run(argv: Sequence[str]) -> bool:
     """Whether --config (or the run folder given to --resume) is a Stable Diffusion fine-tuning config."""
-    from .config import config_path
     from .sd.config import is_sd_config
+    from .shipped import find_config
 
     probe = argparse.ArgumentParser(add_help=False)
     probe.add_argument('--config')
     probe.add_argument('--resume')
     known, _ = probe.parse_known_args(argv)
-    candidates = [known.config] if known.config else []
+    candidates = [find_config(known.config) or Path(known.config)] if known.config else []
     if known.resume:
         candidates.append(Path(known.resume) / 'config.json')
     for path in candidates:
         try:
-            return is_sd_config(json.loads(config_path(path).read_text()))
+            return is_sd_config(json.loads(path.read_text()))
         except (OSError, ValueError):
             continue  # load_config / the checkpoint loader report unreadable files with their own errors
     return False

@@ -105,7 +105,8 @@ def test_bad_files(tmp_path):
 
 
 def test_a_shipped_configs_name_loads_it_from_anywhere(tmp_path, monkeypatch):
-    from kdiff_align.config import CONFIGS, config_path, shipped_configs
+    from kdiff_align.config import config_path
+    from kdiff_align.shipped import CONFIGS, shipped_configs
 
     monkeypatch.chdir(tmp_path)  # no configs/ here
     names = shipped_configs()
