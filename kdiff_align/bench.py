@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import platform
 import statistics
 import subprocess
@@ -23,7 +22,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-os.environ.setdefault('K_DIFFUSION_USE_COMPILE', '0')
+from .env import cli_defaults; cli_defaults()  # noqa: E702 (before k-diffusion is imported)
 
 import torch  # noqa: E402
 
@@ -33,7 +32,7 @@ MODELS = {
                  self_attn_depths=[False, True]),
     'cifar': None,  # configs/cifar_aligned.json's model section
 }
-CONFIGS = Path(__file__).resolve().parents[1] / 'configs'
+from .shipped import CONFIGS  # noqa: E402 (the shipped configs/)
 
 
 def bench_config(model: str, w: float, **align) -> dict:

@@ -32,7 +32,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault('K_DIFFUSION_USE_COMPILE', '0')
+from .env import cli_defaults
+cli_defaults()  # before k-diffusion is imported
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -188,7 +189,7 @@ def job_config(bench: Bench, variant: Variant) -> dict[str, Any]:
 
 
 def matched_w(w: float, w_train: float) -> float:
-    """The aligned model's sampling w whose effective guidance equals w for the true pair (DESIGN.md section 1):
+    """The aligned model's sampling w whose effective guidance equals w for the true pair (docs/design.md section 2):
     (w_sample - w_train) / (1 + w_train) = w."""
     return w_train + w * (1 + w_train)
 
@@ -382,8 +383,8 @@ def write_report(out: Path, rows: list[dict], jobs_info: list[dict], meta: dict,
                 details[bench] += [f'| {claim} | {ref_name} | {c.label} | {_fmt(c.a)} | {_fmt(c.b)} | '
                                    f'{c.diff:+.3g} ± {Z * c.se:.2g} | {c.outcome} |' for c in cs]
     lines += ['', 'C1 (matched effective w) compares aligned at w_sample = w_train + w (1 + w_train) with standard '
-              'CFG at w: by DESIGN.md section 1 both then target the same guided distribution, so this asks whether '
-              'aligned reaches it with fewer steps, not whether it guides less. Every comparison behind each '
+              'CFG at w: by docs/design.md section 2 both then target the same guided distribution, so this asks '
+              'whether aligned reaches it with fewer steps, not whether it guides less. Every comparison behind each '
               'verdict is listed in the benchmark sections below.', '']
 
     # Per-benchmark tables.

@@ -1,6 +1,6 @@
 """Conditional and null-conditional keyword arguments, batched row by row.
 
-The null condition is data (DESIGN.md section 2): a dict of keyword arguments that replace the conditional
+The null condition is data (docs/design.md section 3): a dict of keyword arguments that replace the conditional
 ones for the unconditional branch. A value may be a number, a tensor with one row (both broadcast to every
 row) or a tensor with one row per batch row. Keyword arguments it does not name are shared by both branches.
 """

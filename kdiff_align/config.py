@@ -19,6 +19,7 @@ from torch import nn
 
 from . import objective
 from .guidance import GuidedDenoiser, check_sigma_interval
+from .shipped import CONFIGS, find_config, shipped_configs
 
 SAMPLERS = ('euler', 'euler_ancestral', 'heun', 'dpm_2', 'dpm_2_ancestral', 'lms', 'dpmpp_2s_ancestral',
             'dpmpp_sde', 'dpmpp_2m', 'dpmpp_2m_sde', 'dpmpp_3m_sde')
@@ -134,17 +135,26 @@ def _validate_upstream(config: Mapping[str, Any]) -> None:
     _choice('ema_sched.type', config['ema_sched']['type'], ('inverse',))
 
 
+def config_path(path_or_name: str | Path) -> Path:
+    """A config file from its path or a shipped config's name (kdiff_align.shipped), else a ConfigError that lists
+    the shipped names."""
+    path = find_config(path_or_name)
+    if path is None:
+        raise ConfigError(f'config file {str(path_or_name)!r} does not exist and is not the name of a shipped '
+                          'config; pass the path of a JSON config or one of the shipped names: '
+                          + (', '.join(shipped_configs()) or f'(none found in {CONFIGS})'))
+    return path
+
+
 def load_config(path_or_dict: str | Path | Mapping[str, Any]) -> dict[str, Any]:
-    """Upstream's load_config plus the validated "align" section (defaults merged)."""
+    """Upstream's load_config plus the validated "align" section (defaults merged), from a dict, a JSON file or a
+    shipped config's name (config_path)."""
     from k_diffusion import config as K_config
 
     if isinstance(path_or_dict, Mapping):
         config = copy.deepcopy(dict(path_or_dict))
     else:
-        path = Path(path_or_dict)
-        if not path.is_file():
-            raise ConfigError(f'config file {str(path)!r} does not exist; pass a JSON config such as '
-                              'configs/digits_aligned.json')
+        path = config_path(path_or_dict)
         try:
             config = json.loads(path.read_text())
         except json.JSONDecodeError as err:

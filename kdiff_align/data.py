@@ -4,7 +4,7 @@ Dataset types (config "dataset.type"): cifar10 (torchvision's files under `locat
 (one folder per class), imagefolder (unconditional), digits (scikit-learn's load_digits, offline), toy (the
 2-D class-conditional mixture of kdiff_align.toy) and upstream's `custom` hook (a Python file `location`,
 relative to the config, whose `get_dataset(config, transform=tf)` returns the dataset). Condition dropout is
-not done here: AlignedDenoiser draws the null-condition anchor rows itself (DESIGN.md section 1).
+not done here: AlignedDenoiser draws the null-condition anchor rows itself (docs/design.md section 1).
 
 Order: epoch e is the permutation of torch.Generator().manual_seed(seed + e); process r of R takes rows
 [(i R + r) B, (i R + r + 1) B) for its i-th batch. Any (epoch, batch) position is reproducible, so a resumed

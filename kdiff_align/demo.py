@@ -15,8 +15,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-CONFIGS = Path(__file__).resolve().parents[1] / 'configs'
-
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog='python -m kdiff_align.demo', description=__doc__,
@@ -35,7 +33,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    os.environ.setdefault('K_DIFFUSION_USE_COMPILE', '0')
+    from .env import cli_defaults
+    cli_defaults()  # before k-diffusion is imported
     args = _parse(argv)
     if args.steps < 1 or args.batch_size < 1 or args.n < 1 or args.eval_n < 0 or any(w < 0 for w in args.w):
         print('error: --steps, --batch-size and --n must be >= 1, --eval-n >= 0 and every --w >= 0', file=sys.stderr)
@@ -55,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results, panels = [], []
     classes = list(range(10))
     for name, label in runs:
-        config = load_config(CONFIGS / f'{name}.json')
+        config = load_config(name)  # a shipped config
         if (out / name).exists():
             shutil.rmtree(out / name)  # the demo's own previous run: start fresh, never auto-resume
         print(f'== training {name} ({label}, w_train = {align_section(config)["w_train"]:g}) for {args.steps} steps '

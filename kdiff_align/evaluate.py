@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault('K_DIFFUSION_USE_COMPILE', '0')
+from .env import cli_defaults
+cli_defaults()  # before k-diffusion is imported
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -378,7 +379,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument('--seed', type=int, default=0, help='the noise seed of every cell')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--inception', default=None, help='path of inception-2015-12-05.pt for FID/KID (or set '
-                   '$KDIFF_ALIGN_INCEPTION)')
+                   '$KDIFF_ALIGN_INCEPTION; default: a cached copy, else clean-fid downloads it, SHA-256 checked)')
     p.add_argument('--allow-unverified-inception', action='store_true',
                    help='accept an Inception TorchScript whose features are not verified equal to clean-fid\'s')
     p.add_argument('--reference', choices=['train', 'clean-fid'], default='train',

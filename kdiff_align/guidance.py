@@ -1,6 +1,6 @@
 """Classifier-free guidance for every k-diffusion sampler.
 
-Convention (DESIGN.md section 2): kdiff-align speaks the paper's w (Ho & Salimans 2022), where w = 0 is the
+Convention (docs/design.md section 3): kdiff-align speaks the paper's w (Ho & Salimans 2022), where w = 0 is the
 unguided conditional denoiser. Hosts speak the scale s = 1 + w (k-diffusion's cfg_scale, ComfyUI's cfg,
 diffusers' guidance_scale, A1111's CFG scale). `w_to_cfg_scale` and `cfg_scale_to_w` are the only place
 the two are converted.

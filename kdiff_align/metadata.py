@@ -102,7 +102,7 @@ def parse_metadata(header: Mapping[str, str] | None) -> dict[str, Any] | None:
     if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
         raise MetadataError(f'{PREFIX}w_sample must be a finite number (the paper\'s w), got {w!r}')
     meta['w_sample'] = float(w)
-    # cfg_scale is derived; the paper's w is the source of truth (DESIGN.md section 2).
+    # cfg_scale is derived; the paper's w is the source of truth (docs/design.md section 3).
     meta['cfg_scale'] = w_to_cfg_scale(meta['w_sample'])
     try:
         interval = check_sigma_interval(meta['sigma_interval'])

@@ -1,15 +1,17 @@
-"""Sample-quality metrics for the evidence benchmarks (DESIGN.md section 4).
+"""Sample-quality metrics for the evidence benchmarks (docs/design.md section 5).
 
-- Fréchet distance between Gaussians fitted to features (Heusel et al. 2017, eq. 6):
-      FD = |mu_1 - mu_2|^2 + tr(S_1 + S_2 - 2 (S_1^1/2 S_2 S_1^1/2)^1/2)
-- KID: the unbiased MMD^2 with the cubic polynomial kernel k(x, y) = (x.y / d + 1)^3 (Binkowski et al. 2018).
+- Fréchet distance between Gaussians fitted to features (Heusel et al. 2017, eq. 6), clean-fid's implementation:
+      FD = |mu_1 - mu_2|^2 + tr(S_1 + S_2 - 2 (S_1 S_2)^1/2)
+- KID: the unbiased MMD^2 with the cubic polynomial kernel k(x, y) = (x.y / d + 1)^3 (Binkowski et al. 2018),
+  clean-fid's implementation.
 - Energy distance (Székely & Rizzo 2013): D^2 = 2 E|X - Y| - E|X - X'| - E|Y - Y'| (V-statistic: 0 for identical
   sets, O(1/n) for independent sets from one distribution, the floor the benchmarks report beside it).
 - Sliced Wasserstein-2: SW_2^2 = E_theta W_2^2(theta.X, theta.Y), theta uniform on the sphere.
 - Digits: a small MLP trained deterministically on the real training split of scikit-learn's digits; its
   penultimate layer is the feature space for the Fréchet distance and its predictions give class accuracy.
 - Inception features for FID/KID on images, with clean-fid's preprocessing ("clean" mode: PIL bicubic resize to
-  299 x 299, then (x - 128) / 128) and a TorchScript weights file the user points to (no download).
+  299 x 299, then (x - 128) / 128) and a TorchScript weights file the user points to, or else the one clean-fid
+  downloads into its cache; either is checked by SHA-256.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import platform
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,6 +36,8 @@ INCEPTION_SHA256 = 'f58cb9b6ec323ed63459aa4fb441fe750cfe39fafad6da5cb504a16f19e9
 # clean-fid's offline (see docs/claims/report.md), so it is accepted only with allow_unverified=True.
 FID_HELPER_SHA256 = '7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34'
 INCEPTION_ENV = 'KDIFF_ALIGN_INCEPTION'
+# clean-fid's cache for the Inception file (cleanfid.features.feature_extractor: /tmp, or ./ on Windows).
+CLEANFID_CACHE = Path('.' if platform.system() == 'Windows' else '/tmp')
 
 
 def _as_numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -51,23 +57,17 @@ def feature_statistics(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray,
     return f.mean(0), np.cov(f, rowvar=False).reshape(f.shape[1], f.shape[1])
 
 
-def _sqrtm_psd(a: np.ndarray) -> np.ndarray:
-    vals, vecs = np.linalg.eigh((a + a.T) / 2)
-    return (vecs * np.sqrt(np.clip(vals, 0, None))) @ vecs.T
-
-
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """The Fréchet (2-Wasserstein) distance squared between N(mu1, sigma1) and N(mu2, sigma2) (eq. 6 above)."""
+    """The Fréchet (2-Wasserstein) distance squared between N(mu1, sigma1) and N(mu2, sigma2) (eq. 6 above), computed
+    by clean-fid (`cleanfid.fid.frechet_distance`) after checking the shapes; clipped at 0 against rounding."""
+    from cleanfid import fid as cleanfid_fid
+
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.size, mu1.size):
         raise ValueError(f'frechet_distance: shapes do not match: mu {mu1.shape} / {mu2.shape}, '
                          f'sigma {sigma1.shape} / {sigma2.shape}')
-    # tr((S1^1/2 S2 S1^1/2)^1/2) = tr((S1 S2)^1/2), computed with symmetric eigendecompositions (no complex sqrtm).
-    s1 = _sqrtm_psd(sigma1)
-    covmean_trace = np.sqrt(np.clip(np.linalg.eigvalsh(s1 @ sigma2 @ s1), 0, None)).sum()
-    fd = ((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * covmean_trace
-    return float(max(fd, 0.0))
+    return float(max(cleanfid_fid.frechet_distance(mu1, sigma1, mu2, sigma2), 0.0))
 
 
 def frechet_distance_features(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:
@@ -77,23 +77,22 @@ def frechet_distance_features(a: torch.Tensor | np.ndarray, b: torch.Tensor | np
 
 def kid(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray, *, num_subsets: int = 100,
         subset_size: int = 1000, seed: int = 0) -> float:
-    """KID: the unbiased MMD^2 with kernel (x.y / d + 1)^3, averaged over random subsets (Binkowski et al. 2018)."""
+    """KID: the unbiased MMD^2 with kernel (x.y / d + 1)^3, averaged over random subsets (Binkowski et al. 2018),
+    computed by clean-fid (`cleanfid.fid.kernel_distance`) with its subsets drawn from seed."""
+    from cleanfid import fid as cleanfid_fid
+
     a, b = _as_numpy(a), _as_numpy(b)
     if a.shape[1] != b.shape[1]:
         raise ValueError(f'kid: feature widths differ: {a.shape[1]} vs {b.shape[1]}')
-    m = min(a.shape[0], b.shape[0], subset_size)
-    if m < 2:
+    if min(a.shape[0], b.shape[0], subset_size) < 2:
         raise ValueError(f'kid needs at least 2 rows in each set, got {a.shape[0]} and {b.shape[0]}')
-    d = a.shape[1]
-    rng = np.random.default_rng(seed)
-    total = 0.0
-    for _ in range(num_subsets):
-        x = a[rng.choice(a.shape[0], m, replace=False)]
-        y = b[rng.choice(b.shape[0], m, replace=False)]
-        kxx, kyy, kxy = (x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3
-        total += ((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
-                  - 2 * kxy.mean())
-    return float(total / num_subsets)
+    # clean-fid draws its subsets from numpy's global generator: seed it, and give the caller's state back.
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        return float(cleanfid_fid.kernel_distance(a, b, num_subsets=num_subsets, max_subset_size=subset_size))
+    finally:
+        np.random.set_state(state)
 
 
 def energy_distance(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -239,20 +238,52 @@ def sha256(path: str | Path) -> str:
 
 
 def inception_path(path: str | Path | None = None) -> Path:
-    """The Inception TorchScript: path, else $KDIFF_ALIGN_INCEPTION, else clean-fid's / k-diffusion's caches."""
+    """The Inception TorchScript: path, else $KDIFF_ALIGN_INCEPTION, else a cached copy (the working folder,
+    k-diffusion's or clean-fid's cache), else the file clean-fid fetches into its cache, checked by SHA-256."""
     candidates = [Path(p) for p in (path, os.environ.get(INCEPTION_ENV)) if p]
     if not candidates:
         candidates = [Path.cwd() / INCEPTION_FILE, Path.home() / '.cache' / 'k-diffusion' / INCEPTION_FILE,
-                      Path('/tmp') / INCEPTION_FILE]
+                      CLEANFID_CACHE / INCEPTION_FILE]
     for p in candidates:
         p = p / INCEPTION_FILE if p.is_dir() else p
         if p.is_file():
             return p
+    if path is None and not os.environ.get(INCEPTION_ENV):
+        return fetch_inception()
     raise InceptionError(
         f'Inception weights not found (looked at {", ".join(str(p) for p in candidates)}). FID/KID need the '
         f'TorchScript {INCEPTION_FILE} (SHA-256 {INCEPTION_SHA256[:16]}...), which clean-fid and k-diffusion use. '
         f'Download it on a machine with network from {INCEPTION_URL} and pass its path with --inception PATH or '
         f'the environment variable {INCEPTION_ENV}.')
+
+
+def fetch_inception(folder: str | Path | None = None) -> Path:
+    """Lets clean-fid download inception-2015-12-05.pt into its cache (folder), then checks its SHA-256."""
+    from cleanfid import downloads_helper
+
+    folder = Path(CLEANFID_CACHE if folder is None else folder)
+    target = folder / INCEPTION_FILE
+    existed = target.exists()
+    if not existed:
+        print(f'Downloading {INCEPTION_FILE} with clean-fid into {folder} (about 100 MB)', file=sys.stderr, flush=True)
+    try:
+        fetched = Path(downloads_helper.check_download_inception(fpath=str(folder)))
+    except Exception as err:  # noqa: BLE001 - urllib, DNS, disk: every failure gets the same advice
+        if not existed:
+            target.unlink(missing_ok=True)  # clean-fid writes in place: drop a partial download
+        reason = (str(err).strip().splitlines() or [''])[0] or type(err).__name__
+        raise InceptionError(
+            f'{INCEPTION_FILE} is not on disk and clean-fid could not download it ({reason}); to run offline, copy '
+            f'it (SHA-256 {INCEPTION_SHA256[:16]}..., from {INCEPTION_URL}) to {target}, or pass --inception PATH, '
+            f'or set ${INCEPTION_ENV}') from None
+    digest = sha256(fetched)
+    if digest != INCEPTION_SHA256:
+        if not existed:
+            fetched.unlink(missing_ok=True)
+        raise InceptionError(f'{fetched}, downloaded by clean-fid, has SHA-256 {digest}, not that of '
+                             f'{INCEPTION_FILE} ({INCEPTION_SHA256}); {"removed it; " if not existed else ""}'
+                             f'download it from {INCEPTION_URL} and pass --inception PATH')
+    return fetched
 
 
 class InceptionFeatures(nn.Module):

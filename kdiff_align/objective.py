@@ -1,4 +1,4 @@
-"""Training-time guidance objectives (docs/design.md sections 1 and 5; Patel et al., arXiv 2311.00938).
+"""Training-time guidance objectives (docs/design.md sections 1 and 6; Patel et al., arXiv 2311.00938).
 
 Upstream k-diffusion trains F toward T = (x0 - c_skip x) / c_out with loss lambda(sigma) mean((F - T)^2).
 Sampling with guidance uses F_w = (1 + w) F_c - w F_u, so the aligned objective trains that combination:
@@ -203,7 +203,7 @@ class GuidanceObjective(nn.Module):
 class AlignedDenoiser(GuidanceObjective):
     """A drop-in for k_diffusion.layers.Denoiser whose loss trains the guided prediction (eq. A).
 
-    The coefficient form of docs/design.md section 5(a): on guided rows L = lambda mean((a G + b F_u - T)^2)
+    The coefficient form of docs/design.md section 6(a): on guided rows L = lambda mean((a G + b F_u - T)^2)
     with (a, b) = coefficients(w); here (1 + w, -w), so a G + b F_u = (1 + w) F_c - w F_u is CFG's
     combination at the training w. GFTDenoiser is the same loss with other coefficients. Anchor rows get the
     standard loss on the null condition; on the other rows L = mix L_aligned + (1 - mix) L_standard.
@@ -305,7 +305,7 @@ TEACHER_KINDS = ('mg', 'distill')
 
 
 class TeacherTargetDenoiser(GuidanceObjective):
-    """The teacher-target form (docs/design.md section 5(b)): L = lambda mean((G - T')^2) on conditional rows,
+    """The teacher-target form (docs/design.md section 6(b)): L = lambda mean((G - T')^2) on conditional rows,
     with a guided target T' = base + w (F^t_c - F^t_u) from a teacher evaluated without gradient.
 
     - kind 'mg' (model-guidance, Tang et al. 2025): base = T, teacher = the EMA of the model itself (None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -147,7 +146,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    os.environ.setdefault('K_DIFFUSION_USE_COMPILE', '0')
+    from .env import cli_defaults
+    cli_defaults()  # before k-diffusion is imported
     args = _parse(argv)
     from .checkpoint import CheckpointError, load_for_inference
     from .config import align_section, load_config

@@ -2,7 +2,7 @@
 
 Class c of K owns two of 2K Gaussians equally spaced on a circle (components c and c + K, opposite each
 other), so p(x | c) is known in closed form and can be sampled exactly: the ground truth for the toy
-evidence benchmark (DESIGN.md section 4).
+evidence benchmark (docs/design.md section 5).
 """
 
 from __future__ import annotations

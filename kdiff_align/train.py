@@ -1,7 +1,7 @@
 """Trains k-diffusion models with the aligned CFG objective: `python -m kdiff_align.train --config CONFIG`.
 
 Upstream train.py's flags and loop (accelerate, EMA warmup, LR schedules, demo grids, CSV log, wandb), with
-the objective of DESIGN.md section 1: each step draws sigma from the config's sample density and calls
+the objective of docs/design.md section 1: each step draws sigma from the config's sample density and calls
 AlignedDenoiser.loss(x, noise, sigma, class_cond=labels), which chooses the null-condition anchor rows itself.
 Outputs go to <out-dir>/<name>/: config.json, args.json, metrics.csv, demo/, checkpoints/, latest.json and
 <name>.safetensors (EMA weights for inference). Multi-GPU / multi-node: `accelerate launch -m kdiff_align.train`.
@@ -554,12 +554,13 @@ def options_from_args(args: argparse.Namespace) -> TrainOptions:
 def _is_sd_run(argv: Sequence[str]) -> bool:
     """Whether --config (or the run folder given to --resume) is a Stable Diffusion fine-tuning config."""
     from .sd.config import is_sd_config
+    from .shipped import find_config
 
     probe = argparse.ArgumentParser(add_help=False)
     probe.add_argument('--config')
     probe.add_argument('--resume')
     known, _ = probe.parse_known_args(argv)
-    candidates = [Path(known.config)] if known.config else []
+    candidates = [find_config(known.config) or Path(known.config)] if known.config else []
     if known.resume:
         candidates.append(Path(known.resume) / 'config.json')
     for path in candidates:
@@ -572,7 +573,8 @@ def _is_sd_run(argv: Sequence[str]) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The CLI entry point; returns the exit status (2 for bad input, 1 for a failed run, 130 if interrupted)."""
-    os.environ.setdefault('K_DIFFUSION_USE_COMPILE', '0')
+    from .env import cli_defaults
+    cli_defaults()  # before k-diffusion is imported
     argv = list(sys.argv[1:] if argv is None else argv)
     if _is_sd_run(argv):
         from .sd.train import main as sd_main

@@ -1,6 +1,8 @@
 import os
 
-os.environ.setdefault('K_DIFFUSION_USE_COMPILE', '0')
+from kdiff_align.env import cli_defaults
+
+cli_defaults()  # as every entry point does; subprocesses inherit K_DIFFUSION_USE_COMPILE
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('WANDB_MODE', 'disabled')
 
@@ -31,6 +33,17 @@ def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
         for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
     return module
+
+
+@pytest.fixture(autouse=True)
+def no_downloads(monkeypatch):
+    """Nothing downloads during tests: clean-fid's Inception fetch fails as it does offline."""
+    from cleanfid import downloads_helper
+
+    def refuse(*args, **kwargs):
+        raise OSError('the tests never download')
+
+    monkeypatch.setattr(downloads_helper, 'check_download_inception', refuse)
 
 
 @pytest.fixture

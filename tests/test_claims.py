@@ -23,7 +23,7 @@ def test_verdict_rule_follows_the_numbers():
 
 
 def test_matched_w_maps_effective_guidance():
-    # (w_sample - w_train) / (1 + w_train) = w  (DESIGN.md section 1)
+    # (w_sample - w_train) / (1 + w_train) = w  (docs/design.md section 2)
     assert claims.matched_w(0., 1.) == 1. and claims.matched_w(1., 1.) == 3. and claims.matched_w(2., 2.) == 8.
 
 

@@ -1,6 +1,7 @@
 """kdiff_align.config: upstream's format plus "align", eager validation, the make_* factories."""
 
 import json
+from pathlib import Path
 
 import k_diffusion as K
 import pytest
@@ -101,3 +102,32 @@ def test_bad_files(tmp_path):
     bad.write_text('[1, 2]')
     with pytest.raises(ConfigError, match='a config is a JSON object'):
         load_config(bad)
+
+
+def test_a_shipped_configs_name_loads_it_from_anywhere(tmp_path, monkeypatch):
+    from kdiff_align.config import config_path
+    from kdiff_align.shipped import CONFIGS, shipped_configs
+
+    monkeypatch.chdir(tmp_path)  # no configs/ here
+    names = shipped_configs()
+    assert {'cifar_aligned', 'digits_aligned', 'sd_aligned', 'toy_baseline'} <= set(names)
+    assert config_path('digits_aligned') == config_path('digits_aligned.json') == CONFIGS / 'digits_aligned.json'
+    assert load_config('digits_aligned') == load_config(CONFIGS / 'digits_aligned.json')
+    (tmp_path / 'digits_aligned').write_text('{}')  # a file of that name wins: a path is always a path
+    assert config_path('digits_aligned') == Path('digits_aligned')
+    for wrong in ('cifar_alligned', 'elsewhere/cifar_aligned.json'):
+        with pytest.raises(ConfigError) as err:
+            load_config(wrong)
+        assert f"config file '{wrong}' does not exist and is not the name of a shipped config" in str(err.value)
+        assert 'one of the shipped names: ' + ', '.join(names) in str(err.value)
+
+
+def test_the_training_cli_takes_a_shipped_stable_diffusion_configs_name(tmp_path, monkeypatch, capsys):
+    from kdiff_align.sd.config import load_config as load_sd_config
+    from kdiff_align.train import main
+
+    monkeypatch.chdir(tmp_path)
+    assert load_sd_config('sd_aligned')['model']['type'] == 'stable_diffusion'
+    # Dispatched to the Stable Diffusion path, which then names the missing weights of the shipped config.
+    assert main(['--config', 'sd_aligned', '--out-dir', str(tmp_path), '--end-step', '1']) == 2
+    assert "'model.pretrained': 'models/stable-diffusion-v1-5' does not exist" in capsys.readouterr().err

@@ -125,3 +125,21 @@ def test_fid_without_inception_weights_fails_with_where_to_get_them(tmp_path, ca
                           '--no-progress'])
     err = capsys.readouterr().err
     assert code == 2 and metrics.INCEPTION_URL in err and 'inception-2015-12-05.pt' in err
+
+
+def test_fid_without_weights_on_disk_and_offline_prints_one_error_line(tmp_path, capsys, monkeypatch):
+    from conftest import tiny_config
+
+    monkeypatch.delenv(metrics.INCEPTION_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv('HOME', str(tmp_path / 'home'))
+    monkeypatch.setattr(metrics, 'CLEANFID_CACHE', tmp_path)  # the conftest's no_downloads makes the fetch fail
+    raw = tiny_config()
+    raw['dataset'] = {'type': 'cifar10', 'num_classes': 10, 'location': str(tmp_path / 'data')}
+    config = load_config(raw)
+    ckpt = save_pth(tmp_path / 'img.pth', config, make_model(config))
+    code = evaluate.main([str(ckpt), '--out', str(tmp_path / 'o'), '--no-progress'])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 2 and lines[0].startswith('Downloading inception-2015-12-05.pt with clean-fid')
+    assert lines[1].startswith('error: inception-2015-12-05.pt is not on disk and clean-fid could not download it')
+    assert 'to run offline' in lines[1] and '--inception PATH' in lines[1] and metrics.INCEPTION_ENV in lines[1]

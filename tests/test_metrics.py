@@ -1,6 +1,8 @@
 """Metrics on cases with known answers: identical sets, shifted Gaussians (closed forms), floors, bad inputs."""
 
+import hashlib
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -100,6 +102,23 @@ def test_digits_metrics_real_held_out_split_is_the_floor():
     assert metrics.digits_metrics(x, y)['fd_floor'] == pytest.approx(m['fd_floor'], rel=1e-5)
 
 
+def test_frechet_distance_and_kid_are_clean_fids():
+    from cleanfid import fid as cleanfid_fid
+
+    x, y = gaussian(300, 16, seed=3).numpy(), gaussian(200, 16, shift=0.3, scale=1.2, seed=4).numpy()
+    theirs = cleanfid_fid.frechet_distance(x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False))
+    assert theirs > 1
+    assert abs(metrics.frechet_distance_features(x, y) - theirs) <= 1e-13
+    np.random.seed(7)
+    theirs_kid = cleanfid_fid.kernel_distance(x, y, num_subsets=5, max_subset_size=100)
+    # Our seed selects clean-fid's subsets, and numpy's global generator is left as the caller had it.
+    np.random.seed(11)
+    expected_next = np.random.rand()
+    np.random.seed(11)
+    assert metrics.kid(x, y, num_subsets=5, subset_size=100, seed=7) == theirs_kid
+    assert np.random.rand() == expected_next
+
+
 def test_bad_inputs_name_the_problem():
     with pytest.raises(ValueError, match='shapes do not match'):
         metrics.frechet_distance(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3))
@@ -109,6 +128,8 @@ def test_bad_inputs_name_the_problem():
         metrics.energy_distance(torch.zeros(3, 2), torch.zeros(3, 3))
     with pytest.raises(ValueError, match='feature widths differ'):
         metrics.kid(np.zeros((4, 2)), np.zeros((4, 3)))
+    with pytest.raises(ValueError, match='at least 2 rows in each set, got 1 and 4'):
+        metrics.kid(np.zeros((1, 2)), np.zeros((4, 2)))
 
 
 def test_missing_inception_weights_say_where_to_get_them(tmp_path, monkeypatch):
@@ -121,3 +142,78 @@ def test_missing_inception_weights_say_where_to_get_them(tmp_path, monkeypatch):
     wrong.write_bytes(b'not a model')
     with pytest.raises(metrics.InceptionError, match='SHA-256'):
         metrics.InceptionFeatures(tmp_path)
+
+
+@pytest.fixture
+def no_inception_on_disk(tmp_path, monkeypatch):
+    """No Inception file where kdiff-align looks (no flag, no $KDIFF_ALIGN_INCEPTION, empty caches); returns
+    clean-fid's cache folder."""
+    monkeypatch.delenv(metrics.INCEPTION_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv('HOME', str(tmp_path / 'home'))
+    cache = tmp_path / 'cleanfid-cache'
+    cache.mkdir()
+    monkeypatch.setattr(metrics, 'CLEANFID_CACHE', cache)
+    return cache
+
+
+def fake_fetch(monkeypatch, content=None, error=None):
+    """clean-fid's Inception download replaced: it writes content into the folder, then raises error if given."""
+    from cleanfid import downloads_helper
+
+    calls = []
+
+    def fetch(fpath):
+        calls.append(fpath)
+        path = Path(fpath) / metrics.INCEPTION_FILE
+        if content is not None:
+            path.write_bytes(content)
+        if error is not None:
+            raise error
+        return str(path)
+
+    monkeypatch.setattr(downloads_helper, 'check_download_inception', fetch)
+    return calls
+
+
+def test_failed_inception_fetch_says_in_one_line_how_to_run_offline(no_inception_on_disk, monkeypatch):
+    from urllib.error import URLError
+
+    calls = fake_fetch(monkeypatch, content=b'partial', error=URLError('[Errno -3] Temporary failure in name '
+                                                                      'resolution'))
+    with pytest.raises(metrics.InceptionError) as err:
+        metrics.InceptionFeatures()
+    message = str(err.value)
+    assert calls == [str(no_inception_on_disk)]
+    assert '\n' not in message and 'could not download' in message and 'name resolution' in message
+    assert str(no_inception_on_disk / metrics.INCEPTION_FILE) in message
+    assert '--inception PATH' in message and metrics.INCEPTION_ENV in message
+    assert not (no_inception_on_disk / metrics.INCEPTION_FILE).exists()  # the partial file does not trip a rerun
+
+
+def test_a_fetched_file_with_the_wrong_sha256_is_refused_and_removed(no_inception_on_disk, monkeypatch):
+    fake_fetch(monkeypatch, content=b'<html>an error page, not a TorchScript</html>')
+    with pytest.raises(metrics.InceptionError) as err:
+        metrics.InceptionFeatures(allow_unverified=True)  # a download must be the real file, flag or not
+    message = str(err.value)
+    assert '\n' not in message and 'downloaded by clean-fid' in message and metrics.INCEPTION_SHA256 in message
+    assert not (no_inception_on_disk / metrics.INCEPTION_FILE).exists()
+
+
+def test_a_fetched_file_is_checked_and_then_reused_from_clean_fids_cache(no_inception_on_disk, monkeypatch):
+    content = b'stands in for the TorchScript'
+    monkeypatch.setattr(metrics, 'INCEPTION_SHA256', hashlib.sha256(content).hexdigest())
+    calls = fake_fetch(monkeypatch, content=content)
+    expected = no_inception_on_disk / metrics.INCEPTION_FILE
+    assert metrics.inception_path() == expected and len(calls) == 1
+    assert metrics.inception_path() == expected and len(calls) == 1  # found on disk: no second fetch
+
+
+def test_an_explicit_path_or_variable_never_fetches(tmp_path, monkeypatch):
+    calls = fake_fetch(monkeypatch, content=b'x')
+    monkeypatch.setenv(metrics.INCEPTION_ENV, str(tmp_path / 'missing.pt'))
+    with pytest.raises(metrics.InceptionError, match='not found'):
+        metrics.inception_path()
+    with pytest.raises(metrics.InceptionError, match='not found'):
+        metrics.inception_path(tmp_path / 'also-missing.pt')
+    assert calls == []

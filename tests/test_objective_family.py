@@ -1,5 +1,5 @@
 """The training-time guidance family: GFT (coefficient form), MG and distillation (teacher-target form), the
-zero-initialised w embedding and one-pass sampling (docs/design.md section 5)."""
+zero-initialised w embedding and one-pass sampling (docs/design.md section 6)."""
 
 import copy
 

@@ -167,7 +167,8 @@ def test_both_branches_in_one_unet_call(tiny):
     loss = model.loss(x, noise, sigma, cond=cond)
     handle.remove()
     assert calls == [4]
-    # Reference: eps_w = (1 + w) eps_c - w eps_u with the empty-prompt embedding, target the noise (DESIGN.md 1).
+    # Reference: eps_w = (1 + w) eps_c - w eps_u with the empty-prompt embedding, target the noise
+    # (docs/design.md section 1).
     with torch.no_grad():
         c_in = (1 / (sigma ** 2 + 1) ** 0.5)[:, None, None, None]
         t = denoiser.sigma_to_t(sigma)

@@ -16,6 +16,7 @@ from typing import Any
 
 from .. import objective
 from ..config import ALIGN_DEFAULTS, ConfigError, _choice, _fail, _number, _validate_align
+from ..config import config_path
 
 SECTIONS = ('model', 'dataset', 'optimizer', 'lr_sched', 'ema_sched', 'align')
 PREDICTIONS = ('epsilon', 'v_prediction')
@@ -80,10 +81,7 @@ def load_config(path_or_dict: str | Path | Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(path_or_dict, Mapping):
         raw = copy.deepcopy(dict(path_or_dict))
     else:
-        path = Path(path_or_dict)
-        if not path.is_file():
-            raise ConfigError(f'config file {str(path)!r} does not exist; pass a JSON config such as '
-                              'configs/sd_aligned.json')
+        path = config_path(path_or_dict)
         try:
             raw = json.loads(path.read_text())
         except json.JSONDecodeError as err:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -123,7 +122,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The CLI entry point; returns 0, or 2 for bad input."""
-    os.environ.setdefault('K_DIFFUSION_USE_COMPILE', '0')
+    from ..env import cli_defaults
+    cli_defaults()  # before k-diffusion is imported
     args = _parse(argv)
     from ..metadata import read_metadata
     from .config import check_model

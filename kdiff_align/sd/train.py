@@ -2,7 +2,7 @@
 
 The UNet becomes a k-diffusion DDPM denoiser (eps or v, model.py) inside AlignedDenoiser, whose loss runs
 the conditional rows and their null-condition twins (the empty-prompt embedding) in one batched UNet call
-(DESIGN.md section 1). Each step draws DDPM timesteps t uniformly from the training schedule, sigma =
+(docs/design.md section 1). Each step draws DDPM timesteps t uniformly from the training schedule, sigma =
 sigmas[t], latents from the cached VAE posterior and the cached caption embeddings (data.py): after the
 first run's caching pass the VAE and text encoder are not used. LoRA via peft (model.lora) or a full
 fine-tune (model.lora = null); accelerate for mixed precision, gradient accumulation and multi-GPU.
@@ -21,7 +21,6 @@ import copy
 import csv
 import dataclasses
 import json
-import os
 import signal
 import sys
 import time
@@ -444,7 +443,8 @@ def main(config_path_or_dict: str | Path | Mapping[str, Any] | None = None,
     forwarded as is: its flags that do not apply are reported and ignored). main(config, namespace) takes
     another parser's arguments, but then that parser's defaults (e.g. its batch size) win over this one's.
     """
-    os.environ.setdefault('K_DIFFUSION_USE_COMPILE', '0')
+    from ..env import cli_defaults
+    cli_defaults()  # before k-diffusion is imported
     if isinstance(config_path_or_dict, (list, tuple)) and args is None:
         config_path_or_dict, args = None, list(config_path_or_dict)
     if args is None or isinstance(args, (list, tuple)):
