@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -26,13 +27,14 @@ from .env import cli_defaults; cli_defaults()  # noqa: E702 (before k-diffusion 
 
 import torch  # noqa: E402
 
+from .shipped import CONFIGS  # noqa: E402 (the shipped configs/)
+
 MODELS = {
     # A small image_v1 for CPUs, and upstream's CIFAR-10 U-Net (configs/cifar_aligned.json) for GPUs.
     'tiny': dict(input_channels=3, input_size=[16, 16], mapping_out=128, depths=[2, 2], channels=[64, 128],
                  self_attn_depths=[False, True]),
     'cifar': None,  # configs/cifar_aligned.json's model section
 }
-from .shipped import CONFIGS  # noqa: E402 (the shipped configs/)
 
 
 def bench_config(model: str, w: float, **align) -> dict:

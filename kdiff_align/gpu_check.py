@@ -42,6 +42,7 @@ import torch
 
 from .bench import commit, device_name
 from .gpu_report import render
+from .shipped import CONFIGS
 
 ROOT = Path(__file__).resolve().parents[1]
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendor's datasheets: the sparsity figures halved.
@@ -138,7 +139,7 @@ class Check:
     def train(self) -> dict[str, Any]:
         tiny, work = self.args.tiny, self.work
         data = write_digits_folder(work / 'digits32', per_class=20 if tiny else None)
-        config = json.loads((ROOT / 'configs' / 'cifar_aligned.json').read_text())
+        config = json.loads((CONFIGS / 'cifar_aligned.json').read_text())
         config['dataset'] = {'type': 'imagefolder-class', 'location': str(data), 'num_classes': 10}
         if tiny:
             config['model'].update(TINY_MODEL)
@@ -191,11 +192,14 @@ class Check:
         results, checks = {}, {}
         for mp, dtype in (('fp16', 'float16'), ('bf16', 'bfloat16')):
             run = work / 'runs' / mp
-            AcceleratorState._reset_state(True)  # accelerate keeps one mixed precision per process
             start = time.time()
-            rc = train_main(['--config', str(config_path), '--out-dir', str(work / 'runs'), '--name', mp,
-                             '--mixed-precision', mp, '--end-step', '2', '--batch-size', '2', '--seed', '0',
-                             '--no-progress', '--log-every', '1'])
+            AcceleratorState._reset_state(True)  # accelerate keeps one mixed precision per process
+            try:
+                rc = train_main(['--config', str(config_path), '--out-dir', str(work / 'runs'), '--name', mp,
+                                 '--mixed-precision', mp, '--end-step', '2', '--batch-size', '2', '--seed', '0',
+                                 '--no-progress', '--log-every', '1'])
+            finally:
+                AcceleratorState._reset_state(True)  # leave the process as it was for later callers
             train_s = time.time() - start
             rows = _metrics(run / 'metrics.csv')
             png = work / f'sample_{mp}.png'
@@ -322,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog='python -m kdiff_align.bench gpu', description=__doc__.split('\n')[0])
     p.add_argument('--device', default='cuda', help='cuda (default) or cpu (with --tiny: the self-test)')
     p.add_argument('--tiny', action='store_true', help='a small model and short runs (the CPU self-test)')
-    p.add_argument('--out', type=Path, default=ROOT / 'docs' / 'gpu.md', help='the Markdown report (+ .json)')
+    p.add_argument('--out', type=Path, default=Path('docs') / 'gpu.md', help='the Markdown report (+ .json)')
     p.add_argument('--work-dir', type=Path, default=Path('runs') / 'gpu_check', help='runs, data and logs')
     p.add_argument('--sections', nargs='+', choices=('speed', 'train', 'sd'), default=['speed', 'sd', 'train'])
     p.add_argument('--train-seconds', type=float, default=None,
@@ -338,7 +342,6 @@ def main(argv: list[str] | None = None) -> int:
         args.train_seconds = 2. if args.tiny else 60.
     if args.train_seconds <= 0:
         p.error(f'--train-seconds must be > 0, got {args.train_seconds}')
-    os.environ.setdefault('K_DIFFUSION_USE_COMPILE', '0')
     check = Check(args)
     check.run('environment', check.environment)
     for name in args.sections:
