@@ -10,6 +10,7 @@ condition is the empty prompt's embedding, {'cond': empty_embedding} with one ro
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,15 +22,55 @@ COND_KEY = 'cond'
 
 
 class UNetAdapter(nn.Module):
-    """inner_model for k-diffusion's DDPM wrappers: forward(x, t, cond) = unet(x, t, encoder_hidden_states=cond)."""
+    """inner_model for k-diffusion's DDPM wrappers: forward(x, t, cond) = unet(x, t, encoder_hidden_states=cond).
+
+    A UNet with a guidance embedding (time_cond_proj_dim, see add_guidance_embedding) is told the paper's w
+    per row through guidance_cond, as diffusers' latent-consistency pipelines pass it (timestep_cond).
+    """
 
     def __init__(self, unet: nn.Module):
         super().__init__()
         self.unet = unet
 
-    def forward(self, input: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+                guidance_cond: torch.Tensor | None = None) -> torch.Tensor:
         dtype = next(self.unet.parameters()).dtype
-        return self.unet(input.to(dtype), t, encoder_hidden_states=cond.to(dtype)).sample.to(input.dtype)
+        dim = self.unet.config.get('time_cond_proj_dim')
+        if (guidance_cond is None) != (dim is None):
+            raise ValueError('guidance_cond (w per row) goes with a UNet that has a guidance embedding '
+                             f'(time_cond_proj_dim {dim}); pass both or neither')
+        timestep_cond = None if dim is None else guidance_scale_embedding(
+            torch.as_tensor(guidance_cond, device=input.device).expand(input.shape[0]), dim).to(dtype)
+        return self.unet(input.to(dtype), t, encoder_hidden_states=cond.to(dtype),
+                         timestep_cond=timestep_cond).sample.to(input.dtype)
+
+
+def guidance_scale_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal features [B, dim] of the paper's w, in the form diffusers' latent-consistency pipelines give
+    UNet2DConditionModel's timestep_cond (their w is guidance_scale - 1, the paper's w)."""
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, device=w.device, dtype=torch.float32) * -(math.log(10000.) / (half - 1)))
+    angles = (w.float() * 1000.)[:, None] * freqs[None]
+    emb = torch.cat([angles.sin(), angles.cos()], dim=1)
+    return nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+def add_guidance_embedding(unet: nn.Module, dim: int = 256) -> nn.Module:
+    """unet with a guidance embedding: a copy built with time_cond_proj_dim = dim (diffusers' own option, so
+    the result saves and loads in diffusers), the same weights, and the new projection at zero, so its output
+    equals unet's at any w until trained."""
+    from diffusers import UNet2DConditionModel
+
+    if unet.config.get('time_cond_proj_dim') is not None:
+        raise ValueError(f'the UNet already has a guidance embedding (time_cond_proj_dim '
+                         f'{unet.config["time_cond_proj_dim"]})')
+    told = UNet2DConditionModel.from_config(unet.config, time_cond_proj_dim=dim)
+    missing, unexpected = told.load_state_dict(unet.state_dict(), strict=False)
+    if unexpected or set(missing) != {'time_embedding.cond_proj.weight'}:
+        raise RuntimeError(f'adding time_cond_proj_dim changed more than the projection: {missing}, {unexpected}')
+    nn.init.zeros_(told.time_embedding.cond_proj.weight)
+    param = next(unet.parameters())
+    return told.to(param.device, param.dtype)
 
 
 @dataclasses.dataclass
