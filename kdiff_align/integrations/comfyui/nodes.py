@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import comfy.samplers
+import torch
 
 from kdiff_align.guidance import w_to_cfg_scale
 from kdiff_align.integrations import HostGuidance, make_cfg_function
@@ -94,7 +95,8 @@ def _guidance_inputs(sources: list[str]) -> dict[str, Any]:
 class AlignedCFGGuider(comfy.samplers.CFGGuider):
     """CFGGuider with kdiff-align's semantics: the paper's w, a sigma interval, a w schedule.
 
-    Outside the interval it runs the conditional pass only, like the core's GuidedDenoiser.
+    Outside the interval it runs the conditional pass only, like the core's GuidedDenoiser. Model patches
+    apply as with CFGGuider at cfg = 1 + w(sigma).
     """
 
     def set_guidance(self, guidance: HostGuidance) -> None:
@@ -102,19 +104,22 @@ class AlignedCFGGuider(comfy.samplers.CFGGuider):
         self.cfg = w_to_cfg_scale(guidance.peak_w)  # for code that reads guider.cfg
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006 (ComfyUI's signature)
-        positive, negative = self.conds.get('positive'), self.conds.get('negative')
-        guided = self.guidance.needs_uncond(timestep)
-        out = comfy.samplers.calc_cond_batch(self.inner_model, [positive, negative if guided else None], x,
-                                             timestep, model_options)
-        denoised = self.guidance.combine(out[0], out[1] if guided else None, timestep)
-        # Post-CFG patches (e.g. CFG rescale nodes) still apply, with ComfyUI's argument names.
-        for fn in model_options.get('sampler_post_cfg_function', []):
-            args = {'denoised': denoised, 'cond': positive, 'uncond': negative if guided else None,
-                    'cond_scale': w_to_cfg_scale(float(self.guidance.scale_at(timestep)[0])),
-                    'model': self.inner_model, 'uncond_denoised': out[1], 'cond_denoised': out[0],
-                    'sigma': timestep, 'model_options': model_options, 'input': x}
-            denoised = fn(args)
-        return denoised
+        # This step is plain CFG at scale s = 1 + w(sigma) (cond + w (cond - uncond) = uncond + s (cond - uncond)),
+        # so ComfyUI's own sampling_function runs it: every patch it honours (calc-cond-batch, pre-CFG, cfg and
+        # post-CFG functions) applies, and at s = 1 (w = 0, outside the interval) it skips the unconditional pass.
+        if 'kdiff_align' in model_options:
+            raise ValueError('the model given to Aligned CFG Guider already went through Aligned CFG for KSampler '
+                             '(KDiffAlignCFGPatch); use one of the two nodes, not both')
+        sigma = torch.as_tensor(timestep).reshape(-1)
+        w = self.guidance.scale_at(sigma[:1])
+        if sigma.numel() > 1 and not torch.equal(self.guidance.scale_at(sigma), w.expand(sigma.numel())):
+            raise ValueError(f'Aligned CFG Guider needs one w per step, but the rows\' sigmas {sigma.tolist()} give '
+                             'different w; sample the rows at one sigma')
+        if 'sampler_cfg_function' not in model_options:  # the core's combination, exactly
+            model_options = {**model_options, 'sampler_cfg_function': make_cfg_function(self.guidance)}
+        return comfy.samplers.sampling_function(self.inner_model, x, timestep, self.conds.get('negative'),
+                                                self.conds.get('positive'), w_to_cfg_scale(float(w[0])),
+                                                model_options=model_options, seed=seed)
 
 
 class KDiffAlignGuider:
