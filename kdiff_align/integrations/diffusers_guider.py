@@ -131,6 +131,9 @@ class AlignedGuidance(BaseGuidance):
             pred = pred_cond
         else:
             pred = self.guidance.combine(pred_cond, pred_uncond, self.current_sigma().to(pred_cond.device))
+        # The step is done: forget it, so that the next pipeline call's encoder steps, which ask num_conditions
+        # before the first set_state, see the guider as new (a stale last step may lie outside the interval).
+        self._step = self._num_inference_steps = self._timestep = None
         return GuiderOutput(pred=pred, pred_cond=pred_cond, pred_uncond=pred_uncond)
 
     @property
