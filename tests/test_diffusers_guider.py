@@ -216,3 +216,21 @@ def test_modular_pipeline_called_twice_gives_the_same_image(sdxl_modular, interv
         torch.testing.assert_close(first, cfg, rtol=1e-5, atol=1e-5)
     else:
         assert not torch.allclose(first, cfg, rtol=1e-5, atol=1e-5)
+
+
+def test_flow_schedulers_use_the_flow_familys_sigma():
+    """One convention per family: for flow models sigma is t in [0, 1], ComfyUI's sigma for them too."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    flow = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    guider = AlignedGuidance(w=2.0, sigma_interval=[0.2, 0.6], sigma_convention='flow').set_scheduler(flow)
+    guider.set_state(step=0, num_inference_steps=4, timestep=torch.tensor(500.0))
+    assert guider.current_sigma().item() == pytest.approx(0.5)  # not t / (1 - t) = 1.0
+    assert guider.num_conditions == 2
+    guider.set_state(step=1, num_inference_steps=4, timestep=torch.tensor(800.0))
+    assert guider.num_conditions == 1
+    with pytest.raises(ValueError, match="FlowMatchEulerDiscreteScheduler samples in 'flow' noise levels, but this "
+                                         "guidance's sigma interval is in 'k-diffusion' ones"):
+        AlignedGuidance(w=2.0, sigma_interval=[0.2, 0.6]).set_scheduler(flow)
+    with pytest.raises(ValueError, match="EulerDiscreteScheduler samples in 'k-diffusion'"):
+        AlignedGuidance(w=2.0, sigma_interval=[0.2, 0.6], sigma_convention='flow').set_scheduler(scheduler())

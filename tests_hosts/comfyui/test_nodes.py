@@ -118,3 +118,34 @@ def test_guider_interval_skips_the_unconditional_pass_outside(tiny_sd15, conds):
                                                                                               a['timestep'], **a['c']))
     custom_advanced(aligned_guider(model, *conds, 1.5, lo, hi), model)
     assert batches == [2, 2, 1]
+
+
+def export(path, sigma_interval, sigma_convention='k-diffusion'):
+    from safetensors.torch import save_file
+
+    from kdiff_align.metadata import CONVENTION, to_safetensors_metadata
+    meta = {'format_version': 1, 'objective': 'aligned-cfg', 'w_train': 2.0, 'w_sample': 1.5, 'cfg_scale': 2.5,
+            'sigma_interval': sigma_interval, 'sigma_convention': sigma_convention, 'convention': CONVENTION}
+    save_file({'x': torch.zeros(1)}, str(path), metadata=to_safetensors_metadata(meta))
+
+
+def test_one_sigma_convention_per_model_family(tiny_sd15, conds, tmp_path):
+    import folder_paths
+
+    from kdiff_align.integrations.comfyui.nodes import KDiffAlignGuider, sigma_convention
+    flow = nodes_model_advanced.ModelSamplingSD3().patch(tiny_sd15, 3.0)[0]  # ComfyUI's sigma = t in [0, 1]
+    assert sigma_convention(tiny_sd15) == 'k-diffusion' and sigma_convention(flow) == 'flow'
+    export(tmp_path / 'kdiff.safetensors', [0.3, 5.0])
+    export(tmp_path / 'flow.safetensors', [0.2, 0.6], 'flow')
+    folder_paths.add_model_folder_path('loras', str(tmp_path))
+    node = KDiffAlignGuider()
+    with pytest.raises(ValueError, match="this model samples in 'flow' noise levels, but this guidance's sigma "
+                                         "interval is in 'k-diffusion' ones"):
+        node.get_guider(flow, *conds, 'metadata', 1.0, 0.0, 0.0, 'constant', 0.0, 'loras/kdiff.safetensors')
+    guider = node.get_guider(flow, *conds, 'metadata', 1.0, 0.0, 0.0, 'constant', 0.0, 'loras/flow.safetensors')[0]
+    assert guider.guidance.sigma_interval == (0.2, 0.6) or list(guider.guidance.sigma_interval) == [0.2, 0.6]
+    with pytest.raises(ValueError, match="'k-diffusion' noise levels, but this guidance's sigma interval is in 'flow'"):
+        node.get_guider(tiny_sd15, *conds, 'metadata', 1.0, 0.0, 0.0, 'constant', 0.0, 'loras/flow.safetensors')
+    # Widget intervals are in the model's own convention.
+    assert node.get_guider(flow, *conds, 'node', 1.0, 0.2, 0.6, 'constant', 0.0, '(none)')[0] \
+        .guidance.sigma_convention == 'flow'

@@ -60,15 +60,28 @@ def file_metadata(choice: str) -> dict[str, Any]:
     return meta
 
 
+def sigma_convention(model) -> str:
+    """The noise levels ComfyUI's sigma is in for this model: 'flow' (t in [0, 1]) or 'k-diffusion'."""
+    import comfy.model_sampling
+
+    sampling = model.get_model_object('model_sampling')
+    return 'flow' if isinstance(sampling, comfy.model_sampling.CONST) else 'k-diffusion'
+
+
 def make_guidance(w_source: str, w: float, sigma_lo: float, sigma_hi: float, schedule: str, w_end: float,
-                  metadata_file: str) -> HostGuidance | None:
-    """The guidance the widgets describe; None for w_source 'ksampler cfg' (built per call from cfg)."""
+                  metadata_file: str, convention: str = 'k-diffusion') -> HostGuidance | None:
+    """The guidance the widgets describe; None for w_source 'ksampler cfg' (built per call from cfg).
+
+    convention is the model's (sigma_convention): widget intervals are in it; a file's must match it.
+    """
     end = w_end if schedule == 'log-linear' else None
     if w_source == 'metadata':
-        return HostGuidance.from_metadata(file_metadata(metadata_file), w_end=end)
+        guidance = HostGuidance.from_metadata(file_metadata(metadata_file), w_end=end)
+        guidance.check_convention(convention, 'this model')
+        return guidance
     interval = [sigma_lo, sigma_hi] if sigma_hi > 0 else None
     if w_source == 'node':
-        return HostGuidance(w, sigma_interval=interval, w_end=end)
+        return HostGuidance(w, sigma_interval=interval, w_end=end, sigma_convention=convention)
     if w_source == 'ksampler cfg':
         HostGuidance(0.0, sigma_interval=interval, w_end=end)  # validates the widgets now, not mid-sampling
         return None
@@ -140,7 +153,8 @@ class KDiffAlignGuider:
                    metadata_file):
         guider = AlignedCFGGuider(model)
         guider.set_conds(positive, negative)
-        guider.set_guidance(make_guidance(w_source, w, sigma_lo, sigma_hi, schedule, w_end, metadata_file))
+        guider.set_guidance(make_guidance(w_source, w, sigma_lo, sigma_hi, schedule, w_end, metadata_file,
+                                          sigma_convention(model)))
         return (guider,)
 
 
@@ -160,12 +174,14 @@ class KDiffAlignCFGPatch:
         return {'required': {'model': ('MODEL',), **_guidance_inputs(['metadata', 'node', 'ksampler cfg'])}}
 
     def patch(self, model, w_source, w, sigma_lo, sigma_hi, schedule, w_end, metadata_file):
-        fixed = make_guidance(w_source, w, sigma_lo, sigma_hi, schedule, w_end, metadata_file)
+        convention = sigma_convention(model)
+        fixed = make_guidance(w_source, w, sigma_lo, sigma_hi, schedule, w_end, metadata_file, convention)
         interval = [sigma_lo, sigma_hi] if sigma_hi > 0 else None
         end = w_end if schedule == 'log-linear' else None
         cfg_function = make_cfg_function(
             fixed if fixed is not None
-            else (lambda scale: HostGuidance.from_cfg_scale(scale, sigma_interval=interval, w_end=end)))
+            else (lambda scale: HostGuidance.from_cfg_scale(scale, sigma_interval=interval, w_end=end,
+                                                            sigma_convention=convention)))
         patched = model.clone()
         # With w from the node or metadata, KSampler's cfg may be 1: keep ComfyUI from skipping the uncond pass.
         patched.set_model_sampler_cfg_function(cfg_function, disable_cfg1_optimization=fixed is not None)
