@@ -1,7 +1,8 @@
 """The extension inside the real Forge: script loader, CFG callbacks, infotext paste, UnetPatcher, sampling function."""
 
-import math
+import re
 import shutil
+import sys
 from types import SimpleNamespace
 
 import gradio as gr
@@ -32,6 +33,14 @@ def test_loader_registers_script_and_cfg_callbacks(extension):
     assert extension.Script().title() == 'kdiff-align CFG'
     for kind in ('callbacks_cfg_denoiser', 'callbacks_cfg_denoised'):
         assert any(c.script.endswith('kdiff_align_cfg.py') for c in script_callbacks.callback_map[kind])
+
+
+def test_copied_extension_without_kdiff_align_says_how_to_install(tmp_path, monkeypatch):
+    folder = tmp_path / 'extensions' / 'kdiff-align'
+    shutil.copytree(PACKAGE / 'a1111', folder)
+    monkeypatch.setitem(sys.modules, 'kdiff_align', None)  # as if kdiff-align were not installed
+    with pytest.raises(ImportError, match=rf'install it with: {re.escape(sys.executable)} -m pip install'):
+        script_loading.load_module(str(folder / SCRIPT))
 
 
 class TinyUNet(torch.nn.Module):
@@ -103,3 +112,65 @@ def test_infotext_round_trips_any_float(extension, interval):
     assert pasted['sigma_lo'] == interval[0] and pasted['sigma_hi (0: guide at every step)'] == interval[1]
     assert float(pasted["w (the paper's; used when w from = this panel)"]) == 1.5
     script.postprocess(p, None)
+
+
+class KDiffusionCFGDenoiser:
+    """Forge's CFGDenoiser (sd_samplers_cfg_denoiser.py) with its inner model: forward() decides cond_scale
+    (hires CFG, skip early CFG, NGMS) and calls the sampling function on p.sd_model.forge_objects.unet."""
+
+    def __new__(cls, p):
+        from modules import sd_samplers_cfg_denoiser
+
+        class Denoiser(sd_samplers_cfg_denoiser.CFGDenoiser):
+            @property
+            def inner_model(self):
+                return self.model_wrap
+
+        den = Denoiser(SimpleNamespace(sampler_extra_args={}, last_latent=None))
+        den.model_wrap = SimpleNamespace(inner_model=p.sd_model)
+        den.p, den.total_steps = p, 10
+        return den
+
+
+def forge_forward(extension, monkeypatch, *, step=0, uncond=True, is_hr_pass=False, hr_cfg=7.0, skip_early_cond=0.0,
+                  s_min_uncond=0.0, w=1.5):
+    """One call of Forge's real CFGDenoiser.forward on the script-patched UNet: (denoised, cond pred, uncond pred)."""
+    from modules import prompt_parser, shared
+
+    cpu = torch.device('cpu')
+    unet = TinyUNet()
+    p = SimpleNamespace(cfg_scale=7.0, extra_generation_params={}, is_hr_pass=is_hr_pass, hr_cfg=hr_cfg, seeds=[0],
+                        scripts=None, refiner_switch_at=None, refiner_checkpoint_info=None,
+                        sd_model=SimpleNamespace(forge_objects=SimpleNamespace(unet=UnetPatcher(unet, cpu, cpu))))
+    script = extension.Script()
+    script.process(p, True, 'this panel', w, 0.0, 0.0, 'constant', 0.0, '')
+    script.process_before_every_sampling(p, True, 'this panel', w, 0.0, 0.0, 'constant', 0.0, '')
+    monkeypatch.setitem(shared.opts.data, 'skip_early_cond', skip_early_cond)
+    den = KDiffusionCFGDenoiser(p)
+    den.step = step
+    gen = torch.Generator().manual_seed(0)
+    x, sigma = torch.randn(2, 4, 8, 8, generator=gen), torch.full((2,), 2.0)
+    c, u = torch.randn(2, 77, 768, generator=gen), torch.randn(2, 77, 768, generator=gen)
+    cond = prompt_parser.MulticondLearnedConditioning(shape=(2,), batch=[
+        [prompt_parser.ComposableScheduledPromptConditioning([prompt_parser.ScheduledPromptConditioning(10, ci)])]
+        for ci in c])
+    unconds = [[prompt_parser.ScheduledPromptConditioning(10, ui)] for ui in u] if uncond else None
+    with torch.no_grad():
+        out = den(x, sigma, unconds, cond, p.cfg_scale, s_min_uncond, None)
+        pred_c, pred_u = unet.apply_model(x, sigma, c_crossattn=c), unet.apply_model(x, sigma, c_crossattn=u)
+    script.postprocess(p, None)
+    return out, pred_c, pred_u
+
+
+def test_forge_denoiser_guides_with_w(extension, monkeypatch):
+    out, c, u = forge_forward(extension, monkeypatch)
+    torch.testing.assert_close(out, c + 1.5 * (c - u))
+
+
+@pytest.mark.parametrize('case', ['hires CFG 1', 'skip early CFG', 'NGMS'])
+def test_forge_denoiser_unguided_where_forge_asks(extension, monkeypatch, case):
+    kwargs = {'hires CFG 1': dict(is_hr_pass=True, hr_cfg=1.0, uncond=False),
+              'skip early CFG': dict(skip_early_cond=0.5),
+              'NGMS': dict(step=1, s_min_uncond=100.0)}[case]
+    out, c, u = forge_forward(extension, monkeypatch, **kwargs)
+    torch.testing.assert_close(out, c, rtol=0, atol=1e-6)
