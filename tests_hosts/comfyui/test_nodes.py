@@ -149,3 +149,10 @@ def test_one_sigma_convention_per_model_family(tiny_sd15, conds, tmp_path):
     # Widget intervals are in the model's own convention.
     assert node.get_guider(flow, *conds, 'node', 1.0, 0.2, 0.6, 'constant', 0.0, '(none)')[0] \
         .guidance.sigma_convention == 'flow'
+
+
+def test_guider_refuses_a_model_through_the_ksampler_patch(tiny_sd15, conds):
+    from kdiff_align.integrations.comfyui.nodes import KDiffAlignCFGPatch
+    patched = KDiffAlignCFGPatch().patch(tiny_sd15, 'node', 1.5, 0.0, 0.0, 'constant', 0.0, '(none)')[0]
+    with pytest.raises(ValueError, match=r'already went through Aligned CFG for KSampler \(KDiffAlignCFGPatch\)'):
+        aligned_guider(patched, *conds, 1.5)

@@ -120,9 +120,6 @@ class AlignedCFGGuider(comfy.samplers.CFGGuider):
         # This step is plain CFG at scale s = 1 + w(sigma) (cond + w (cond - uncond) = uncond + s (cond - uncond)),
         # so ComfyUI's own sampling_function runs it: every patch it honours (calc-cond-batch, pre-CFG, cfg and
         # post-CFG functions) applies, and at s = 1 (w = 0, outside the interval) it skips the unconditional pass.
-        if 'kdiff_align' in model_options:
-            raise ValueError('the model given to Aligned CFG Guider already went through Aligned CFG for KSampler '
-                             '(KDiffAlignCFGPatch); use one of the two nodes, not both')
         sigma = torch.as_tensor(timestep).reshape(-1)
         w = self.guidance.scale_at(sigma[:1])
         if sigma.numel() > 1 and not torch.equal(self.guidance.scale_at(sigma), w.expand(sigma.numel())):
@@ -151,6 +148,10 @@ class KDiffAlignGuider:
 
     def get_guider(self, model, positive, negative, w_source, w, sigma_lo, sigma_hi, schedule, w_end,
                    metadata_file):
+        if 'kdiff_align' in model.model_options:
+            raise ValueError('the model given to Aligned CFG Guider already went through Aligned CFG for KSampler '
+                             '(KDiffAlignCFGPatch), whose cfg function would replace the guider\'s w; use one of '
+                             'the two nodes, not both')
         guider = AlignedCFGGuider(model)
         guider.set_conds(positive, negative)
         guider.set_guidance(make_guidance(w_source, w, sigma_lo, sigma_hi, schedule, w_end, metadata_file,

@@ -91,7 +91,7 @@ def step_sigma(params):
     """The step's noise levels sigma. A1111's timestep samplers (DDIM, PLMS, UniPC: CFGDenoiserTimesteps) pass
     the integer timestep t as params.sigma; its sigma is sqrt((1 - alphas_cumprod[t]) / alphas_cumprod[t])."""
     denoiser = getattr(params, 'denoiser', None)
-    if type(denoiser).__name__ != 'CFGDenoiserTimesteps' or hasattr(denoiser, 'forge_objects'):
+    if type(denoiser).__name__ != 'CFGDenoiserTimesteps':  # (Forge converts t itself; it patches its UNet instead)
         return params.sigma
     alphas = getattr(denoiser, 'alphas', None)
     if alphas is None:
