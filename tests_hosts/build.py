@@ -37,7 +37,7 @@ def extract(sources: Path, dest: Path) -> dict[str, Path]:
             subprocess.run(['rm', '-rf', str(target)], check=True)
             target.mkdir(parents=True)
             with tarfile.open(archive) as tar:
-                tar.extractall(target, filter='data')
+                tar.extractall(target, **({'filter': 'data'} if hasattr(tarfile, 'data_filter') else {}))
             stamp.write_text(key)
         out[name] = target
     return out
