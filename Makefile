@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export K_DIFFUSION_USE_COMPILE ?= 0
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test test-hosts bench clean
 
 venv: $(STAMP)
 
@@ -20,8 +20,30 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The real-host tier (tests_hosts/, not collected by `make test`): ComfyUI and Forge from ../shared/hosts,
+# extracted into $(HOSTS_CACHE)/src, run in a separate venv that layers the hosts' requirements over .venv
+# (torch, diffusers and kdiff-align are shared, not reinstalled). Skips, saying why, without the archives.
+HOSTS_SRC ?= ../shared/hosts
+HOSTS_CACHE ?= .hosts
+HOSTS_VENV := $(HOSTS_CACHE)/venv
+HOSTS_PY := $(HOSTS_VENV)/bin/python
+HOSTS_STAMP := $(HOSTS_VENV)/.installed
+
+$(HOSTS_STAMP): $(STAMP) tests_hosts/requirements.txt tests_hosts/build.py
+	$(PY) tests_hosts/build.py --sources $(HOSTS_SRC) --cache $(HOSTS_CACHE) --base-venv $(VENV)
+	touch $(HOSTS_STAMP)
+
+test-hosts:
+	@if test -d $(HOSTS_SRC); then \
+		$(MAKE) --no-print-directory $(HOSTS_STAMP) && \
+		$(PY) tests_hosts/build.py --sources $(HOSTS_SRC) --cache $(HOSTS_CACHE) --extract-only && \
+		for host in comfyui forge; do \
+			KDIFF_ALIGN_HOSTS=$(HOSTS_CACHE)/src $(HOSTS_PY) -m pytest -q -p no:cacheprovider tests_hosts/$$host || exit 1; \
+		done; \
+	else echo "test-hosts: skipped: $(HOSTS_SRC) (the pinned ComfyUI/Forge sources) is absent"; fi
+
 bench: $(STAMP)
 	$(PY) -m kdiff_align.bench speed
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs $(HOSTS_CACHE)

@@ -7,7 +7,10 @@ safetensors metadata (a flat dict of strings, keys prefixed "kdiff_align."):
     w_train         the paper's w used in training: a number, or {"type", "min_value", "max_value"}
     w_sample        the recommended sampling w (the paper's w; w = 0 is unguided conditional sampling)
     cfg_scale       the same recommendation in the hosts' convention, s = 1 + w (w_to_cfg_scale)
-    sigma_interval  [sigma_lo, sigma_hi] in k-diffusion noise levels, or null: guide only there
+    sigma_interval  [sigma_lo, sigma_hi] in the family's noise levels (sigma_convention), or null: guide only there
+    sigma_convention  'k-diffusion' (sigma of x = x0 + sigma eps; for VP models sqrt((1 - abar) / abar)) or
+                    'flow' (t in [0, 1] of x_t = (1 - t) x0 + t eps, ComfyUI's sigma for flow models); missing
+                    in older exports, which are all 'k-diffusion'
     convention      a sentence saying which number is which
 
 Values are JSON text, so numbers, null and lists read back exactly. Writers call
@@ -31,8 +34,12 @@ CONVENTION = ("w_train and w_sample are the paper's guidance weight w (Ho & Sali
               "conditional sampling). cfg_scale is the hosts' CFG scale s = 1 + w (ComfyUI cfg, A1111/Forge CFG "
               "scale, diffusers guidance_scale, k-diffusion cfg_scale). sigma_interval is in k-diffusion noise "
               "levels sigma (for Stable Diffusion sigma = sqrt((1 - alphas_cumprod) / alphas_cumprod)); outside "
-              "it sample without guidance.")
-KEYS = ('format_version', 'objective', 'w_train', 'w_sample', 'cfg_scale', 'sigma_interval', 'convention')
+              "it sample without guidance. sigma_convention names the family: 'k-diffusion' as above, 'flow' "
+              "for flow models (sigma = t in [0, 1]).")
+KEYS = ('format_version', 'objective', 'w_train', 'w_sample', 'cfg_scale', 'sigma_interval', 'sigma_convention',
+        'convention')
+# One noise-level convention per model family; every integration maps its host's step to it.
+SIGMA_CONVENTIONS = ('k-diffusion', 'flow')
 
 
 class MetadataError(ValueError):
@@ -58,6 +65,7 @@ def guidance_metadata(config: Mapping[str, Any], *, w_sample: float | None = Non
         'w_sample': w,
         'cfg_scale': w_to_cfg_scale(w),
         'sigma_interval': list(interval) if interval is not None else None,
+        'sigma_convention': 'k-diffusion',  # every model kdiff-align trains (k-diffusion and Stable Diffusion)
         'convention': CONVENTION,
     }
 
@@ -88,6 +96,9 @@ def parse_metadata(header: Mapping[str, str] | None) -> dict[str, Any] | None:
         if raw is None:
             if key == 'cfg_scale' and 'w_sample' in meta:
                 continue
+            if key == 'sigma_convention':  # exports before the key: all k-diffusion sigma
+                meta[key] = 'k-diffusion'
+                continue
             raise MetadataError(f'safetensors metadata has kdiff_align keys but lacks {PREFIX + key!r}')
         if key == 'convention':
             meta[key] = raw
@@ -109,6 +120,9 @@ def parse_metadata(header: Mapping[str, str] | None) -> dict[str, Any] | None:
     except ValueError as err:
         raise MetadataError(f'{PREFIX}sigma_interval: {err}') from None
     meta['sigma_interval'] = list(interval) if interval is not None else None
+    if meta['sigma_convention'] not in SIGMA_CONVENTIONS:
+        raise MetadataError(f'{PREFIX}sigma_convention is {meta["sigma_convention"]!r}; expected one of '
+                            f'{SIGMA_CONVENTIONS}')
     return meta
 
 

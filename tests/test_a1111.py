@@ -5,8 +5,8 @@ CFGDenoiser are stand-ins written to A1111's source (AUTOMATIC1111/stable-diffus
 modules/script_callbacks.py at 0411eced (CFGDenoiserParams, CFGDenoisedParams, AfterCFGCallbackParams and the
 on_cfg_* registries), modules/sd_samplers_cfg_denoiser.py at 029adbe5 (CFGDenoiser.forward: x_in = [x, x],
 the callbacks' order, the s_min_uncond skip with its fake uncond rows, combine_denoised), modules/scripts.py
-(Script, AlwaysVisible, process / postprocess, infotext_fields) and script_loading.load_module). Forge's path is
-its UNet patcher's sampler_cfg_function (lllyasviel/stable-diffusion-webui-forge, combine_denoised at 01c42267).
+(Script, AlwaysVisible, process / postprocess, infotext_fields) and script_loading.load_module). Forge's path
+(UnetPatcher, sampling function, script loader, infotext paste) runs in the real Forge: tests_hosts/forge.
 """
 
 import importlib.util
@@ -241,7 +241,7 @@ def test_checkpoint_metadata_source(a1111, tmp_path):
     p = make_p(cfg_scale=7.0, checkpoint=str(path))
     out, _ = run(a1111, p, source='checkpoint metadata')
     assert p.cfg_scale == 2.25
-    assert p.extra_generation_params['Aligned CFG sigma interval'] == '0.2-3'
+    assert p.extra_generation_params['Aligned CFG sigma interval'] == '0.2-3.0'
     torch.testing.assert_close(out, sample_core(1.25, [0.2, 3.0]), rtol=1e-5, atol=1e-5)
     plain = tmp_path / 'plain.safetensors'
     save_file({'x': torch.zeros(1)}, plain)
@@ -288,29 +288,29 @@ def test_and_prompts_fall_back_to_plain_cfg(a1111, capsys):
     assert torch.equal(x_out, before) and 'AND' in capsys.readouterr().err
 
 
-def test_forge_patches_its_unet_with_the_comfy_contract(a1111):
-    class UnetPatcher:
-        def __init__(self):
-            self.model_options = {}
+class CFGDenoiserTimesteps:
+    """A1111's denoiser for DDIM, PLMS and UniPC (sd_samplers_timesteps.py): alphas = sd_model.alphas_cumprod, and
+    the integer timestep t where other samplers pass sigma."""
 
-        def clone(self):
-            return UnetPatcher()
+    def __init__(self, alphas):
+        self.alphas = alphas
 
-        def set_model_sampler_cfg_function(self, fn, disable_cfg1_optimization=False):
-            self.model_options['sampler_cfg_function'] = fn
-            self.model_options['disable_cfg1_optimization'] = disable_cfg1_optimization
 
+def test_timestep_samplers_map_t_to_sigma(a1111):
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2  # SD1.5's schedule
+    alphas = torch.cumprod(1 - betas, 0)
+    t = 401
+    sigma = ((1 - alphas[t]) / alphas[t]).sqrt().item()
+    assert 0.5 < sigma < 3  # about 1.17: inside the interval below, while t itself is far outside
     p = make_p()
-    p.sd_model.forge_objects = types.SimpleNamespace(unet=UnetPatcher())
     script = a1111.module.Script()
-    args = list({**ARGS, 'w': 2.0, 'sigma_lo': 0.3, 'sigma_hi': 2.0}.values())
-    script.process(p, True, 'this panel', *args)
-    assert a1111.module._Active.guidance is None  # Forge does not use the A1111 callbacks
-    script.process_before_every_sampling(p, True, 'this panel', *args)
-    fn = p.sd_model.forge_objects.unet.model_options['sampler_cfg_function']
-    x, c, u = torch.randn(3, 2, 4, 4, generator=GEN), torch.randn(3, 2, 4, 4, generator=GEN), \
-        torch.randn(3, 2, 4, 4, generator=GEN)
-    for sigma, w in ((1.0, 2.0), (5.0, 0.0)):
-        args_ = {'cond': x - c, 'uncond': x - u, 'cond_scale': p.cfg_scale, 'timestep': torch.full((3,), sigma),
-                 'input': x, 'sigma': torch.full((3,), sigma), 'cond_denoised': c, 'uncond_denoised': u}
-        torch.testing.assert_close(x - fn(args_), c + w * (c - u))
+    script.process(p, True, 'this panel', *{**ARGS, 'w': 2.0, 'sigma_lo': 0.5, 'sigma_hi': 3.0}.values())
+    x_in = torch.randn(4, 2, 4, 4, generator=GEN)
+    a1111.callbacks.cfg_denoiser_callback(CFGDenoiserParams(x_in, None, torch.full((4,), float(t)), 0, 8, COND, UNCOND,
+                                                            CFGDenoiserTimesteps(alphas.float())))
+    x_out = torch.randn(4, 2, 4, 4, generator=GEN)
+    c, u = x_out[:2].clone(), x_out[2:].clone()
+    a1111.callbacks.cfg_denoised_callback(CFGDenoisedParams(x_out, 0, 8, None))
+    script.postprocess(p, None)
+    combined = x_out[2:] + p.cfg_scale * (c - x_out[2:])  # A1111's combine_denoised
+    torch.testing.assert_close(combined, c + 2.0 * (c - u), rtol=1e-5, atol=1e-5)

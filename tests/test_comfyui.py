@@ -139,6 +139,13 @@ class ModelPatcher:
         if disable_cfg1_optimization:
             self.model_options['disable_cfg1_optimization'] = True
 
+    def get_model_object(self, name):
+        return getattr(self.model, name)
+
+
+class CONST:
+    """comfy.model_sampling.CONST: the sampling of flow models, whose sigma is t in [0, 1]."""
+
 
 class TinyModel(torch.nn.Module):
     """BaseModel.apply_model(x, sigma, c_crossattn=...) -> denoised, with a record of each call's batch."""
@@ -148,6 +155,7 @@ class TinyModel(torch.nn.Module):
         gen = torch.Generator().manual_seed(0)
         self.proj = torch.randn(EMB, 2, generator=gen)
         self.calls = []
+        self.model_sampling = object()  # EPS-style (k-diffusion sigma), not CONST
 
     def apply_model(self, x, t, c_crossattn):
         self.calls.append(x.shape[0])
@@ -165,6 +173,8 @@ def comfy(monkeypatch, tmp_path):
     for obj in (calc_cond_batch, cfg_function, sampling_function, CFGGuider, KSAMPLER):
         setattr(samplers, obj.__name__, obj)
     comfy_pkg.samplers = samplers
+    comfy_pkg.model_sampling = types.ModuleType('comfy.model_sampling')
+    comfy_pkg.model_sampling.CONST = CONST
     folders = {'checkpoints': tmp_path / 'checkpoints', 'loras': tmp_path / 'loras'}
     for d in folders.values():
         d.mkdir()
@@ -180,7 +190,8 @@ def comfy(monkeypatch, tmp_path):
         return str(path) if path.is_file() else None
 
     folder_paths.get_filename_list, folder_paths.get_full_path = get_filename_list, get_full_path
-    for name, module in (('comfy', comfy_pkg), ('comfy.samplers', samplers), ('folder_paths', folder_paths)):
+    for name, module in (('comfy', comfy_pkg), ('comfy.samplers', samplers), ('comfy.model_sampling',
+                         comfy_pkg.model_sampling), ('folder_paths', folder_paths)):
         monkeypatch.setitem(sys.modules, name, module)
     # nodes.py load_custom_node: spec_from_file_location(<folder name>, <folder>/__init__.py), exec_module.
     spec = importlib.util.spec_from_file_location('kdiff_align_comfyui', PACKAGE / '__init__.py')
@@ -215,13 +226,6 @@ def run_guider(guider):
     return guider.sample(NOISE, torch.zeros_like(NOISE), KSAMPLER(K_sampling.sample_euler), SIGMAS, seed=0)
 
 
-def test_package_exports_nodes(comfy):
-    assert set(comfy.nodes) == {'KDiffAlignGuider', 'KDiffAlignCFGPatch', 'KDiffAlignMetadata'}
-    assert set(comfy.module.NODE_DISPLAY_NAME_MAPPINGS) == set(comfy.nodes)
-    for cls in comfy.nodes.values():
-        assert 'required' in cls.INPUT_TYPES() and callable(getattr(cls(), cls.FUNCTION))
-
-
 @pytest.mark.parametrize('w, interval', [(0.0, None), (2.0, None), (1.5, [0.3, 2.0])])
 def test_guider_matches_core_guided_denoiser(comfy, w, interval):
     model, pos, neg = TinyModel(), conditioning(1), conditioning(2)
@@ -246,17 +250,6 @@ def test_guider_w_schedule_matches_core(comfy):
     ref = reference(model, pos, neg, None, [0.1, 5.0], NOISE, SIGMAS,
                     w_schedule=log_linear_schedule(3.0, 0.5, 5.0, 0.1))
     torch.testing.assert_close(run_guider(guider), ref, rtol=1e-5, atol=1e-5)
-
-
-def test_guider_keeps_post_cfg_patches(comfy):
-    model, pos, neg = TinyModel(), conditioning(1), conditioning(2)
-    patcher = ModelPatcher(model)
-    seen = []
-    patcher.model_options['sampler_post_cfg_function'] = [lambda a: (seen.append(a['cond_scale']), a['denoised'])[1]]
-    (guider,) = comfy.nodes['KDiffAlignGuider']().get_guider(patcher, pos, neg, 'node', 2.0, 0.0, 0.0, 'constant',
-                                                             0.0, '(none)')
-    run_guider(guider)
-    assert seen and all(s == 3.0 for s in seen)  # reported to post-cfg patches as ComfyUI's cfg = 1 + w
 
 
 @pytest.mark.parametrize('ksampler_cfg', [1.0, 4.0])

@@ -169,3 +169,68 @@ def test_interval_exports_need_the_guider(tmp_path):
     with pytest.raises(ValueError, match='guidance interval'):
         recommended_guidance_scale(path)
     assert AlignedGuidance.from_metadata(path).guidance.sigma_interval == (0.3, 5.0)
+
+
+@pytest.fixture(scope='module')
+def sdxl_modular(tmp_path_factory):
+    """A real diffusers ModularPipeline (StableDiffusionXLAutoBlocks) with tiny random SDXL-shaped components."""
+    from diffusers.modular_pipelines import StableDiffusionXLAutoBlocks
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from kdiff_align.sd.tiny import _tokenizer
+
+    torch.manual_seed(0)
+    text = dict(bos_token_id=56, eos_token_id=57, pad_token_id=57, hidden_size=32, intermediate_size=37,
+                num_attention_heads=4, num_hidden_layers=2, vocab_size=64, max_position_embeddings=77,
+                projection_dim=32)
+    unet = UNet2DConditionModel(  # SDXL's conditioning: two text encoders' states (32 + 32), text_time embedding
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=('CrossAttnDownBlock2D', 'DownBlock2D'), up_block_types=('UpBlock2D', 'CrossAttnUpBlock2D'),
+        cross_attention_dim=64, attention_head_dim=8, norm_num_groups=8, addition_embed_type='text_time',
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
+                        layers_per_block=1, down_block_types=('DownEncoderBlock2D',) * 2,
+                        up_block_types=('UpDecoderBlock2D',) * 2, norm_num_groups=4, sample_size=16)
+    tokenizer = _tokenizer(tmp_path_factory.mktemp('tokenizer'))
+    pipe = StableDiffusionXLAutoBlocks().init_pipeline()
+    pipe.update_components(text_encoder=CLIPTextModel(CLIPTextConfig(**text)),
+                           text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text)), tokenizer=tokenizer,
+                           tokenizer_2=tokenizer, unet=unet, vae=vae, scheduler=EulerDiscreteScheduler(
+                               beta_start=0.00085, beta_end=0.012, beta_schedule='scaled_linear', steps_offset=1))
+    return pipe
+
+
+def modular_call(pipe, guider):
+    pipe.update_components(guider=guider)
+    return pipe(prompt='a cat', negative_prompt='a dog', num_inference_steps=3, height=16, width=16,
+                generator=torch.Generator().manual_seed(0), output='latents')
+
+
+@pytest.mark.parametrize('interval', [None, [0.5, 3.0]])
+def test_modular_pipeline_called_twice_gives_the_same_image(sdxl_modular, interval):
+    guider = AlignedGuidance(w=1.5, sigma_interval=interval).set_scheduler(sdxl_modular.scheduler)
+    first = modular_call(sdxl_modular, guider)
+    torch.testing.assert_close(modular_call(sdxl_modular, guider), first, rtol=0, atol=0)
+    cfg = modular_call(sdxl_modular, ClassifierFreeGuidance(guidance_scale=2.5))
+    if interval is None:
+        torch.testing.assert_close(first, cfg, rtol=1e-5, atol=1e-5)
+    else:
+        assert not torch.allclose(first, cfg, rtol=1e-5, atol=1e-5)
+
+
+def test_flow_schedulers_use_the_flow_familys_sigma():
+    """One convention per family: for flow models sigma is t in [0, 1], ComfyUI's sigma for them too."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    flow = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    guider = AlignedGuidance(w=2.0, sigma_interval=[0.2, 0.6], sigma_convention='flow').set_scheduler(flow)
+    guider.set_state(step=0, num_inference_steps=4, timestep=torch.tensor(500.0))
+    assert guider.current_sigma().item() == pytest.approx(0.5)  # not t / (1 - t) = 1.0
+    assert guider.num_conditions == 2
+    guider.set_state(step=1, num_inference_steps=4, timestep=torch.tensor(800.0))
+    assert guider.num_conditions == 1
+    with pytest.raises(ValueError, match="FlowMatchEulerDiscreteScheduler samples in 'flow' noise levels, but this "
+                                         "guidance's sigma interval is in 'k-diffusion' ones"):
+        AlignedGuidance(w=2.0, sigma_interval=[0.2, 0.6]).set_scheduler(flow)
+    with pytest.raises(ValueError, match="EulerDiscreteScheduler samples in 'k-diffusion'"):
+        AlignedGuidance(w=2.0, sigma_interval=[0.2, 0.6], sigma_convention='flow').set_scheduler(scheduler())

@@ -83,3 +83,13 @@ def test_core_imports_no_host():
             'print(sorted(m for m in sys.modules if m.split(".")[0] in hosts))')
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == '[]', out.stdout
+
+
+def test_sigma_convention_is_carried_and_defaults_for_older_exports():
+    strings = export_metadata(load_config(tiny_config(sigma_interval=[0.3, 5.0])))
+    assert parse_metadata(strings)['sigma_convention'] == 'k-diffusion'
+    older = {k: v for k, v in strings.items() if k != 'kdiff_align.sigma_convention'}
+    assert parse_metadata(older)['sigma_convention'] == 'k-diffusion'
+    assert parse_metadata({**strings, 'kdiff_align.sigma_convention': '"flow"'})['sigma_convention'] == 'flow'
+    with pytest.raises(MetadataError, match="sigma_convention is 'edm'; expected one of"):
+        parse_metadata({**strings, 'kdiff_align.sigma_convention': '"edm"'})

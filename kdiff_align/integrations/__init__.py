@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..guidance import GuidedDenoiser, cfg_scale_to_w, check_sigma_interval, w_to_cfg_scale
+from ..metadata import SIGMA_CONVENTIONS
 
 __all__ = ['HostGuidance', 'log_linear_schedule', 'make_cfg_function', 'w_to_cfg_scale', 'cfg_scale_to_w']
 
@@ -54,11 +55,16 @@ class HostGuidance:
     """GuidedDenoiser's semantics for a host that computes both branches: combine(cond, uncond, sigma).
 
     w is the paper's w (a host's CFG scale s is w = s - 1: use from_cfg_scale). sigma_interval is
-    [sigma_lo, sigma_hi] in k-diffusion noise levels. w_end (needs sigma_interval with sigma_lo > 0) makes
-    w a schedule: w at sigma_hi, w_end at sigma_lo, linear in log sigma.
+    [sigma_lo, sigma_hi] in the noise levels of sigma_convention: 'k-diffusion' (k-diffusion's sigma; for VP
+    models sqrt((1 - abar) / abar)) or 'flow' (t in [0, 1], ComfyUI's sigma for flow models). w_end (needs
+    sigma_interval with sigma_lo > 0) makes w a schedule: w at sigma_hi, w_end at sigma_lo, linear in log sigma.
     """
 
-    def __init__(self, w: float, *, sigma_interval: Sequence[float] | None = None, w_end: float | None = None):
+    def __init__(self, w: float, *, sigma_interval: Sequence[float] | None = None, w_end: float | None = None,
+                 sigma_convention: str = 'k-diffusion'):
+        if sigma_convention not in SIGMA_CONVENTIONS:
+            raise ValueError(f'sigma_convention must be one of {SIGMA_CONVENTIONS}, got {sigma_convention!r}')
+        self.sigma_convention = sigma_convention
         self.w = _number('w', w)
         self.sigma_interval = check_sigma_interval(sigma_interval)
         self.w_end = None if w_end is None else _number('w_end', w_end)
@@ -81,7 +87,20 @@ class HostGuidance:
     def from_metadata(cls, meta: Mapping[str, Any], *, w: float | None = None,
                       w_end: float | None = None) -> HostGuidance:
         """The recommended sampling of an export (kdiff_align.metadata): its w_sample and sigma_interval."""
-        return cls(meta['w_sample'] if w is None else w, sigma_interval=meta.get('sigma_interval'), w_end=w_end)
+        return cls(meta['w_sample'] if w is None else w, sigma_interval=meta.get('sigma_interval'), w_end=w_end,
+                   sigma_convention=meta.get('sigma_convention', 'k-diffusion'))
+
+    @property
+    def uses_sigma(self) -> bool:
+        """Whether w depends on sigma (an interval or a schedule), so that the sigma convention matters."""
+        return self.sigma_interval is not None or self.w_end is not None
+
+    def check_convention(self, host_convention: str, where: str) -> None:
+        """Refuses an interval given in another family's sigma than the host samples in."""
+        if self.uses_sigma and host_convention != self.sigma_convention:
+            raise ValueError(f'{where} samples in {host_convention!r} noise levels, but this guidance\'s sigma '
+                             f'interval is in {self.sigma_convention!r} ones (kdiff_align.sigma_convention); use '
+                             'an export made for this model family, or enter the interval for it by hand')
 
     @property
     def peak_w(self) -> float:

@@ -5,8 +5,9 @@
     pipe.update_components(guider=guider)          # a modular pipeline (e.g. Stable Diffusion XL)
 
 guidance_scale is diffusers' convention, s = 1 + w; w is the paper's (w = 0: unguided); pass one. A
-sigma_interval (k-diffusion noise levels) or w schedule needs the scheduler, to turn the loop's timestep into
-sigma: set_scheduler(scheduler). Outside the interval the guider asks for the conditional batch only.
+sigma_interval (in the model family's noise levels: k-diffusion sigma, or t in [0, 1] for flow models) or w
+schedule needs the scheduler, to turn the loop's timestep into sigma: set_scheduler(scheduler). Outside the
+interval the guider asks for the conditional batch only.
 """
 
 from __future__ import annotations
@@ -46,8 +47,10 @@ class AlignedGuidance(BaseGuidance):
     Args:
         guidance_scale: diffusers' scale s = 1 + w. Give this or w.
         w: the paper's guidance weight (w = 0: unguided conditional sampling).
-        sigma_interval: [sigma_lo, sigma_hi] in k-diffusion noise levels; guide only there.
+        sigma_interval: [sigma_lo, sigma_hi] in sigma_convention's noise levels; guide only there.
         w_end: with sigma_interval, w ramps from w at sigma_hi to w_end at sigma_lo (linear in log sigma).
+        sigma_convention: the family whose noise levels the interval is in: 'k-diffusion' (VP schedulers) or
+            'flow' (flow-matching schedulers, sigma = t in [0, 1]); from_metadata reads it from the export.
         start, stop, enabled: as BaseGuidance (fractions of the steps).
     """
 
@@ -56,13 +59,13 @@ class AlignedGuidance(BaseGuidance):
     @register_to_config
     def __init__(self, guidance_scale: float | None = None, w: float | None = None,
                  sigma_interval: Sequence[float] | None = None, w_end: float | None = None,
-                 start: float = 0.0, stop: float = 1.0, enabled: bool = True):
+                 sigma_convention: str = 'k-diffusion', start: float = 0.0, stop: float = 1.0, enabled: bool = True):
         super().__init__(start, stop, enabled)
         if (guidance_scale is None) == (w is None):
             raise ValueError(f'pass exactly one of guidance_scale (diffusers\' s = 1 + w) or w (the paper\'s w); '
                              f'got guidance_scale={guidance_scale!r}, w={w!r}')
         w = cfg_scale_to_w(guidance_scale) if w is None else w
-        self.guidance = HostGuidance(w, sigma_interval=sigma_interval, w_end=w_end)
+        self.guidance = HostGuidance(w, sigma_interval=sigma_interval, w_end=w_end, sigma_convention=sigma_convention)
         self.guidance_scale = w_to_cfg_scale(self.guidance.w)
         self._sigma_table: torch.Tensor | None = None
         self._flow_timesteps: float | None = None
@@ -73,14 +76,18 @@ class AlignedGuidance(BaseGuidance):
         meta = path_or_meta if isinstance(path_or_meta, dict) else read_metadata(path_or_meta)
         if meta is None:
             raise ValueError(f'{str(path_or_meta)!r} carries no kdiff_align metadata (keys "kdiff_align.*")')
-        return cls(w=meta['w_sample'], sigma_interval=meta['sigma_interval'], **kwargs)
+        return cls(w=meta['w_sample'], sigma_interval=meta['sigma_interval'],
+                   sigma_convention=meta.get('sigma_convention', 'k-diffusion'), **kwargs)
 
     def set_scheduler(self, scheduler: Any) -> AlignedGuidance:
-        """Lets the guider turn timesteps into sigma: VP schedulers (alphas_cumprod) or flow matching."""
+        """Lets the guider turn timesteps into sigma: VP schedulers (alphas_cumprod: k-diffusion's sigma) or flow
+        matching (sigma = t / num_train_timesteps in [0, 1], as ComfyUI's sigma for flow models)."""
         if getattr(scheduler, 'alphas_cumprod', None) is not None:
+            self.guidance.check_convention('k-diffusion', type(scheduler).__name__)
             alphas = torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float64)
             self._sigma_table = ((1 - alphas) / alphas) ** 0.5
         elif hasattr(scheduler, 'config') and 'shift' in scheduler.config:
+            self.guidance.check_convention('flow', type(scheduler).__name__)
             self._flow_timesteps = float(scheduler.config.get('num_train_timesteps', 1000))
         else:
             raise ValueError(f'{type(scheduler).__name__} has neither alphas_cumprod (a VP schedule) nor a '
@@ -99,8 +106,7 @@ class AlignedGuidance(BaseGuidance):
             frac = t - lo
             return (self._sigma_table[lo.long()] * (1 - frac) + self._sigma_table[hi.long()] * frac).float()
         if self._flow_timesteps is not None:
-            s = (t / self._flow_timesteps).clamp(max=1 - 1e-7)
-            return (s / (1 - s)).float()
+            return (t / self._flow_timesteps).float()  # the flow family's sigma: t in [0, 1]
         if self.guidance.sigma_interval is None:
             return torch.ones(1)  # no interval and no schedule: any sigma gives the same w
         raise RuntimeError('sigma_interval / w_end need set_scheduler(pipe.scheduler) to know each step\'s sigma')
@@ -131,6 +137,9 @@ class AlignedGuidance(BaseGuidance):
             pred = pred_cond
         else:
             pred = self.guidance.combine(pred_cond, pred_uncond, self.current_sigma().to(pred_cond.device))
+        # The step is done: forget it, so that the next pipeline call's encoder steps, which ask num_conditions
+        # before the first set_state, see the guider as new (a stale last step may lie outside the interval).
+        self._step = self._num_inference_steps = self._timestep = None
         return GuiderOutput(pred=pred, pred_cond=pred_cond, pred_uncond=pred_uncond)
 
     @property

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import comfy.samplers
+import torch
 
 from kdiff_align.guidance import w_to_cfg_scale
 from kdiff_align.integrations import HostGuidance, make_cfg_function
@@ -59,15 +60,28 @@ def file_metadata(choice: str) -> dict[str, Any]:
     return meta
 
 
+def sigma_convention(model) -> str:
+    """The noise levels ComfyUI's sigma is in for this model: 'flow' (t in [0, 1]) or 'k-diffusion'."""
+    import comfy.model_sampling
+
+    sampling = model.get_model_object('model_sampling')
+    return 'flow' if isinstance(sampling, comfy.model_sampling.CONST) else 'k-diffusion'
+
+
 def make_guidance(w_source: str, w: float, sigma_lo: float, sigma_hi: float, schedule: str, w_end: float,
-                  metadata_file: str) -> HostGuidance | None:
-    """The guidance the widgets describe; None for w_source 'ksampler cfg' (built per call from cfg)."""
+                  metadata_file: str, convention: str = 'k-diffusion') -> HostGuidance | None:
+    """The guidance the widgets describe; None for w_source 'ksampler cfg' (built per call from cfg).
+
+    convention is the model's (sigma_convention): widget intervals are in it; a file's must match it.
+    """
     end = w_end if schedule == 'log-linear' else None
     if w_source == 'metadata':
-        return HostGuidance.from_metadata(file_metadata(metadata_file), w_end=end)
+        guidance = HostGuidance.from_metadata(file_metadata(metadata_file), w_end=end)
+        guidance.check_convention(convention, 'this model')
+        return guidance
     interval = [sigma_lo, sigma_hi] if sigma_hi > 0 else None
     if w_source == 'node':
-        return HostGuidance(w, sigma_interval=interval, w_end=end)
+        return HostGuidance(w, sigma_interval=interval, w_end=end, sigma_convention=convention)
     if w_source == 'ksampler cfg':
         HostGuidance(0.0, sigma_interval=interval, w_end=end)  # validates the widgets now, not mid-sampling
         return None
@@ -94,7 +108,8 @@ def _guidance_inputs(sources: list[str]) -> dict[str, Any]:
 class AlignedCFGGuider(comfy.samplers.CFGGuider):
     """CFGGuider with kdiff-align's semantics: the paper's w, a sigma interval, a w schedule.
 
-    Outside the interval it runs the conditional pass only, like the core's GuidedDenoiser.
+    Outside the interval it runs the conditional pass only, like the core's GuidedDenoiser. Model patches
+    apply as with CFGGuider at cfg = 1 + w(sigma).
     """
 
     def set_guidance(self, guidance: HostGuidance) -> None:
@@ -102,19 +117,19 @@ class AlignedCFGGuider(comfy.samplers.CFGGuider):
         self.cfg = w_to_cfg_scale(guidance.peak_w)  # for code that reads guider.cfg
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006 (ComfyUI's signature)
-        positive, negative = self.conds.get('positive'), self.conds.get('negative')
-        guided = self.guidance.needs_uncond(timestep)
-        out = comfy.samplers.calc_cond_batch(self.inner_model, [positive, negative if guided else None], x,
-                                             timestep, model_options)
-        denoised = self.guidance.combine(out[0], out[1] if guided else None, timestep)
-        # Post-CFG patches (e.g. CFG rescale nodes) still apply, with ComfyUI's argument names.
-        for fn in model_options.get('sampler_post_cfg_function', []):
-            args = {'denoised': denoised, 'cond': positive, 'uncond': negative if guided else None,
-                    'cond_scale': w_to_cfg_scale(float(self.guidance.scale_at(timestep)[0])),
-                    'model': self.inner_model, 'uncond_denoised': out[1], 'cond_denoised': out[0],
-                    'sigma': timestep, 'model_options': model_options, 'input': x}
-            denoised = fn(args)
-        return denoised
+        # This step is plain CFG at scale s = 1 + w(sigma) (cond + w (cond - uncond) = uncond + s (cond - uncond)),
+        # so ComfyUI's own sampling_function runs it: every patch it honours (calc-cond-batch, pre-CFG, cfg and
+        # post-CFG functions) applies, and at s = 1 (w = 0, outside the interval) it skips the unconditional pass.
+        sigma = torch.as_tensor(timestep).reshape(-1)
+        w = self.guidance.scale_at(sigma[:1])
+        if sigma.numel() > 1 and not torch.equal(self.guidance.scale_at(sigma), w.expand(sigma.numel())):
+            raise ValueError(f'Aligned CFG Guider needs one w per step, but the rows\' sigmas {sigma.tolist()} give '
+                             'different w; sample the rows at one sigma')
+        if 'sampler_cfg_function' not in model_options:  # the core's combination, exactly
+            model_options = {**model_options, 'sampler_cfg_function': make_cfg_function(self.guidance)}
+        return comfy.samplers.sampling_function(self.inner_model, x, timestep, self.conds.get('negative'),
+                                                self.conds.get('positive'), w_to_cfg_scale(float(w[0])),
+                                                model_options=model_options, seed=seed)
 
 
 class KDiffAlignGuider:
@@ -133,9 +148,14 @@ class KDiffAlignGuider:
 
     def get_guider(self, model, positive, negative, w_source, w, sigma_lo, sigma_hi, schedule, w_end,
                    metadata_file):
+        if 'kdiff_align' in model.model_options:
+            raise ValueError('the model given to Aligned CFG Guider already went through Aligned CFG for KSampler '
+                             '(KDiffAlignCFGPatch), whose cfg function would replace the guider\'s w; use one of '
+                             'the two nodes, not both')
         guider = AlignedCFGGuider(model)
         guider.set_conds(positive, negative)
-        guider.set_guidance(make_guidance(w_source, w, sigma_lo, sigma_hi, schedule, w_end, metadata_file))
+        guider.set_guidance(make_guidance(w_source, w, sigma_lo, sigma_hi, schedule, w_end, metadata_file,
+                                          sigma_convention(model)))
         return (guider,)
 
 
@@ -155,12 +175,14 @@ class KDiffAlignCFGPatch:
         return {'required': {'model': ('MODEL',), **_guidance_inputs(['metadata', 'node', 'ksampler cfg'])}}
 
     def patch(self, model, w_source, w, sigma_lo, sigma_hi, schedule, w_end, metadata_file):
-        fixed = make_guidance(w_source, w, sigma_lo, sigma_hi, schedule, w_end, metadata_file)
+        convention = sigma_convention(model)
+        fixed = make_guidance(w_source, w, sigma_lo, sigma_hi, schedule, w_end, metadata_file, convention)
         interval = [sigma_lo, sigma_hi] if sigma_hi > 0 else None
         end = w_end if schedule == 'log-linear' else None
         cfg_function = make_cfg_function(
             fixed if fixed is not None
-            else (lambda scale: HostGuidance.from_cfg_scale(scale, sigma_interval=interval, w_end=end)))
+            else (lambda scale: HostGuidance.from_cfg_scale(scale, sigma_interval=interval, w_end=end,
+                                                            sigma_convention=convention)))
         patched = model.clone()
         # With w from the node or metadata, KSampler's cfg may be 1: keep ComfyUI from skipping the uncond pass.
         patched.set_model_sampler_cfg_function(cfg_function, disable_cfg1_optimization=fixed is not None)

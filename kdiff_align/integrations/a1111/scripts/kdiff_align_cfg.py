@@ -7,22 +7,33 @@ takes a ComfyUI-style sampler_cfg_function, set in process_before_every_sampling
 image's infotext (p.extra_generation_params) and paste back through infotext_fields.
 """
 
+import math
+import re
 import sys
 from pathlib import Path
 
 import gradio as gr
 
+import torch
 from modules import script_callbacks, scripts
 
 try:
     import kdiff_align  # noqa: F401
 except ImportError:  # a symlinked checkout without `pip install`: use the repository this file lives in
-    sys.path.insert(0, str(Path(__file__).resolve().parents[4]))
+    _checkout = Path(__file__).resolve().parents[4]
+    if not (_checkout / 'kdiff_align' / '__init__.py').is_file():  # a copied folder: nothing to fall back on
+        raise ImportError(f'kdiff-align is not installed in the web UI\'s Python; install it with: {sys.executable} '
+                          '-m pip install /path/to/kdiff-align') from None
+    sys.path.insert(0, str(_checkout))
 
 from kdiff_align.guidance import cfg_scale_to_w, w_to_cfg_scale  # noqa: E402
 from kdiff_align.integrations import HostGuidance, make_cfg_function  # noqa: E402
 from kdiff_align.metadata import read_metadata  # noqa: E402
 
+# Forge's pre-CFG hook marks the steps whose unconditional pass Forge left out (hires at CFG 1, its skips).
+NO_UNCOND = 'kdiff_align_no_uncond'
+FLOAT = r'[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|[+-]?inf'
+INTERVAL_TEXT = re.compile(rf'\s*\[?\s*({FLOAT})\s*(?:-|,|\.\.|to)\s*({FLOAT})\s*\]?\s*')
 SOURCES = ['CFG scale', 'this panel', 'checkpoint metadata', 'metadata file']
 KEY_W, KEY_INTERVAL, KEY_W_END, KEY_SOURCE = 'Aligned CFG w', 'Aligned CFG sigma interval', 'Aligned CFG w end', \
     'Aligned CFG source'
@@ -63,12 +74,40 @@ def resolve_guidance(p, source, w, sigma_lo, sigma_hi, schedule, w_end, metadata
     return guidance
 
 
+def format_interval(interval):
+    """The infotext value of a sigma interval: exact floats (repr), so that pasting it back gives the same numbers."""
+    return '{!r}-{!r}'.format(*map(float, interval))
+
+
+def parse_interval(text):
+    """[sigma_lo, sigma_hi] from an infotext value ('1e-05-5.0', '0.5-3'); the error names the value."""
+    match = INTERVAL_TEXT.fullmatch(str(text))
+    if match is None:
+        raise ValueError(f'kdiff-align: cannot read the sigma interval {text!r}; expected "<sigma_lo>-<sigma_hi>"')
+    return [float(match[1]), float(match[2])]
+
+
+def step_sigma(params):
+    """The step's noise levels sigma. A1111's timestep samplers (DDIM, PLMS, UniPC: CFGDenoiserTimesteps) pass
+    the integer timestep t as params.sigma; its sigma is sqrt((1 - alphas_cumprod[t]) / alphas_cumprod[t])."""
+    denoiser = getattr(params, 'denoiser', None)
+    if type(denoiser).__name__ != 'CFGDenoiserTimesteps':  # (Forge converts t itself; it patches its UNet instead)
+        return params.sigma
+    alphas = getattr(denoiser, 'alphas', None)
+    if alphas is None:
+        from modules import shared
+        alphas = shared.sd_model.alphas_cumprod
+    alphas = alphas.to(params.sigma.device, torch.float64)
+    a_t = alphas[params.sigma.round().long().clamp(0, len(alphas) - 1)]
+    return ((1 - a_t) / a_t).sqrt().to(torch.float32)
+
+
 def on_cfg_denoiser(params):
     if _Active.guidance is None:
         return
     uncond = params.text_uncond['crossattn'] if isinstance(params.text_uncond, dict) else params.text_uncond
     batch_size = uncond.shape[0]
-    _Active.step = (params.sigma[-batch_size:], batch_size)
+    _Active.step = (step_sigma(params)[-batch_size:], batch_size)
 
 
 def on_cfg_denoised(params):
@@ -95,6 +134,23 @@ script_callbacks.on_cfg_denoiser(on_cfg_denoiser, name='kdiff_align')
 script_callbacks.on_cfg_denoised(on_cfg_denoised, name='kdiff_align')
 
 
+def mark_missing_uncond(model, cond, uncond, x, timestep, model_options):
+    """Forge's sampler_pre_cfg_function: tells the cfg function whether this step has an unconditional pass."""
+    return model, cond, uncond, x, timestep, {**model_options, NO_UNCOND: uncond is None}
+
+
+def forge_cfg_function(guidance):
+    """Forge's sampler_cfg_function: kdiff-align's guidance, or the conditional where Forge left uncond out."""
+    guided = make_cfg_function(guidance)
+
+    def cfg_function(args):
+        if args['model_options'].get(NO_UNCOND):
+            return args['cond']  # x - D_c: the conditional prediction
+        return guided(args)
+
+    return cfg_function
+
+
 class Script(scripts.Script):
     def title(self):
         return 'kdiff-align CFG'
@@ -117,8 +173,8 @@ class Script(scripts.Script):
             (enabled, lambda d: KEY_W in d),
             (source, lambda d: 'this panel' if KEY_W in d else gr.update()),
             (w, KEY_W),
-            (sigma_lo, lambda d: float(d[KEY_INTERVAL].split('-')[0]) if KEY_INTERVAL in d else 0.0),
-            (sigma_hi, lambda d: float(d[KEY_INTERVAL].split('-')[1]) if KEY_INTERVAL in d else 0.0),
+            (sigma_lo, lambda d: parse_interval(d[KEY_INTERVAL])[0] if KEY_INTERVAL in d else 0.0),
+            (sigma_hi, lambda d: parse_interval(d[KEY_INTERVAL])[1] if KEY_INTERVAL in d else 0.0),
             (schedule, lambda d: 'log-linear' if KEY_W_END in d else 'constant'),
             (w_end, lambda d: float(d[KEY_W_END]) if KEY_W_END in d else 0.0),
         ]
@@ -133,7 +189,7 @@ class Script(scripts.Script):
         p.extra_generation_params[KEY_W] = guidance.w
         p.extra_generation_params[KEY_SOURCE] = source
         if guidance.sigma_interval is not None:
-            p.extra_generation_params[KEY_INTERVAL] = '{:g}-{:g}'.format(*guidance.sigma_interval)
+            p.extra_generation_params[KEY_INTERVAL] = format_interval(guidance.sigma_interval)
         if guidance.w_end is not None:
             p.extra_generation_params[KEY_W_END] = guidance.w_end
         if hasattr(p.sd_model, 'forge_objects'):  # Forge: patch its UNet instead of the A1111 callbacks
@@ -146,7 +202,12 @@ class Script(scripts.Script):
         if guidance is None or not args or not args[0]:
             return
         unet = p.sd_model.forge_objects.unet.clone()
-        unet.set_model_sampler_cfg_function(make_cfg_function(guidance), disable_cfg1_optimization=True)
+        # Where Forge asks for CFG scale 1 (its skip-early-CFG / NGMS skips) it leaves the unconditional pass
+        # out, and where it gives no unconditional (hires pass at Hires CFG Scale 1) so does the step: both are
+        # sampled unguided, as Forge means. Only a panel w of 0 (scale 1 is then ours) keeps every pass.
+        unet.add_sampler_pre_cfg_function(mark_missing_uncond)
+        unet.set_model_sampler_cfg_function(forge_cfg_function(guidance),
+                                            disable_cfg1_optimization=math.isclose(float(p.cfg_scale), 1.0))
         p.sd_model.forge_objects.unet = unet
 
     def postprocess(self, p, processed, *args):
