@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -109,14 +110,26 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
+def read_torch_file(path: Path, what: str) -> Any:
+    """torch.load(path, weights_only=True); a file it refuses or cannot read is a one-line CheckpointError that
+    names the file and what was expected (never torch's advice to retry with weights_only=False)."""
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing to the user
+        found = re.search(r'(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)', str(err))
+        if found:
+            reason = (f'it holds a Python object ({found.group(1)}) besides tensors, numbers and strings, which '
+                      'is not loaded because unpickling it could run code')
+        else:
+            reason = f'it is truncated, or not a torch.save file ({type(err).__name__})'
+        raise CheckpointError(f'cannot read {what} {str(path)!r}: {reason}; expected a kdiff-align {what} '
+                              '(a torch.save file of tensors, numbers and strings)') from None
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Loads a training checkpoint with weights_only=True and checks that it is kdiff-align's."""
     path = resolve_checkpoint(path)
-    try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-        raise CheckpointError(f'cannot read checkpoint {str(path)!r} (truncated, or not a torch.save file '
-                              f'of plain tensors): {type(err).__name__}: {err}') from None
+    ckpt = read_torch_file(path, 'checkpoint')
     if not isinstance(ckpt, dict) or ckpt.get('format') != FORMAT:
         raise CheckpointError(f'{str(path)!r} is not a kdiff-align training checkpoint (no format '
                               f'{FORMAT!r}); upstream k-diffusion checkpoints cannot be resumed here')

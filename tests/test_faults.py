@@ -131,3 +131,27 @@ def test_unwritable_output_folder_fails_before_training(tmp_path):
     assert proc.returncode != 0
     assert '--out-dir' in proc.stderr and 'a-file' in proc.stderr and 'Traceback' not in proc.stderr
     assert not (tmp_path / 'a-file').is_dir()
+
+
+def test_sigterm_saves_at_a_step_boundary_and_exits_cleanly(tmp_path):
+    run = tmp_path / 'term'
+    proc = subprocess.Popen(cli('--config', str(tiny_digits(tmp_path)), '--out-dir', str(tmp_path), '--name', 'term',
+                                '--end-step', '100000', '--save-every', '0', '--log-every', '1'),
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        metrics = run / 'metrics.csv'
+        if metrics.exists() and len(metrics.read_text().splitlines()) > 3:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert 'SIGTERM: finishing this step and saving a checkpoint' in err and 'Traceback' not in err
+    step = ckpt_lib.load_checkpoint(run)['step']
+    assert step >= 3 and f'Done: step {step}' in out
+    rows = [r.split(',')[0] for r in (run / 'metrics.csv').read_text().splitlines()[1:]]
+    assert rows == [str(s) for s in range(1, step + 1)]
+    subprocess.run(cli('--resume', str(run), '--out-dir', str(tmp_path), '--name', 'term', '--end-step',
+                       str(step + 2)), env=ENV, check=True, capture_output=True)
+    assert ckpt_lib.load_checkpoint(run)['step'] == step + 2

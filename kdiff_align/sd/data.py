@@ -59,8 +59,9 @@ class LatentCache:
 
     def __init__(self, mean: torch.Tensor, std: torch.Tensor, embeddings: torch.Tensor, caption_index: torch.Tensor,
                  captions: Sequence[str]):
-        self.mean, self.std = mean, std
-        self.embeddings, self.caption_index = embeddings, caption_index
+        # Contiguous, as they are when read back from the file: the same memory layout gives the same floats.
+        self.mean, self.std = mean.contiguous(), std.contiguous()
+        self.embeddings, self.caption_index = embeddings.contiguous(), caption_index.contiguous()
         self.captions = list(captions)
 
     def __len__(self) -> int:
