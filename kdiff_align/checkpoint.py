@@ -162,13 +162,17 @@ def save_export(path: str | Path, state_dict: Mapping[str, torch.Tensor], config
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=export_metadata(config, step)))
 
 
-def load_for_inference(path: str | Path, *, ema: bool = True) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(config, inner-model state dict) from a .pth checkpoint (EMA weights by default), a run folder, or a
-    .safetensors export."""
+def load_for_inference(path: str | Path, *, ema: bool = True, need_config: bool = True
+                       ) -> tuple[dict[str, Any] | None, dict[str, torch.Tensor]]:
+    """(config, weights) of anything kdiff-align samples from: a training checkpoint (.pth, or its run folder;
+    EMA weights unless ema=False), a .pth dict with "config" and "model_ema" or "model" (upstream's layout), a
+    .safetensors export with its config in the metadata, or a LoRA .safetensors (Stable Diffusion; its config
+    may be None when need_config is False). Every failure is a CheckpointError naming the file."""
     path = Path(path)
     if path.suffix == '.safetensors':
         if not path.is_file():
-            raise CheckpointError(f'export {str(path)!r} does not exist')
+            raise CheckpointError(f'export {str(path)!r} does not exist; pass a .safetensors export, a .pth '
+                                  'checkpoint or a run folder')
         from safetensors import safe_open
         from safetensors.torch import load_file
         try:
@@ -176,10 +180,26 @@ def load_for_inference(path: str | Path, *, ema: bool = True) -> tuple[dict[str,
                 meta = f.metadata() or {}
             state = load_file(str(path))
         except Exception as err:  # noqa: BLE001
-            raise CheckpointError(f'cannot read safetensors export {str(path)!r}: {err}') from None
-        if 'config' not in meta:
+            raise CheckpointError(f'cannot read safetensors export {str(path)!r} ({type(err).__name__}: '
+                                  f'{str(err).splitlines()[0] if str(err) else ""}); expected a kdiff-align export '
+                                  'or a LoRA') from None
+        if 'config' not in meta and need_config:
             raise CheckpointError(f'export {str(path)!r} has no "config" in its metadata; it was not written by '
-                                  'kdiff-align or k-diffusion')
-        return json.loads(meta['config']), state
-    ckpt = load_checkpoint(path)
-    return ckpt['config'], ckpt['model_ema' if ema else 'model']
+                                  'kdiff-align or k-diffusion (export it with its config to sample or evaluate it)')
+        return (json.loads(meta['config']) if 'config' in meta else None), state
+    if path.is_dir() or path.suffix == '.json':
+        ckpt = load_checkpoint(path)
+    else:
+        if not path.is_file():
+            raise CheckpointError(f'checkpoint {str(path)!r} does not exist; pass a .pth checkpoint, a run folder '
+                                  'with latest.json, or a .safetensors export')
+        ckpt = read_torch_file(path, 'checkpoint')
+        if not isinstance(ckpt, dict) or 'config' not in ckpt or not ({'model_ema', 'model'} & set(ckpt)):
+            keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+            raise CheckpointError(f'checkpoint {str(path)!r} needs the keys "config" and "model_ema" (or "model"); '
+                                  f'got {keys}')
+    config = json.loads(ckpt['config']) if isinstance(ckpt['config'], str) else ckpt['config']
+    key = 'model_ema' if ema and ckpt.get('model_ema') is not None else 'model'
+    if ckpt.get(key) is None:
+        raise CheckpointError(f'checkpoint {str(path)!r} holds no weights under {key!r}')
+    return config, ckpt[key]

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import kill_9_after_checkpoint
 from kdiff_align import checkpoint as ckpt_lib
 from kdiff_align.train import TrainingError, TrainOptions, train
 
@@ -45,18 +46,8 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
                        '--save-every', '5'), env=ENV, check=True, capture_output=True)
 
     run = tmp_path / 'killed'
-    proc = subprocess.Popen(cli('--config', str(config), '--out-dir', str(tmp_path), '--name', 'killed',
-                                '--end-step', str(end), '--save-every', '5'),
-                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        latest = run / 'latest.json'
-        if latest.exists() and json.loads(latest.read_text())['step'] >= 10:
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, 'the run finished before it could be killed'
-    killed_at = json.loads((run / 'latest.json').read_text())['step']
+    killed_at = kill_9_after_checkpoint(cli('--config', str(config), '--out-dir', str(tmp_path), '--name', 'killed',
+                                            '--end-step', str(end), '--save-every', '5'), ENV, run, 10, timeout=120)
     assert 10 <= killed_at < end
 
     subprocess.run(cli('--resume', str(run), '--out-dir', str(tmp_path), '--name', 'killed', '--end-step', str(end),

@@ -2,10 +2,8 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ pytest.importorskip('diffusers')
 pytest.importorskip('peft')
 
 import sd_tiny  # noqa: E402
+from conftest import kill_9_after_checkpoint  # noqa: E402
 
 from kdiff_align.config import ConfigError  # noqa: E402
 
@@ -382,16 +381,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tiny, tmp_path):
 
     subprocess.run(cli('full'), env=SD_ENV, check=True, capture_output=True)
     run = tmp_path / 'killed'
-    proc = subprocess.Popen(cli('killed'), env=SD_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        latest = run / 'latest.json'
-        if latest.exists() and json.loads(latest.read_text())['step'] >= 4:
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, 'the run finished before it could be killed'
-    killed_at = json.loads((run / 'latest.json').read_text())['step']
+    killed_at = kill_9_after_checkpoint(cli('killed'), SD_ENV, run, 4)
     assert 4 <= killed_at < end
 
     resumed = subprocess.run(cli('killed'), env=SD_ENV, check=True, capture_output=True, text=True)
