@@ -4,10 +4,12 @@ A checkpoint is a torch.save of plain tensors, numbers and strings, read back wi
 
     {'format': 'kdiff-align-checkpoint', 'version': 1, 'config': <JSON string>, 'args': <JSON string>,
      'model', 'model_ema', 'opt', 'sched', 'ema_sched', 'scaler': state dicts,
-     'step', 'epoch', 'batches_seen': ints, 'rng': RNG states (torch, cuda, numpy, python)}
+     'step', 'epoch', 'batches_seen': ints, 'rng': RNG states (torch, cuda, numpy, python), one per process}
 
-Writes are atomic (a temporary file in the same folder, fsync, os.replace), and the run folder's
-latest.json pointer moves only after the new file is complete, so a crash leaves the previous checkpoint.
+(kdiff_align.engine writes them; 'model_ema' and 'ema_sched' are None without EMA, and a LoRA run's 'model'
+holds the adapter only.) Writes are atomic (atomic_write: a temporary file in the same folder, fsync,
+os.replace), and the run folder's latest.json pointer moves only after the new file is complete, so a crash
+leaves the previous checkpoint. load_for_inference is the one reader of everything kdiff-align samples from.
 """
 
 from __future__ import annotations

@@ -532,7 +532,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             'floor_text': f'{floor:.4g} (energy distance between two independent exact sample sets of the same size, '
                           f'{b.n // 4} per class).',
             'about': f'2-D mixture, 4 classes, each two Gaussians (std 0.25) opposite on a circle of radius 2; ToyMLP '
-                     f'width {b.config["model"]["width"]}, {b.steps} steps, batch {b.batch_size}, {b.config["optimizer"]["type"]} lr '
+                     f'width {b.config["model"]["width"]}, {b.steps} steps, batch {b.batch_size}, '
+                     f'{b.config["optimizer"]["type"]} lr '
                      f'{b.config["optimizer"]["lr"]}, EMA. Metric: energy distance D² between {b.n // 4} samples of '
                      'each class and as many exact samples of p(x|c), averaged over classes. Guidance sharpens '
                      'p(x|c) toward p(x|c) p(c|x)^w, so this metric is smallest for the unguided conditional: it '
@@ -545,7 +546,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             'secondary_floor': ref['accuracy_real'],
             'floor_text': f'{ref["fd_floor"]:.4g} (FD of the {ref["n_test"]} real held-out images).',
             'about': f'scikit-learn digits (8x8, 10 classes), the {ref["n_train"]}-image training split; image_v1 '
-                     f'channels {b.config["model"]["channels"]}, {b.steps} steps, batch {b.batch_size}, {b.config["optimizer"]["type"]} lr '
+                     f'channels {b.config["model"]["channels"]}, {b.steps} steps, batch {b.batch_size}, '
+                     f'{b.config["optimizer"]["type"]} lr '
                      f'{b.config["optimizer"]["lr"]}, EMA. Metric: Fréchet distance in the 64-d feature space of an '
                      f'MLP classifier trained deterministically on the training split (n = {ref["n_test"]} samples '
                      f'with the held-out split\'s labels, vs the {ref["n_train"]} training images); accuracy = that '
@@ -564,7 +566,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         'measures training variability, not sampling noise; sampling noise is bounded by the floor.',
         '- The aligned model\'s w_sample = w_train returns the unguided conditional denoiser at the optimum; its '
         f'w grid therefore spans a smaller range of effective guidance, (w - w_train)/(1 + w_train) ∈ [{w_lo:g}, '
-        f'{w_hi:g}] for w_train = {w_t:g}, than the baseline\'s [{min(ws):g}, {max(ws):g}]. C2\'s "robustness" partly reflects that compression; the matched '
+        f'{w_hi:g}] for w_train = {w_t:g}, than the baseline\'s [{min(ws):g}, {max(ws):g}]. C2\'s "robustness" '
+        'partly reflects that compression; the matched '
         'comparison above removes it.',
         '- FLOPs: the aligned step runs both branches on the conditional rows (ratio 2 - uncond_prob = 1.9 at '
         'equal batch); the equal-FLOPs baseline trains 1.9x the steps. The tables\' training seconds are wall '

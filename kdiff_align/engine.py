@@ -101,7 +101,8 @@ def make_parser(prog: str, description: str, config_help: str, d: RunOptions) ->
                    help='stop after this many steps' + (' (default: run until ^C)' if d.end_step is None else ''))
     p.add_argument('--resume', help='the checkpoint (or run folder) to resume from')
     p.add_argument('--seed', type=int, help='the random seed (default: random, recorded in checkpoints)')
-    p.add_argument('--log-every', type=positive_int, default=d.log_every, help='a metrics.csv row every this many steps')
+    p.add_argument('--log-every', type=positive_int, default=d.log_every,
+                   help='a metrics.csv row every this many steps')
     p.add_argument('--w-train', type=nonnegative_float,
                    help="overrides align.w_train: the training w (paper's; 0 = standard CFG training)")
     p.add_argument('--w-sample', type=nonnegative_float,
@@ -448,7 +449,8 @@ class Engine:
             return None
         module, scaler = self.unwrapped, self.accelerator.scaler
         weights = module.state_dict() if self.save_frozen else {
-            n: p for n, p in module.state_dict(keep_vars=True).items() if isinstance(p, nn.Parameter) and p.requires_grad}
+            n: p for n, p in module.state_dict(keep_vars=True).items()
+            if isinstance(p, nn.Parameter) and p.requires_grad}
         state = {
             'config': json.dumps(self.config), 'args': json.dumps(self.args),
             'model': {n: t.detach() for n, t in weights.items()},

@@ -33,6 +33,7 @@ from .engine import TrainingError  # noqa: F401 (re-exported: one error type for
 from .sample import data_shape, grid_image, sample, sample_grid
 from .sd.config import is_sd_config
 
+
 @dataclasses.dataclass
 class TrainOptions(engine.RunOptions):
     """The training run's options: upstream train.py's flags plus the aligned objective's overrides."""
@@ -190,8 +191,8 @@ def train(config: Mapping[str, Any] | None, options: TrainOptions | None = None,
         if options.evaluate_every and options.evaluate_n else None
     wandb = WandbLog(options, config, n_params) if is_main and options.wandb_project else None
 
-    result = run.run(options, batches, loss, demo=demo, demo_every=options.demo_every, export=export, evaluate=evaluator,
-                     evaluate_every=options.evaluate_every, log=wandb, should_stop=should_stop)
+    result = run.run(options, batches, loss, demo=demo, demo_every=options.demo_every, export=export,
+                     evaluate=evaluator, evaluate_every=options.evaluate_every, log=wandb, should_stop=should_stop)
     if wandb is not None:
         wandb.wandb.finish()
     exported = run_dir / f'{options.name}.safetensors'

@@ -5,7 +5,9 @@ the conditional rows and their null-condition twins (the empty-prompt embedding)
 (DESIGN.md section 1). Each step draws DDPM timesteps t uniformly from the training schedule, sigma =
 sigmas[t], latents from the cached VAE posterior and the cached caption embeddings (data.py): after the
 first run's caching pass the VAE and text encoder are not used. LoRA via peft (model.lora) or a full
-fine-tune (model.lora = null); accelerate for mixed precision, gradient accumulation and multi-GPU.
+fine-tune (model.lora = null). The loop is kdiff_align.engine's, as for every run: accelerate (mixed precision,
+multi-GPU), gradient accumulation, EMA, atomic checkpoints that resume exactly (a LoRA run's hold the adapter
+only), SIGINT / SIGTERM.
 
 Outputs in <out-dir>/<name>/: config.json, args.json, metrics.csv, checkpoints/ + latest.json (resumable),
 and the export: <name>_lora.safetensors (diffusers' load_lora_weights format) plus
