@@ -364,28 +364,29 @@ def test_train_cli_flags_forwardable(capsys):
 SD_ENV = {**os.environ, 'K_DIFFUSION_USE_COMPILE': '0', 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1'}
 
 
-def test_kill_9_then_resume_equals_an_uninterrupted_run(tiny, tmp_path):
+def test_kill_9_then_resume_equals_an_uninterrupted_run(tiny, tmp_path, capsys):
     from kdiff_align import checkpoint as ckpt_lib
+    from kdiff_align.train import main
 
     config = sd_tiny.sd_config(tiny['pipe'], tiny['data'])
     config['ema_sched'] = {'type': 'inverse', 'power': 0.75, 'max_value': 0.999}
     config['dataset']['cache_dir'] = str(tmp_path / 'cache')
     path = tmp_path / 'sd.json'
     path.write_text(json.dumps(config))
-    end = 16
+    end = 12
 
-    def cli(name):
-        return [sys.executable, '-m', 'kdiff_align.train', '--config', str(path), '--out-dir', str(tmp_path),
-                '--name', name, '--batch-size', '2', '--grad-accum-steps', '2', '--seed', '5', '--end-step', str(end),
-                '--save-every', '2', '--log-every', '1', '--no-progress']
+    def argv(name):
+        return ['--config', str(path), '--out-dir', str(tmp_path), '--name', name, '--batch-size', '2',
+                '--grad-accum-steps', '2', '--seed', '5', '--end-step', str(end), '--save-every', '2',
+                '--log-every', '1', '--no-progress']
 
-    subprocess.run(cli('full'), env=SD_ENV, check=True, capture_output=True)
+    assert main(argv('full')) == 0   # in this process (one thread, like the CLI runs below)
     run = tmp_path / 'killed'
-    killed_at = kill_9_after_checkpoint(cli('killed'), SD_ENV, run, 4)
+    killed_at = kill_9_after_checkpoint([sys.executable, '-m', 'kdiff_align.train', *argv('killed')], SD_ENV, run, 4)
     assert 4 <= killed_at < end
-
-    resumed = subprocess.run(cli('killed'), env=SD_ENV, check=True, capture_output=True, text=True)
-    assert f'Resuming from {run / "checkpoints" / f"{killed_at:08}.pth"}' in resumed.stdout
+    capsys.readouterr()
+    assert main(argv('killed')) == 0   # the run folder's latest checkpoint, as after any crash
+    assert f'Resuming from {run / "checkpoints" / f"{killed_at:08}.pth"}' in capsys.readouterr().out
     full, again = ckpt_lib.load_checkpoint(tmp_path / 'full'), ckpt_lib.load_checkpoint(run)
     assert full['step'] == again['step'] == end and full['batches_seen'] == again['batches_seen'] == 2 * end
     assert full['model'] and set(full['model']) == set(full['model_ema'])   # the adapter only, and its EMA
