@@ -497,7 +497,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if needed not in chosen:
             p.error(f'--variants must include {needed!r} (the verdicts compare aligned with baseline)')
     work = args.work or Path('runs/claims-quick' if args.quick else 'runs/claims')
-    ws, steps = ((0., 1.), (2, 4)) if args.quick else (W_GRID, STEPS_GRID)
+    ws, steps = ((0., 2.), (2, 4)) if args.quick else (W_GRID, STEPS_GRID)   # quick: 0 and the shipped w_train
     start = time.time()
     all_benches = benches(args.quick)
     jobs = [Job(b, v, seed, args.quick, str(work), ws, steps, SAMPLERS, args.threads)

@@ -65,7 +65,7 @@ def test_quick_claims_end_to_end_and_resume(tmp_path):
         per_model.setdefault((r['bench'], r['variant'], r['train_seed']), set()).add((r['sampler'], r['steps'], r['w']))
     assert len(per_model) == 2 * 4 * 2
     w_train = claims.benches(True)['toy'].config['align']['w_train']   # the shipped config's
-    matched = {claims.matched_w(w, w_train) for w in (0., 1.)} - {0., 1.}
+    matched = {claims.matched_w(w, w_train) for w in (0., 2.)} - {0., 2.}
     assert len(per_model[('toy', 'baseline', '0')]) == 8
     assert len(per_model[('toy', 'aligned', '0')]) == 8 + 2 * 2 * len(matched)
     assert {r['train_steps'] for r in rows if r['variant'] == 'baseline_equal_flops' and r['bench'] == 'toy'} == \
@@ -75,7 +75,7 @@ def test_quick_claims_end_to_end_and_resume(tmp_path):
     # Verdicts in the report are the rule applied to the rows it wrote.
     table = [json.loads(json.dumps(r)) for r in json.loads((out / 'results.json').read_text())]
     comps = claims.claim_comparisons(table, 'toy', 'energy', 'aligned', 'baseline', steps_grid=[2, 4],
-                                     ws=[0., 1.])
+                                     ws=[0., 2.])
     expected, counts = claims.verdict(comps['C2'])
     assert f'| C2 | toy (energy) | standard CFG | **{expected}** | {counts["better"]} / {counts["tie"]} / ' \
            f'{counts["worse"]} |' in report
