@@ -4,10 +4,12 @@ A checkpoint is a torch.save of plain tensors, numbers and strings, read back wi
 
     {'format': 'kdiff-align-checkpoint', 'version': 1, 'config': <JSON string>, 'args': <JSON string>,
      'model', 'model_ema', 'opt', 'sched', 'ema_sched', 'scaler': state dicts,
-     'step', 'epoch', 'batches_seen': ints, 'rng': RNG states (torch, cuda, numpy, python)}
+     'step', 'epoch', 'batches_seen': ints, 'rng': RNG states (torch, cuda, numpy, python), one per process}
 
-Writes are atomic (a temporary file in the same folder, fsync, os.replace), and the run folder's
-latest.json pointer moves only after the new file is complete, so a crash leaves the previous checkpoint.
+(kdiff_align.engine writes them; 'model_ema' and 'ema_sched' are None without EMA, and a LoRA run's 'model'
+holds the adapter only.) Writes are atomic (atomic_write: a temporary file in the same folder, fsync,
+os.replace), and the run folder's latest.json pointer moves only after the new file is complete, so a crash
+leaves the previous checkpoint. load_for_inference is the one reader of everything kdiff-align samples from.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -109,14 +112,26 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
+def read_torch_file(path: Path, what: str) -> Any:
+    """torch.load(path, weights_only=True); a file it refuses or cannot read is a one-line CheckpointError that
+    names the file and what was expected (never torch's advice to retry with weights_only=False)."""
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing to the user
+        found = re.search(r'(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)', str(err))
+        if found:
+            reason = (f'it holds a Python object ({found.group(1)}) besides tensors, numbers and strings, which '
+                      'is not loaded because unpickling it could run code')
+        else:
+            reason = f'it is truncated, or not a torch.save file ({type(err).__name__})'
+        raise CheckpointError(f'cannot read {what} {str(path)!r}: {reason}; expected a kdiff-align {what} '
+                              '(a torch.save file of tensors, numbers and strings)') from None
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Loads a training checkpoint with weights_only=True and checks that it is kdiff-align's."""
     path = resolve_checkpoint(path)
-    try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-        raise CheckpointError(f'cannot read checkpoint {str(path)!r} (truncated, or not a torch.save file '
-                              f'of plain tensors): {type(err).__name__}: {err}') from None
+    ckpt = read_torch_file(path, 'checkpoint')
     if not isinstance(ckpt, dict) or ckpt.get('format') != FORMAT:
         raise CheckpointError(f'{str(path)!r} is not a kdiff-align training checkpoint (no format '
                               f'{FORMAT!r}); upstream k-diffusion checkpoints cannot be resumed here')
@@ -149,13 +164,17 @@ def save_export(path: str | Path, state_dict: Mapping[str, torch.Tensor], config
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=export_metadata(config, step)))
 
 
-def load_for_inference(path: str | Path, *, ema: bool = True) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(config, inner-model state dict) from a .pth checkpoint (EMA weights by default), a run folder, or a
-    .safetensors export."""
+def load_for_inference(path: str | Path, *, ema: bool = True, need_config: bool = True
+                       ) -> tuple[dict[str, Any] | None, dict[str, torch.Tensor]]:
+    """(config, weights) of anything kdiff-align samples from: a training checkpoint (.pth, or its run folder;
+    EMA weights unless ema=False), a .pth dict with "config" and "model_ema" or "model" (upstream's layout), a
+    .safetensors export with its config in the metadata, or a LoRA .safetensors (Stable Diffusion; its config
+    may be None when need_config is False). Every failure is a CheckpointError naming the file."""
     path = Path(path)
     if path.suffix == '.safetensors':
         if not path.is_file():
-            raise CheckpointError(f'export {str(path)!r} does not exist')
+            raise CheckpointError(f'export {str(path)!r} does not exist; pass a .safetensors export, a .pth '
+                                  'checkpoint or a run folder')
         from safetensors import safe_open
         from safetensors.torch import load_file
         try:
@@ -163,10 +182,26 @@ def load_for_inference(path: str | Path, *, ema: bool = True) -> tuple[dict[str,
                 meta = f.metadata() or {}
             state = load_file(str(path))
         except Exception as err:  # noqa: BLE001
-            raise CheckpointError(f'cannot read safetensors export {str(path)!r}: {err}') from None
-        if 'config' not in meta:
+            raise CheckpointError(f'cannot read safetensors export {str(path)!r} ({type(err).__name__}: '
+                                  f'{str(err).splitlines()[0] if str(err) else ""}); expected a kdiff-align export '
+                                  'or a LoRA') from None
+        if 'config' not in meta and need_config:
             raise CheckpointError(f'export {str(path)!r} has no "config" in its metadata; it was not written by '
-                                  'kdiff-align or k-diffusion')
-        return json.loads(meta['config']), state
-    ckpt = load_checkpoint(path)
-    return ckpt['config'], ckpt['model_ema' if ema else 'model']
+                                  'kdiff-align or k-diffusion (export it with its config to sample or evaluate it)')
+        return (json.loads(meta['config']) if 'config' in meta else None), state
+    if path.is_dir() or path.suffix == '.json':
+        ckpt = load_checkpoint(path)
+    else:
+        if not path.is_file():
+            raise CheckpointError(f'checkpoint {str(path)!r} does not exist; pass a .pth checkpoint, a run folder '
+                                  'with latest.json, or a .safetensors export')
+        ckpt = read_torch_file(path, 'checkpoint')
+        if not isinstance(ckpt, dict) or 'config' not in ckpt or not ({'model_ema', 'model'} & set(ckpt)):
+            keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+            raise CheckpointError(f'checkpoint {str(path)!r} needs the keys "config" and "model_ema" (or "model"); '
+                                  f'got {keys}')
+    config = json.loads(ckpt['config']) if isinstance(ckpt['config'], str) else ckpt['config']
+    key = 'model_ema' if ema and ckpt.get('model_ema') is not None else 'model'
+    if ckpt.get(key) is None:
+        raise CheckpointError(f'checkpoint {str(path)!r} holds no weights under {key!r}')
+    return config, ckpt[key]

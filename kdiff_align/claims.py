@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import csv
 import json
 import math
 import os
@@ -39,6 +40,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from . import evaluate  # noqa: E402
+from .checkpoint import load_for_inference  # noqa: E402
+from .config import load_config  # noqa: E402
+from .shipped import CONFIGS  # noqa: E402
 
 W_GRID = (0., 0.5, 1., 2., 4., 8.)
 STEPS_GRID = (4, 8, 16, 32)
@@ -47,40 +51,49 @@ FEW_STEPS = (4, 8)
 Z = 2.0  # "beyond the spread": |difference of means| > Z standard errors over training seeds
 
 
+# --quick's named overrides: smaller networks, nothing else.
+QUICK = {'toy': {'model.width': 64},
+         'digits': {'model.mapping_out': 16, 'model.depths': [1, 1], 'model.channels': [8, 16]}}
+
+
+def override(config: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """config with {"section.key": value} overrides applied (a copy)."""
+    config = copy.deepcopy(dict(config))
+    for dotted, value in overrides.items():
+        *path, key = dotted.split('.')
+        node = config
+        for part in path:
+            node = node[part]
+        node[key] = copy.deepcopy(value)
+    return config
+
+
+def differences(a: Any, b: Any, prefix: str = '') -> set[str]:
+    """The dotted keys whose values differ between two configs."""
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return {d for key in set(a) | set(b) for d in differences(a.get(key), b.get(key), f'{prefix}{key}.')}
+    return set() if a == b else {prefix[:-1]}
+
+
+def shipped_config(bench: str, kind: str, quick: bool = False) -> dict[str, Any]:
+    """configs/<bench>_<kind>.json (kind: aligned | baseline), with --quick's named overrides."""
+    raw = json.loads((CONFIGS / f'{bench}_{kind}.json').read_text())
+    return load_config(override(raw, QUICK[bench] if quick else {}))
+
+
 def toy_config(quick: bool = False) -> dict[str, Any]:
-    return {
-        'model': {'type': 'toy_mlp', 'input_channels': 2, 'width': 64 if quick else 128, 'depth': 3,
-                  'loss_config': 'karras', 'loss_weighting': 'karras', 'sigma_data': 1.5, 'sigma_min': 0.01,
-                  'sigma_max': 80, 'sigma_sample_density': {'type': 'lognormal', 'mean': 0.0, 'std': 1.2}},
-        'dataset': {'type': 'toy', 'num_classes': 4, 'cond_dropout_rate': 0.1, 'size': 8192, 'radius': 2.0,
-                    'std': 0.25, 'seed': 0},
-        'optimizer': {'type': 'adam', 'lr': 2e-3, 'betas': [0.9, 0.99], 'eps': 1e-8, 'weight_decay': 0.0},
-        'lr_sched': {'type': 'constant', 'warmup': 0.99},
-        'ema_sched': {'type': 'inverse', 'power': 0.75, 'max_value': 0.999},
-        'align': {'w_train': 1.0},
-    }
+    return shipped_config('toy', 'aligned', quick)
 
 
 def digits_config(quick: bool = False) -> dict[str, Any]:
-    return {
-        'model': {'type': 'image_v1', 'input_channels': 1, 'input_size': [8, 8], 'patch_size': 1,
-                  'mapping_out': 16 if quick else 32, 'depths': [1, 1], 'channels': [8, 16] if quick else [16, 32],
-                  'self_attn_depths': [False, False], 'has_variance': False, 'loss_config': 'karras',
-                  'loss_weighting': 'karras', 'dropout_rate': 0.0, 'augment_wrapper': False, 'augment_prob': 0.0,
-                  'sigma_data': 0.5, 'sigma_min': 0.01, 'sigma_max': 80,
-                  'sigma_sample_density': {'type': 'lognormal', 'mean': -1.2, 'std': 1.2}},
-        'dataset': {'type': 'digits', 'num_classes': 10, 'cond_dropout_rate': 0.1},
-        'optimizer': {'type': 'adam', 'lr': 2e-3, 'betas': [0.9, 0.99], 'eps': 1e-8, 'weight_decay': 0.0},
-        'lr_sched': {'type': 'constant', 'warmup': 0.99},
-        'ema_sched': {'type': 'inverse', 'power': 0.75, 'max_value': 0.999},
-        'align': {'w_train': 1.0},
-    }
+    return shipped_config('digits', 'aligned', quick)
 
 
 @dataclass(frozen=True)
 class Variant:
     name: str
-    align: dict              # overrides of the align section
+    config: str              # the shipped config it starts from: 'aligned' or 'baseline'
+    overrides: dict          # its named overrides, {"section.key": value}
     steps_factor: float = 1.0
     role: str = 'ablation'   # baseline | aligned | equal_flops | ablation
     description: str = ''
@@ -88,36 +101,45 @@ class Variant:
 
 def variants(uncond_prob: float = 0.1) -> list[Variant]:
     return [
-        Variant('baseline', {'w_train': 0.0}, role='baseline', description='standard CFG training (w_train = 0)'),
-        Variant('aligned', {}, role='aligned', description='aligned, w_train = 1 fixed, full gradient, '
-                'anchor 0.1, mix 1'),
-        Variant('baseline_equal_flops', {'w_train': 0.0}, steps_factor=2 - uncond_prob, role='equal_flops',
+        Variant('baseline', 'baseline', {}, role='baseline', description='standard CFG training: the shipped '
+                '<bench>_baseline.json (w_train = 0)'),
+        Variant('aligned', 'aligned', {}, role='aligned', description='the shipped <bench>_aligned.json (w_train = 2 '
+                'fixed, full gradient, anchor 0.1, mix 1)'),
+        Variant('baseline_equal_flops', 'baseline', {}, steps_factor=2 - uncond_prob, role='equal_flops',
                 description=f'standard CFG trained {2 - uncond_prob:g}x the steps (the aligned step\'s FLOPs)'),
-        Variant('aligned_w_sampled', {'w_train': {'type': 'uniform', 'min_value': 0.0, 'max_value': 2.0}},
-                description='w_train ~ U[0, 2] per row (mean 1)'),
-        Variant('aligned_w2', {'w_train': 2.0}, description='w_train = 2 fixed'),
-        Variant('aligned_stop_grad', {'stop_grad_uncond': True}, description='stop-gradient through F_u'),
-        Variant('aligned_anchor0.2', {'uncond_prob': 0.2}, description='anchor fraction 0.2'),
-        Variant('aligned_mix0.5', {'mix': 0.5}, description='mix 0.5 (half aligned, half standard loss)'),
+        Variant('aligned_w_sampled', 'aligned',
+                {'align.w_train': {'type': 'uniform', 'min_value': 0.0, 'max_value': 4.0}},
+                description='w_train ~ U[0, 4] per row (mean 2)'),
+        Variant('aligned_w1', 'aligned', {'align.w_train': 1.0}, description='w_train = 1 fixed'),
+        Variant('aligned_stop_grad', 'aligned', {'align.stop_grad_uncond': True},
+                description='stop-gradient through F_u'),
+        Variant('aligned_anchor0.2', 'aligned', {'align.uncond_prob': 0.2}, description='anchor fraction 0.2'),
+        Variant('aligned_mix0.5', 'aligned', {'align.mix': 0.5},
+                description='mix 0.5 (half aligned, half standard loss)'),
     ]
 
 
 @dataclass(frozen=True)
 class Bench:
     name: str
-    config: dict
+    quick: bool
     steps: int
     batch_size: int
     metric: str              # primary metric, lower is better
     n: int | None            # samples per cell (None: the task's default)
 
+    @property
+    def config(self) -> dict[str, Any]:
+        """The aligned config (what the report describes)."""
+        return shipped_config(self.name, 'aligned', self.quick)
+
 
 def benches(quick: bool) -> dict[str, Bench]:
     if quick:
-        return {'toy': Bench('toy', toy_config(True), 40, 64, 'energy', 200),
-                'digits': Bench('digits', digits_config(True), 10, 16, 'fd', None)}
-    return {'toy': Bench('toy', toy_config(), 2000, 256, 'energy', 2000),
-            'digits': Bench('digits', digits_config(), 2000, 64, 'fd', None)}
+        return {'toy': Bench('toy', True, 40, 64, 'energy', 200),
+                'digits': Bench('digits', True, 10, 16, 'fd', None)}
+    return {'toy': Bench('toy', False, 2000, 256, 'energy', 2000),
+            'digits': Bench('digits', False, 2000, 64, 'fd', None)}
 
 
 @dataclass(frozen=True)
@@ -134,58 +156,27 @@ class Job:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Training: a compact, deterministic loop (Adam, EMA, fixed steps and batch).
+# Training: the shipped configs through kdiff_align.train (the engine), fixed steps, batch and seed.
 
-def training_data(config: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    d = config['dataset']
-    if d['type'] == 'toy':
-        from .toy import ToyMixture
-        gen = torch.Generator().manual_seed(d.get('seed', 0))
-        return ToyMixture(d['num_classes'], d.get('radius', 2.0), d.get('std', 0.25)).sample(d.get('size', 8192), gen)
-    from .digits import load_digits
-    return load_digits('train')
+def variant_config(bench: Bench, variant: Variant) -> dict[str, Any]:
+    """The config a variant trains: its shipped config, --quick's overrides and its own named overrides."""
+    return load_config(override(shipped_config(bench.name, variant.config, bench.quick), variant.overrides))
 
 
-def train_model(config: Mapping[str, Any], steps: int, batch_size: int, seed: int) -> tuple[dict, float]:
-    """(EMA state dict, seconds) after `steps` steps of make_denoiser_wrapper(config)'s loss."""
-    import k_diffusion as K
+def train_model(config: Mapping[str, Any], steps: int, batch_size: int, seed: int, work: Path, name: str
+                ) -> tuple[Path, float]:
+    """(the EMA export, training seconds) of a run of kdiff_align.train; a finished run is reused."""
+    from .train import TrainOptions, train
 
-    from .config import make_denoiser_wrapper, make_model
-
-    torch.manual_seed(seed)
-    model = make_model(config)
-    model_ema = copy.deepcopy(model).requires_grad_(False)
-    denoiser = make_denoiser_wrapper(config)(model)
-    opt_cfg = config['optimizer']
-    opt = torch.optim.Adam(model.parameters(), lr=opt_cfg['lr'], betas=tuple(opt_cfg.get('betas', (0.9, 0.999))),
-                           eps=opt_cfg.get('eps', 1e-8), weight_decay=opt_cfg.get('weight_decay', 0.))
-    ema = K.utils.EMAWarmup(power=config['ema_sched']['power'], max_value=config['ema_sched']['max_value'])
-    sample_density = K.config.make_sample_density(config['model'])
-    warmup = config['lr_sched'].get('warmup', 0.)
-    x_all, y_all = training_data(config)
-    gen = torch.Generator().manual_seed(seed)
-    start = time.perf_counter()
-    for step in range(steps):
-        idx = torch.randint(0, x_all.shape[0], (batch_size,), generator=gen)
-        x, y = x_all[idx], y_all[idx]
-        sigma = sample_density([batch_size])
-        loss = denoiser.loss(x, torch.randn_like(x), sigma, class_cond=y).mean()
-        for group in opt.param_groups:  # upstream's ConstantLRWithWarmup: lr (1 - warmup^(step + 1))
-            group['lr'] = opt_cfg['lr'] * (1 - warmup ** (step + 1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        K.utils.ema_update(model, model_ema, ema.get_value())
-        ema.step()
-    return model_ema.state_dict(), time.perf_counter() - start
-
-
-def job_config(bench: Bench, variant: Variant) -> dict[str, Any]:
-    from .config import load_config
-
-    config = copy.deepcopy(bench.config)
-    config['align'] = {**config['align'], **copy.deepcopy(variant.align)}
-    return load_config(config)
+    run_dir = work / 'runs' / name
+    export = run_dir / f'{name}.safetensors'
+    if not export.exists():
+        train(config, TrainOptions(name=name, out_dir=str(work / 'runs'), batch_size=batch_size, end_step=steps,
+                                   seed=seed, demo_every=0, sample_n=0, save_every=0, num_workers=0,
+                                   log_every=max(steps, 1), progress=False))
+    with open(run_dir / 'metrics.csv') as f:
+        last = list(csv.DictReader(f))[-1]
+    return export, float(last['elapsed_s'])
 
 
 def matched_w(w: float, w_train: float) -> float:
@@ -199,22 +190,13 @@ def run_job(job: Job) -> dict[str, Any]:
     torch.set_num_threads(job.threads)
     bench = benches(job.quick)[job.bench]
     variant = {v.name: v for v in variants()}[job.variant]
-    config = job_config(bench, variant)
     steps = round(bench.steps * variant.steps_factor)
     work = Path(job.work) / job.bench
-    ckpt = work / 'checkpoints' / f'{job.variant}-seed{job.seed}.pth'
-    trained = not ckpt.exists()
-    if not trained:
-        saved = torch.load(ckpt, map_location='cpu', weights_only=True)
-        state, train_seconds = saved['model_ema'], float(saved['train_seconds'])
-    else:
-        state, train_seconds = train_model(config, steps, bench.batch_size, job.seed)
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
-        tmp = ckpt.with_name(f'.{ckpt.name}.tmp')
-        torch.save({'config': json.dumps(config), 'model_ema': state, 'train_seconds': train_seconds,
-                    'steps': steps}, tmp)
-        os.replace(tmp, ckpt)
-    config, state = evaluate.load_checkpoint(ckpt)  # the evaluation reads what a user would
+    name = f'{job.variant}-seed{job.seed}'
+    trained = not (work / 'runs' / name / f'{name}.safetensors').exists()
+    export, train_seconds = train_model(variant_config(bench, variant), steps, bench.batch_size, job.seed, work, name)
+    config, state = load_for_inference(export)  # the evaluation reads what a user would
+    config = load_config(config)
     denoiser = evaluate.build_denoiser(config, state)
     samplers = job.samplers
     if variant.role == 'ablation' and job.bench == 'digits':
@@ -224,7 +206,6 @@ def run_job(job: Job) -> dict[str, Any]:
         w_t = float(config['align']['w_train'])
         extra_ws = sorted({matched_w(w, w_t) for w in job.ws} - set(job.ws))
         cells += evaluate.make_cells(extra_ws, job.steps, job.samplers)
-    name = f'{job.variant}-seed{job.seed}'
     task = evaluate.make_task(config, bench.n, seed=0)
     start = time.perf_counter()
     result = evaluate.run_sweep({name: (config, denoiser)}, cells, task, work, seed=0, batch_size=1000,
@@ -517,7 +498,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if needed not in chosen:
             p.error(f'--variants must include {needed!r} (the verdicts compare aligned with baseline)')
     work = args.work or Path('runs/claims-quick' if args.quick else 'runs/claims')
-    ws, steps = ((0., 1.), (2, 4)) if args.quick else (W_GRID, STEPS_GRID)
+    ws, steps = ((0., 2.), (2, 4)) if args.quick else (W_GRID, STEPS_GRID)   # quick: 0 and the shipped w_train
     start = time.time()
     all_benches = benches(args.quick)
     jobs = [Job(b, v, seed, args.quick, str(work), ws, steps, SAMPLERS, args.threads)
@@ -548,11 +529,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         floor = float(np.mean([r['energy_floor'] for r in toy_rows]))
         b = all_benches['toy']
         grid['benches']['toy'] = {
-            'metric': 'energy', 'floor': floor, 'w_train': 1.0,
+            'metric': 'energy', 'floor': floor, 'w_train': b.config['align']['w_train'],
             'floor_text': f'{floor:.4g} (energy distance between two independent exact sample sets of the same size, '
                           f'{b.n // 4} per class).',
             'about': f'2-D mixture, 4 classes, each two Gaussians (std 0.25) opposite on a circle of radius 2; ToyMLP '
-                     f'width {b.config["model"]["width"]}, {b.steps} steps, batch {b.batch_size}, Adam lr '
+                     f'width {b.config["model"]["width"]}, {b.steps} steps, batch {b.batch_size}, '
+                     f'{b.config["optimizer"]["type"]} lr '
                      f'{b.config["optimizer"]["lr"]}, EMA. Metric: energy distance D² between {b.n // 4} samples of '
                      'each class and as many exact samples of p(x|c), averaged over classes. Guidance sharpens '
                      'p(x|c) toward p(x|c) p(c|x)^w, so this metric is smallest for the unguided conditional: it '
@@ -561,11 +543,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         ref = metrics.digits_reference(0)
         b = all_benches['digits']
         grid['benches']['digits'] = {
-            'metric': 'fd', 'floor': ref['fd_floor'], 'w_train': 1.0, 'secondary': 'accuracy',
+            'metric': 'fd', 'floor': ref['fd_floor'], 'w_train': b.config['align']['w_train'], 'secondary': 'accuracy',
             'secondary_floor': ref['accuracy_real'],
             'floor_text': f'{ref["fd_floor"]:.4g} (FD of the {ref["n_test"]} real held-out images).',
             'about': f'scikit-learn digits (8x8, 10 classes), the {ref["n_train"]}-image training split; image_v1 '
-                     f'channels {b.config["model"]["channels"]}, {b.steps} steps, batch {b.batch_size}, Adam lr '
+                     f'channels {b.config["model"]["channels"]}, {b.steps} steps, batch {b.batch_size}, '
+                     f'{b.config["optimizer"]["type"]} lr '
                      f'{b.config["optimizer"]["lr"]}, EMA. Metric: Fréchet distance in the 64-d feature space of an '
                      f'MLP classifier trained deterministically on the training split (n = {ref["n_test"]} samples '
                      f'with the held-out split\'s labels, vs the {ref["n_train"]} training images); accuracy = that '
@@ -577,12 +560,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                              'statistics reward a larger w_train partly because it compresses the effective guidance '
                              '(w - w_train)/(1 + w_train) of a fixed w grid; a larger w_train also needs a larger '
                              'w_sample for the same guidance (see the accuracy table).')
+    w_t = next(iter(grid['benches'].values()))['w_train']
+    w_lo, w_hi = (min(ws) - w_t) / (1 + w_t), (max(ws) - w_t) / (1 + w_t)
     grid['notes'] = [
         '- Spread = sd over training seeds; the evaluation noise is shared by all models (seed 0), so the spread '
         'measures training variability, not sampling noise; sampling noise is bounded by the floor.',
         '- The aligned model\'s w_sample = w_train returns the unguided conditional denoiser at the optimum; its '
-        'w grid therefore spans a smaller range of effective guidance, (w - w_train)/(1 + w_train) ∈ [-0.5, 3.5] for '
-        'w_train = 1, than the baseline\'s [0, 8]. C2\'s "robustness" partly reflects that compression; the matched '
+        f'w grid therefore spans a smaller range of effective guidance, (w - w_train)/(1 + w_train) ∈ [{w_lo:g}, '
+        f'{w_hi:g}] for w_train = {w_t:g}, than the baseline\'s [{min(ws):g}, {max(ws):g}]. C2\'s "robustness" '
+        'partly reflects that compression; the matched '
         'comparison above removes it.',
         '- FLOPs: the aligned step runs both branches on the conditional rows (ratio 2 - uncond_prob = 1.9 at '
         'equal batch); the equal-FLOPs baseline trains 1.9x the steps. The tables\' training seconds are wall '

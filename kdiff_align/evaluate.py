@@ -34,7 +34,9 @@ cli_defaults()  # before k-diffusion is imported
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from .sample import build_denoiser, data_shape  # noqa: E402,F401 (re-exported for claims and tests)
+from .checkpoint import CheckpointError, atomic_write, load_for_inference  # noqa: E402
+from .config import ConfigError, load_config  # noqa: E402
+from .sample import build_denoiser, data_shape, sample  # noqa: E402,F401 (build_denoiser: re-exported for claims)
 
 DETERMINISTIC_SAMPLER = 'dpmpp_2m'
 STOCHASTIC_SAMPLER = 'euler_ancestral'
@@ -42,40 +44,6 @@ STOCHASTIC_SAMPLER = 'euler_ancestral'
 
 class EvaluationError(ValueError):
     """A checkpoint, option or reference set the evaluation cannot use."""
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Checkpoints.
-
-def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(config, inner-model state dict) from a .safetensors export (config in its metadata, upstream's convention)
-    or a .pth dict with 'config' (dict or JSON) and 'model_ema' or 'model', loaded with weights_only=True."""
-    from .config import load_config
-
-    path = Path(path)
-    if not path.is_file():
-        raise EvaluationError(f'checkpoint {str(path)!r} does not exist; pass a .safetensors export or a .pth file')
-    if path.suffix == '.safetensors':
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-        with safe_open(str(path), 'pt') as f:
-            meta = f.metadata() or {}
-        if 'config' not in meta:
-            raise EvaluationError(f'{str(path)!r} has no "config" in its safetensors metadata; export it with '
-                                  'its config (k-diffusion\'s convention) to evaluate it')
-        config, state = json.loads(meta['config']), load_file(str(path))
-    else:
-        try:
-            ckpt = torch.load(path, map_location='cpu', weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing
-            raise EvaluationError(f'cannot read {str(path)!r} as a torch.save file of plain tensors: '
-                                  f'{type(err).__name__}: {err}') from None
-        if not isinstance(ckpt, dict) or 'config' not in ckpt or not ({'model_ema', 'model'} & set(ckpt)):
-            keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
-            raise EvaluationError(f'{str(path)!r} needs the keys "config" and "model_ema" (or "model"); got {keys}')
-        config = json.loads(ckpt['config']) if isinstance(ckpt['config'], str) else ckpt['config']
-        state = ckpt['model_ema'] if 'model_ema' in ckpt else ckpt['model']
-    return load_config(config), state
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -115,18 +83,9 @@ def make_cells(ws: Iterable[float], steps: Iterable[int], samplers: Iterable[str
 def sample_cell(denoiser: nn.Module, config: Mapping[str, Any], cell: Cell, labels: torch.Tensor | None, *,
                 seed: int, n: int | None = None, batch_size: int = 500, device: str | torch.device = 'cpu'
                 ) -> torch.Tensor:
-    """n (default len(labels)) samples at the cell, in batches; the noise of row i depends only on
-    (seed, i, batch_size). labels None: an unconditional model, w = 0 only."""
-    import k_diffusion as K
-
-    from .config import get_sampler, make_guided_denoiser
-
-    model = config['model']
-    sigmas = K.sampling.get_sigmas_karras(cell.steps, model['sigma_min'], model['sigma_max'], rho=7., device=device)
-    sampler = get_sampler(cell.sampler)
-    conditional = labels is not None
-    guided = make_guided_denoiser(config, denoiser, w=cell.w) if conditional else denoiser
-    if not conditional and cell.w != 0:
+    """n (default len(labels)) samples at the cell with sample.sample, in batches; the noise of row i depends
+    only on (seed, i, batch_size). labels None: an unconditional model, w = 0 only."""
+    if labels is None and cell.w != 0:
         raise EvaluationError(f'an unconditional model samples only at w = 0, got w = {cell.w}')
     if n is None:
         if labels is None:
@@ -140,8 +99,9 @@ def sample_cell(denoiser: nn.Module, config: Mapping[str, Any], cell: Cell, labe
             rows = min(batch_size, n - start)
             noise = torch.randn(rows, *data_shape(config), generator=gen).to(device)
             torch.manual_seed(seed * 100_003 + k)  # the ancestral samplers' fresh noise
-            extra = {'class_cond': labels[start:start + rows].to(device)} if conditional else {}
-            out.append(sampler(guided, noise * sigmas[0], sigmas, extra_args=extra, disable=True).float().cpu())
+            batch_labels = None if labels is None else labels[start:start + rows]
+            out.append(sample(denoiser, config, noise, batch_labels, cell.w, steps=cell.steps,
+                              sampler=cell.sampler).float().cpu())
     return torch.cat(out)
 
 
@@ -285,13 +245,6 @@ def cell_path(out_dir: Path, model: str, cell: Cell) -> Path:
     return Path(out_dir) / 'cells' / model / f'{cell.key}.json'
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def run_sweep(models: Mapping[str, tuple[Mapping[str, Any], nn.Module]], cells: Sequence[Cell], task: Task | Callable,
               out_dir: str | Path, *, seed: int = 0, batch_size: int = 500, device: str | torch.device = 'cpu',
               preview: int | None = None, progress: bool = True, extra: Mapping[str, Any] | None = None) -> SweepResult:
@@ -330,8 +283,10 @@ def run_sweep(models: Mapping[str, tuple[Mapping[str, Any], nn.Module]], cells: 
         path.parent.mkdir(parents=True, exist_ok=True)
         k = preview if preview is not None else (200 if x.ndim == 2 else 8)
         keep = torch.cat([(t.labels == c).nonzero().squeeze(1)[:k] for c in t.labels.unique()])
-        torch.save({'samples': x[keep].clone(), 'labels': t.labels[keep].clone()}, path.with_suffix('.pt'))
-        _atomic_write_text(path, json.dumps(row, indent=1))  # written last: its existence marks the cell done
+        kept = {'samples': x[keep].clone(), 'labels': t.labels[keep].clone()}
+        atomic_write(path.with_suffix('.pt'), lambda tmp: torch.save(kept, tmp))
+        text = json.dumps(row, indent=1)
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text))  # written last: its existence marks the cell done
         rows.append(row)
         computed.append((name, cell.key))
     return SweepResult(rows, computed, skipped)
@@ -413,7 +368,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             name = Path(path).stem
             while name in models:
                 name += '_'
-            config, state = load_checkpoint(path)
+            config, state = load_for_inference(path)
+            config = load_config(config)
             models[name] = (config, build_denoiser(config, state, args.device))
             names.append(name)
         kinds = {c['dataset']['type'] for c, _ in models.values()}
@@ -425,7 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         first_config = next(iter(models.values()))[0]
         kind = first_config['dataset']['type']
         task = make_task(first_config, args.n, args.seed, **({} if kind in ('toy', 'digits') else image_kwargs))
-    except (EvaluationError, FileNotFoundError) as err:
+    except (EvaluationError, CheckpointError, ConfigError, FileNotFoundError) as err:
         print(f'error: {err}', file=sys.stderr)
         return 2
     result = run_sweep(models, cells, task, args.out, seed=args.seed, batch_size=args.batch_size,

@@ -74,3 +74,19 @@ class CallCounter(torch.nn.Module):
     def forward(self, input, *args, **kwargs):
         self.calls.append((input.shape[0], torch.is_grad_enabled()))
         return self.inner(input, *args, **kwargs)
+
+
+def kill_9_after_checkpoint(argv, env, run_dir, step: int, timeout: float = 300) -> int:
+    """Starts a training CLI, SIGKILLs it once run_dir/latest.json reaches `step`; returns the step it holds."""
+    import json
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest, deadline = run_dir / 'latest.json', time.time() + timeout
+    while time.time() < deadline and not (latest.exists() and json.loads(latest.read_text())['step'] >= step):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, 'the run finished before it could be killed'
+    return json.loads(latest.read_text())['step']

@@ -4,11 +4,14 @@ import csv
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from kdiff_align import bench, claims
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_verdict_rule_follows_the_numbers():
@@ -25,6 +28,20 @@ def test_verdict_rule_follows_the_numbers():
 def test_matched_w_maps_effective_guidance():
     # (w_sample - w_train) / (1 + w_train) = w  (docs/design.md section 2)
     assert claims.matched_w(0., 1.) == 1. and claims.matched_w(1., 1.) == 3. and claims.matched_w(2., 2.) == 8.
+
+
+@pytest.mark.parametrize('quick', [False, True])
+def test_variants_are_the_shipped_configs_up_to_their_named_overrides(quick):
+    from kdiff_align.config import load_config
+
+    for b in claims.benches(quick).values():
+        for variant in claims.variants():
+            shipped = load_config(ROOT / 'configs' / f'{b.name}_{variant.config}.json')
+            named = set(variant.overrides) | (set(claims.QUICK[b.name]) if quick else set())
+            extra = claims.differences(claims.variant_config(b, variant), shipped) - named
+            assert not extra, f'{b.name} {variant.name} differs from configs/{b.name}_{variant.config}.json ' \
+                f'in {sorted(extra)}, which are not its named overrides'
+    assert claims.differences({'a': {'b': 1, 'c': 2}}, {'a': {'b': 1, 'c': 3}, 'd': 0}) == {'a.c', 'd'}
 
 
 def test_quick_claims_end_to_end_and_resume(tmp_path):
@@ -47,7 +64,10 @@ def test_quick_claims_end_to_end_and_resume(tmp_path):
     for r in rows:
         per_model.setdefault((r['bench'], r['variant'], r['train_seed']), set()).add((r['sampler'], r['steps'], r['w']))
     assert len(per_model) == 2 * 4 * 2
-    assert len(per_model[('toy', 'baseline', '0')]) == 8 and len(per_model[('toy', 'aligned', '0')]) == 12
+    w_train = claims.benches(True)['toy'].config['align']['w_train']   # the shipped config's
+    matched = {claims.matched_w(w, w_train) for w in (0., 2.)} - {0., 2.}
+    assert len(per_model[('toy', 'baseline', '0')]) == 8
+    assert len(per_model[('toy', 'aligned', '0')]) == 8 + 2 * 2 * len(matched)
     assert {r['train_steps'] for r in rows if r['variant'] == 'baseline_equal_flops' and r['bench'] == 'toy'} == \
         {str(round(40 * 1.9))}
     for name in ('toy_energy_vs_w.png', 'digits_fd_vs_steps.png', 'toy_samples_aligned-seed0.png'):
@@ -55,10 +75,17 @@ def test_quick_claims_end_to_end_and_resume(tmp_path):
     # Verdicts in the report are the rule applied to the rows it wrote.
     table = [json.loads(json.dumps(r)) for r in json.loads((out / 'results.json').read_text())]
     comps = claims.claim_comparisons(table, 'toy', 'energy', 'aligned', 'baseline', steps_grid=[2, 4],
-                                     ws=[0., 1.])
+                                     ws=[0., 2.])
     expected, counts = claims.verdict(comps['C2'])
     assert f'| C2 | toy (energy) | standard CFG | **{expected}** | {counts["better"]} / {counts["tie"]} / ' \
            f'{counts["worse"]} |' in report
+    # Every model was trained by kdiff_align.train from its variant's config.
+    quick = claims.benches(True)
+    for (bench_name, variant, seed) in per_model:
+        run = work / bench_name / 'runs' / f'{variant}-seed{seed}'
+        config = json.loads((run / 'config.json').read_text())
+        expected = claims.variant_config(quick[bench_name], {v.name: v for v in claims.variants()}[variant])
+        assert config == json.loads(json.dumps(expected)) and (run / f'{variant}-seed{seed}.safetensors').is_file()
     # A second run reuses every checkpoint and cell.
     bench.main(argv)
     again = json.loads((out / 'run.json').read_text())

@@ -53,3 +53,10 @@ def test_cifar_aligned_trains_on_torchvision_layout(tmp_path):
                                         save_final=False))
     assert result.step == 2 and result.loss is not None and torch.isfinite(torch.tensor(result.loss))
     assert (tmp_path / 'runs' / 'cifar' / 'metrics.csv').read_text().count('\n') == 2
+
+
+@pytest.mark.parametrize('path', sorted((ROOT / 'configs').glob('*.json')), ids=lambda p: p.stem)
+def test_every_shipped_config_loads_from_the_one_entry_point(path):
+    config = load_config(path)   # Stable Diffusion configs included
+    assert load_config(config) == config
+    assert make_denoiser_wrapper(config, uncond={}).keywords['guidance_scale'] == config['align']['w_train']

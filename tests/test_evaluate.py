@@ -8,6 +8,7 @@ import torch
 
 from conftest import randomize_
 from kdiff_align import evaluate, metrics
+from kdiff_align.checkpoint import CheckpointError, load_for_inference
 from kdiff_align.config import load_config, make_model
 from kdiff_align.claims import toy_config
 
@@ -37,7 +38,8 @@ def test_load_checkpoint_pth_and_safetensors_give_the_same_model(tmp_path, toy):
     x, sigma, labels = torch.randn(5, 2), torch.full((5,), 1.5), torch.tensor([0, 1, 2, 3, 0])
     outs = []
     for p in paths:
-        cfg, state = evaluate.load_checkpoint(p)
+        cfg, state = load_for_inference(p)   # the one reader of sample, evaluate and claims
+        cfg = load_config(cfg)
         assert cfg == config
         outs.append(evaluate.build_denoiser(cfg, state)(x, sigma, class_cond=labels))
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
@@ -45,11 +47,14 @@ def test_load_checkpoint_pth_and_safetensors_give_the_same_model(tmp_path, toy):
 
 def test_load_checkpoint_errors_name_the_problem(tmp_path, toy):
     config, model = toy
-    with pytest.raises(evaluate.EvaluationError, match='does not exist'):
-        evaluate.load_checkpoint(tmp_path / 'missing.pth')
+    with pytest.raises(CheckpointError, match='missing.pth.*does not exist'):
+        load_for_inference(tmp_path / 'missing.pth')
     torch.save({'weights': model.state_dict()}, tmp_path / 'bad.pth')
-    with pytest.raises(evaluate.EvaluationError, match=r'needs the keys "config" and "model_ema" \(or "model"\)'):
-        evaluate.load_checkpoint(tmp_path / 'bad.pth')
+    with pytest.raises(CheckpointError, match=r'bad.pth.*needs the keys "config" and "model_ema" \(or "model"\)'):
+        load_for_inference(tmp_path / 'bad.pth')
+    (tmp_path / 'cut.safetensors').write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{"a"')
+    with pytest.raises(CheckpointError, match=r"cannot read safetensors export '.*cut.safetensors'"):
+        load_for_inference(tmp_path / 'cut.safetensors')
     with pytest.raises(evaluate.EvaluationError, match="sampler 'nope' is unknown"):
         evaluate.make_cells([1.], [4], ['nope'])
     with pytest.raises(evaluate.EvaluationError, match='must be >= 0'):
@@ -143,3 +148,16 @@ def test_fid_without_weights_on_disk_and_offline_prints_one_error_line(tmp_path,
     assert code == 2 and len(lines) == 2 and lines[0].startswith('Downloading inception-2015-12-05.pt with clean-fid')
     assert lines[1].startswith('error: inception-2015-12-05.pt is not on disk and clean-fid could not download it')
     assert 'to run offline' in lines[1] and '--inception PATH' in lines[1] and metrics.INCEPTION_ENV in lines[1]
+
+
+def test_sample_cell_is_sample_on_its_seeded_noise(toy):
+    from kdiff_align.sample import sample
+
+    config, model = toy
+    denoiser = evaluate.build_denoiser(config, model.state_dict())
+    labels = torch.tensor([0, 1, 2, 3])
+    cell = evaluate.Cell('euler_ancestral', 3, 1.5)
+    x = evaluate.sample_cell(denoiser, config, cell, labels, seed=2, batch_size=4)
+    noise = torch.randn(4, 2, generator=torch.Generator().manual_seed(2 * 100_003))
+    torch.manual_seed(2 * 100_003)
+    assert torch.equal(x, sample(denoiser, config, noise, labels, 1.5, steps=3, sampler='euler_ancestral'))

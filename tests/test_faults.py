@@ -5,12 +5,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import kill_9_after_checkpoint
 from kdiff_align import checkpoint as ckpt_lib
 from kdiff_align.train import TrainingError, TrainOptions, train
 
@@ -45,18 +45,8 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
                        '--save-every', '5'), env=ENV, check=True, capture_output=True)
 
     run = tmp_path / 'killed'
-    proc = subprocess.Popen(cli('--config', str(config), '--out-dir', str(tmp_path), '--name', 'killed',
-                                '--end-step', str(end), '--save-every', '5'),
-                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        latest = run / 'latest.json'
-        if latest.exists() and json.loads(latest.read_text())['step'] >= 10:
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, 'the run finished before it could be killed'
-    killed_at = json.loads((run / 'latest.json').read_text())['step']
+    killed_at = kill_9_after_checkpoint(cli('--config', str(config), '--out-dir', str(tmp_path), '--name', 'killed',
+                                            '--end-step', str(end), '--save-every', '5'), ENV, run, 10, timeout=120)
     assert 10 <= killed_at < end
 
     subprocess.run(cli('--resume', str(run), '--out-dir', str(tmp_path), '--name', 'killed', '--end-step', str(end),
@@ -92,8 +82,11 @@ def test_corrupt_checkpoint_is_named_and_the_previous_one_still_loads(tmp_path):
     with pytest.raises(ckpt_lib.CheckpointError, match='cannot read checkpoint'):
         ckpt_lib.load_checkpoint(latest)
     torch.save({'format': 'kdiff-align-checkpoint', 'payload': Path('/')}, latest)
-    with pytest.raises(ckpt_lib.CheckpointError, match='cannot read checkpoint'):
+    with pytest.raises(ckpt_lib.CheckpointError, match='cannot read checkpoint') as info:
         ckpt_lib.load_checkpoint(latest)
+    message = str(info.value)   # one line: the file, what it holds, what was expected; not torch's advice
+    assert '\n' not in message and str(latest) in message and 'pathlib.PosixPath' in message
+    assert 'expected a kdiff-align checkpoint' in message and 'weights_only' not in message
     # Resuming from the previous checkpoint continues.
     subprocess.run(cli('--resume', str(previous), '--out-dir', str(tmp_path), '--name', 'run', '--end-step', '6'),
                    env=ENV, check=True, capture_output=True)
@@ -131,3 +124,29 @@ def test_unwritable_output_folder_fails_before_training(tmp_path):
     assert proc.returncode != 0
     assert '--out-dir' in proc.stderr and 'a-file' in proc.stderr and 'Traceback' not in proc.stderr
     assert not (tmp_path / 'a-file').is_dir()
+
+
+def test_sigterm_saves_at_a_step_boundary_and_exits_cleanly(tmp_path, monkeypatch, capsys):
+    from kdiff_align.train import ImageLoss, main
+
+    calls = {'n': 0}
+    loss = ImageLoss.__call__
+
+    def terminated_during_step_3(self, batch):
+        calls['n'] += 1
+        if calls['n'] == 3:
+            signal.raise_signal(signal.SIGTERM)   # as from a scheduler's kill: the handler runs now
+        return loss(self, batch)
+
+    monkeypatch.setattr(ImageLoss, '__call__', terminated_during_step_3)
+    argv = ['--config', str(tiny_digits(tmp_path)), '--out-dir', str(tmp_path), '--name', 'term', '--no-progress',
+            '--demo-every', '0', '--sample-n', '0', '--batch-size', '8', '--seed', '7', '--end-step', '100000',
+            '--save-every', '0', '--log-every', '1']
+    assert main(argv) == 128 + signal.SIGTERM
+    out, err = capsys.readouterr()
+    assert 'SIGTERM: finishing this step and saving a checkpoint' in err and 'Done: step 3' in out
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL   # the handler is the CLI's only while it runs
+    run = tmp_path / 'term'
+    assert ckpt_lib.load_checkpoint(run)['step'] == 3
+    assert [r.split(',')[0] for r in (run / 'metrics.csv').read_text().splitlines()[1:]] == ['1', '2', '3']
+    assert main([*argv[:-6], '--end-step', '5']) == 0 and ckpt_lib.load_checkpoint(run)['step'] == 5

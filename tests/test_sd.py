@@ -1,6 +1,7 @@
 """Stable Diffusion fine-tuning end to end on tiny random components saved in diffusers' layout (offline)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ pytest.importorskip('diffusers')
 pytest.importorskip('peft')
 
 import sd_tiny  # noqa: E402
+from conftest import kill_9_after_checkpoint  # noqa: E402
 
 from kdiff_align.config import ConfigError  # noqa: E402
 
@@ -284,7 +286,7 @@ def test_second_run_skips_vae_and_text_encoder(tiny, lora_run, monkeypatch):
                  '--name', 'resumed', '--end-step', '5', '--batch-size', '2', '--no-progress']) == 0
     assert (tiny['root'] / 'runs' / 'resumed' / 'resumed_lora.safetensors').is_file()
     assert json.loads((tiny['root'] / 'runs' / 'resumed' / 'latest.json').read_text())['latest_checkpoint'] \
-        .endswith('step_00000005.pt')
+        == 'checkpoints/00000005.pth'
 
 
 def test_sample_cli(lora_run, tmp_path):
@@ -356,3 +358,67 @@ def test_train_cli_flags_forwardable(capsys):
     assert 'warning: --demo-every, --compile do not apply' in capsys.readouterr().err
     options = options_from_args(args)
     assert (options.batch_size, options.end_step, options.grad_clip) == (3, 7, SDTrainOptions().grad_clip)
+
+
+# Checkpoints: the engine's exact resume, and nothing but tensors is unpickled.
+
+SD_ENV = {**os.environ, 'K_DIFFUSION_USE_COMPILE': '0', 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1'}
+
+
+def test_kill_9_then_resume_equals_an_uninterrupted_run(tiny, tmp_path, capsys):
+    from kdiff_align import checkpoint as ckpt_lib
+    from kdiff_align.train import main
+
+    config = sd_tiny.sd_config(tiny['pipe'], tiny['data'])
+    config['ema_sched'] = {'type': 'inverse', 'power': 0.75, 'max_value': 0.999}
+    config['dataset']['cache_dir'] = str(tmp_path / 'cache')
+    path = tmp_path / 'sd.json'
+    path.write_text(json.dumps(config))
+    end = 12
+
+    def argv(name):
+        return ['--config', str(path), '--out-dir', str(tmp_path), '--name', name, '--batch-size', '2',
+                '--grad-accum-steps', '2', '--seed', '5', '--end-step', str(end), '--save-every', '2',
+                '--log-every', '1', '--no-progress']
+
+    assert main(argv('full')) == 0   # in this process (one thread, like the CLI runs below)
+    run = tmp_path / 'killed'
+    killed_at = kill_9_after_checkpoint([sys.executable, '-m', 'kdiff_align.train', *argv('killed')], SD_ENV, run, 4)
+    assert 4 <= killed_at < end
+    capsys.readouterr()
+    assert main(argv('killed')) == 0   # the run folder's latest checkpoint, as after any crash
+    assert f'Resuming from {run / "checkpoints" / f"{killed_at:08}.pth"}' in capsys.readouterr().out
+    full, again = ckpt_lib.load_checkpoint(tmp_path / 'full'), ckpt_lib.load_checkpoint(run)
+    assert full['step'] == again['step'] == end and full['batches_seen'] == again['batches_seen'] == 2 * end
+    assert full['model'] and set(full['model']) == set(full['model_ema'])   # the adapter only, and its EMA
+    assert all('lora' in name for name in full['model'])
+    for key in ('model', 'model_ema'):
+        for name, tensor in full[key].items():
+            assert torch.equal(tensor, again[key][name]), f'{key}.{name} differs after kill -9 and resume'
+    rows = [r.split(',')[0] for r in (run / 'metrics.csv').read_text().splitlines()[1:]]
+    assert rows == [str(s) for s in range(1, end + 1)]
+
+
+class _Exploit:
+    """Unpickling this creates a folder: what a crafted checkpoint could do with any code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def test_resume_refuses_a_crafted_pickle(tiny, tmp_path, capsys, no_model_loading):
+    from kdiff_align.sd.train import main
+
+    marker = tmp_path / 'code-ran'
+    evil = tmp_path / 'evil.pth'
+    torch.save({'format': 'kdiff-align-checkpoint', 'step': 1, 'payload': _Exploit(marker)}, evil)
+    path = tmp_path / 'sd.json'
+    path.write_text(json.dumps(sd_tiny.sd_config(tiny['pipe'], tiny['data'])))
+    assert main(['--config', str(path), '--resume', str(evil), '--out-dir', str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert not marker.exists(), 'the checkpoint\'s code ran'
+    assert err.startswith(f"error: cannot read checkpoint '{evil}'") and 'posix.mkdir' in err
+    assert 'expected a kdiff-align checkpoint' in err and '\n' not in err and 'weights_only' not in err

@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import objective
-from ..config import ALIGN_DEFAULTS, ConfigError, _choice, _fail, _number, _validate_align
-from ..config import config_path
+from ..schema import ALIGN_DEFAULTS, ConfigError, choice, fail, number, read_config, validate_align
 
 SECTIONS = ('model', 'dataset', 'optimizer', 'lr_sched', 'ema_sched', 'align')
 PREDICTIONS = ('epsilon', 'v_prediction')
@@ -77,21 +76,13 @@ def is_sd_config(config: Mapping[str, Any]) -> bool:
 
 def load_config(path_or_dict: str | Path | Mapping[str, Any]) -> dict[str, Any]:
     """Defaults merged and the schema validated; paths are resolved against the config file's folder."""
-    base = Path('.')
-    if isinstance(path_or_dict, Mapping):
-        raw = copy.deepcopy(dict(path_or_dict))
-    else:
-        path = config_path(path_or_dict)
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ConfigError(f'config file {str(path)!r} is not valid JSON: {err}') from None
-        base = path.parent
-    if not isinstance(raw, dict):
-        raise ConfigError(f'a config is a JSON object with the sections {", ".join(SECTIONS)}')
-    unknown = sorted(set(raw) - set(SECTIONS))
-    if unknown:
-        raise ConfigError(f'config section {unknown[0]!r} is unknown; allowed sections: {", ".join(SECTIONS)}')
+    raw, base = read_config(path_or_dict, SECTIONS)
+    return make_config(raw, base)
+
+
+def make_config(raw: Mapping[str, Any], base: Path = Path('.')) -> dict[str, Any]:
+    """A raw stable_diffusion config (read_config's) with defaults merged and validated; relative paths that
+    exist under base are made relative to it."""
     if not is_sd_config(raw):
         raise ConfigError(f'config key \'model.type\': got {raw.get("model", {}).get("type")!r}; '
                           'allowed: \'stable_diffusion\' (other model types load with kdiff_align.config)')
@@ -109,9 +100,9 @@ def load_config(path_or_dict: str | Path | Mapping[str, Any]) -> dict[str, Any]:
         model['lora'] = _merge('model.lora', LORA_DEFAULTS, model['lora'])
     for key in ('pretrained', 'pretrained_config'):
         if model[key] is not None and not isinstance(model[key], str):
-            _fail(f'model.{key}', model[key], 'a path (string)')
+            fail(f'model.{key}', model[key], 'a path (string)')
     if dataset['location'] is not None and not isinstance(dataset['location'], str):
-        _fail('dataset.location', dataset['location'], 'a path (string)')
+        fail('dataset.location', dataset['location'], 'a path (string)')
     # Relative paths are relative to the config file, like upstream's dataset.location.
     for section, key in (('model', 'pretrained'), ('model', 'pretrained_config'), ('dataset', 'location'),
                          ('dataset', 'cache_dir')):
@@ -125,51 +116,51 @@ def load_config(path_or_dict: str | Path | Mapping[str, Any]) -> dict[str, Any]:
 def _validate(config: Mapping[str, Any]) -> None:
     model, dataset = config['model'], config['dataset']
     if not model['pretrained']:
-        _fail('model.pretrained', model['pretrained'], 'the path of a local diffusers folder (model_index.json, '
+        fail('model.pretrained', model['pretrained'], 'the path of a local diffusers folder (model_index.json, '
               'unet/, vae/, text_encoder/, tokenizer/, scheduler/) or of a single .safetensors/.ckpt checkpoint')
     if model['prediction'] is not None:
-        _choice('model.prediction', model['prediction'], PREDICTIONS)
-    _number('model.resolution', model['resolution'], lo=8, integer=True)
+        choice('model.prediction', model['prediction'], PREDICTIONS)
+    number('model.resolution', model['resolution'], lo=8, integer=True)
     if model['resolution'] % 8:
-        _fail('model.resolution', model['resolution'], 'a multiple of 8 (the Stable Diffusion VAE downsamples by '
+        fail('model.resolution', model['resolution'], 'a multiple of 8 (the Stable Diffusion VAE downsamples by '
               f'8), e.g. {model["resolution"] // 8 * 8 or 8} or {(model["resolution"] // 8 + 1) * 8}')
     lora = model['lora']
     if lora is not None:
-        _number('model.lora.rank', lora['rank'], lo=1, integer=True)
-        _number('model.lora.alpha', lora['alpha'], lo=0, lo_open=True)
-        _number('model.lora.dropout', lora['dropout'], lo=0, hi=1)
+        number('model.lora.rank', lora['rank'], lo=1, integer=True)
+        number('model.lora.alpha', lora['alpha'], lo=0, lo_open=True)
+        number('model.lora.dropout', lora['dropout'], lo=0, hi=1)
         targets = lora['target_modules']
         if not (isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets)):
-            _fail('model.lora.target_modules', targets, 'a non-empty list of module names, e.g. '
+            fail('model.lora.target_modules', targets, 'a non-empty list of module names, e.g. '
                   '["to_q", "to_k", "to_v", "to_out.0"]')
     if not isinstance(model['gradient_checkpointing'], bool):
-        _fail('model.gradient_checkpointing', model['gradient_checkpointing'], 'true or false')
-    _choice('model.mixed_precision', model['mixed_precision'], MIXED_PRECISIONS)
-    _choice('model.loss_weighting', model['loss_weighting'], objective.WEIGHTINGS)
-    _choice('dataset.type', dataset['type'], ('sd-captions',))
+        fail('model.gradient_checkpointing', model['gradient_checkpointing'], 'true or false')
+    choice('model.mixed_precision', model['mixed_precision'], MIXED_PRECISIONS)
+    choice('model.loss_weighting', model['loss_weighting'], objective.WEIGHTINGS)
+    choice('dataset.type', dataset['type'], ('sd-captions',))
     if not dataset['location']:
-        _fail('dataset.location', dataset['location'], 'the path of an image folder with captions')
+        fail('dataset.location', dataset['location'], 'the path of an image folder with captions')
     ext = dataset['caption_ext']
     if not (isinstance(ext, str) and (ext == 'metadata.jsonl' or (ext.startswith('.') and len(ext) > 1))):
-        _fail('dataset.caption_ext', ext, "'.txt' (or another sidecar extension such as '.caption') or "
+        fail('dataset.caption_ext', ext, "'.txt' (or another sidecar extension such as '.caption') or "
               "'metadata.jsonl'")
-    _number('dataset.cond_dropout_rate', dataset['cond_dropout_rate'], lo=0, hi=1)
+    number('dataset.cond_dropout_rate', dataset['cond_dropout_rate'], lo=0, hi=1)
     if dataset['cache_dir'] is not None and not isinstance(dataset['cache_dir'], str):
-        _fail('dataset.cache_dir', dataset['cache_dir'], 'a folder path or null')
+        fail('dataset.cache_dir', dataset['cache_dir'], 'a folder path or null')
     opt = config['optimizer']
-    _choice('optimizer.type', opt['type'], ('adamw', 'adam', 'sgd'))
-    _number('optimizer.lr', opt['lr'], lo=0, lo_open=True)
-    _number('optimizer.weight_decay', opt['weight_decay'], lo=0)
-    _choice('lr_sched.type', config['lr_sched']['type'], ('constant',))
-    _number('lr_sched.warmup', config['lr_sched']['warmup'], lo=0, hi=1)
+    choice('optimizer.type', opt['type'], ('adamw', 'adam', 'sgd'))
+    number('optimizer.lr', opt['lr'], lo=0, lo_open=True)
+    number('optimizer.weight_decay', opt['weight_decay'], lo=0)
+    choice('lr_sched.type', config['lr_sched']['type'], ('constant',))
+    number('lr_sched.warmup', config['lr_sched']['warmup'], lo=0, hi=1)
     if config['lr_sched']['warmup'] == 1:
-        _fail('lr_sched.warmup', 1, 'a number in [0, 1) (the lr is lr * (1 - warmup ** (step + 1)))')
+        fail('lr_sched.warmup', 1, 'a number in [0, 1) (the lr is lr * (1 - warmup ** (step + 1)))')
     ema = config['ema_sched']
     if ema is not None:
-        _choice('ema_sched.type', ema['type'], ('inverse',))
-        _number('ema_sched.power', ema['power'], lo=0, lo_open=True)
-        _number('ema_sched.max_value', ema['max_value'], lo=0, hi=1)
-    _validate_align(config['align'])
+        choice('ema_sched.type', ema['type'], ('inverse',))
+        number('ema_sched.power', ema['power'], lo=0, lo_open=True)
+        number('ema_sched.max_value', ema['max_value'], lo=0, hi=1)
+    validate_align(config['align'])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -300,9 +291,14 @@ def find_captioned_images(location: str | Path, caption_ext: str = '.txt') -> li
     return [(p, p.with_suffix(caption_ext).read_text().strip()) for p in images]
 
 
-def check_inputs(config: Mapping[str, Any]) -> tuple[dict[str, Any], list[tuple[Path, str]]]:
-    """Validates everything a loaded config points at; returns (config with model resolved, captioned items)."""
+def resolve_model(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The config with its model section checked against the weights it points at (check_model)."""
     config = copy.deepcopy(dict(config))
     config['model'] = check_model(config['model'])
-    items = find_captioned_images(config['dataset']['location'], config['dataset']['caption_ext'])
-    return config, items
+    return config
+
+
+def check_inputs(config: Mapping[str, Any]) -> tuple[dict[str, Any], list[tuple[Path, str]]]:
+    """Validates everything a loaded config points at; returns (config with model resolved, captioned items)."""
+    config = resolve_model(config)
+    return config, find_captioned_images(config['dataset']['location'], config['dataset']['caption_ext'])

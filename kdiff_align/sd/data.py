@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from ..checkpoint import atomic_write
+
 CACHE_VERSION = 1
 
 
@@ -59,8 +61,9 @@ class LatentCache:
 
     def __init__(self, mean: torch.Tensor, std: torch.Tensor, embeddings: torch.Tensor, caption_index: torch.Tensor,
                  captions: Sequence[str]):
-        self.mean, self.std = mean, std
-        self.embeddings, self.caption_index = embeddings, caption_index
+        # Contiguous, as they are when read back from the file: the same memory layout gives the same floats.
+        self.mean, self.std = mean.contiguous(), std.contiguous()
+        self.embeddings, self.caption_index = embeddings.contiguous(), caption_index.contiguous()
         self.captions = list(captions)
 
     def __len__(self) -> int:
@@ -77,12 +80,10 @@ class LatentCache:
     def save(self, path: Path, key: str) -> None:
         from safetensors.torch import save_file
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix('.tmp')
-        save_file({'mean': self.mean.contiguous(), 'std': self.std.contiguous(),
-                   'embeddings': self.embeddings.contiguous(), 'caption_index': self.caption_index.contiguous()},
-                  str(tmp), metadata={'fingerprint': key, 'captions': json.dumps(self.captions)})
-        tmp.replace(path)
+        tensors = {'mean': self.mean, 'std': self.std, 'embeddings': self.embeddings,
+                   'caption_index': self.caption_index}
+        meta = {'fingerprint': key, 'captions': json.dumps(self.captions)}
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     @classmethod
     def load(cls, path: Path, key: str) -> LatentCache | None:

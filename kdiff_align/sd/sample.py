@@ -29,11 +29,15 @@ from ..guidance import GuidedDenoiser, cfg_scale_to_w, w_to_cfg_scale
 SCHEDULES = ('karras', 'discrete')
 
 
-def load_lora(unet: torch.nn.Module, path: str | Path) -> None:
-    """Loads a LoRA file (diffusers, peft or kohya keys) into the UNet, as diffusers' load_lora_weights does."""
+def load_lora(unet: torch.nn.Module, lora: str | Path | Mapping[str, torch.Tensor]) -> None:
+    """Loads a LoRA (a file or its weights; diffusers, peft or kohya keys) into the UNet, as diffusers'
+    load_lora_weights does."""
     from diffusers import StableDiffusionPipeline
 
-    state_dict, network_alphas = StableDiffusionPipeline.lora_state_dict(str(path))
+    from ..checkpoint import load_for_inference
+
+    weights = lora if isinstance(lora, Mapping) else load_for_inference(lora, need_config=False)[1]
+    state_dict, network_alphas = StableDiffusionPipeline.lora_state_dict(dict(weights))
     StableDiffusionPipeline.load_lora_into_unet(state_dict, network_alphas=network_alphas, unet=unet)
 
 
@@ -125,6 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ..env import cli_defaults
     cli_defaults()  # before k-diffusion is imported
     args = _parse(argv)
+    from ..checkpoint import CheckpointError, load_for_inference
     from ..metadata import read_metadata
     from .config import check_model
     from .model import load_components
@@ -150,6 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for key in ('lora', 'unet'):
             if key in export and not Path(export[key]).exists():
                 raise ConfigError(f'--{key} {export[key]!r} does not exist')
+        lora = load_for_inference(export['lora'], need_config=False)[1] if 'lora' in export else None
         if args.cfg_scale is not None:
             w = cfg_scale_to_w(args.cfg_scale)
         elif args.w is not None:
@@ -164,14 +170,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         sampler = args.sampler or align.get('sampler') or 'dpmpp_2m'
         if steps < 1 or args.n < 1:
             raise ConfigError(f'--steps and --n must be >= 1, got {steps} and {args.n}')
-    except ConfigError as err:
+    except (ConfigError, CheckpointError) as err:
         print(f'error: {err}', file=sys.stderr)
         return 2
     dtype = getattr(torch, args.dtype) if args.dtype else (
         torch.float16 if str(args.device).startswith('cuda') else torch.float32)
     components = load_components(model, unet_path=export.get('unet'), dtype=dtype)
-    if 'lora' in export:
-        load_lora(components.unet, export['lora'])
+    if lora is not None:
+        load_lora(components.unet, lora)
     prompts = [p for p in args.prompt for _ in range(args.n)]
     images = generate(components, prompts, w=w, sampler=sampler, steps=steps, schedule=args.schedule,
                       resolution=model['resolution'], seed=args.seed, negative_prompt=args.negative_prompt,

@@ -5,7 +5,9 @@ the conditional rows and their null-condition twins (the empty-prompt embedding)
 (docs/design.md section 1). Each step draws DDPM timesteps t uniformly from the training schedule, sigma =
 sigmas[t], latents from the cached VAE posterior and the cached caption embeddings (data.py): after the
 first run's caching pass the VAE and text encoder are not used. LoRA via peft (model.lora) or a full
-fine-tune (model.lora = null); accelerate for mixed precision, gradient accumulation and multi-GPU.
+fine-tune (model.lora = null). The loop is kdiff_align.engine's, as for every run: accelerate (mixed precision,
+multi-GPU), gradient accumulation, EMA, atomic checkpoints that resume exactly (a LoRA run's hold the adapter
+only), SIGINT / SIGTERM.
 
 Outputs in <out-dir>/<name>/: config.json, args.json, metrics.csv, checkpoints/ + latest.json (resumable),
 and the export: <name>_lora.safetensors (diffusers' load_lora_weights format) plus
@@ -17,46 +19,32 @@ hosts' cfg scale s = 1 + w).
 from __future__ import annotations
 
 import argparse
-import copy
-import csv
 import dataclasses
 import json
-import signal
 import sys
-import time
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..checkpoint import CheckpointError, resolve_checkpoint
-from ..config import ConfigError
-from ..schedulers import make_optimizer
-from ..train import TrainingError  # one error type for both training paths
+from .. import engine
+from ..checkpoint import CheckpointError, atomic_write
+from ..config import ConfigError, load_config, make_denoiser_wrapper
+from ..engine import TrainingError
 
 
 @dataclasses.dataclass
-class SDTrainOptions:
+class SDTrainOptions(engine.RunOptions):
     """The run's options; the names match kdiff_align.train's CLI flags."""
 
-    name: str = 'sd'                    # run name: outputs go to <out_dir>/<name>/
-    out_dir: str = 'runs'               # parent folder of run folders
-    batch_size: int = 4                 # per process, per micro-batch
-    grad_accum_steps: int = 1           # micro-batches per optimizer step
-    lr: float | None = None             # overrides optimizer.lr
-    mixed_precision: str | None = None  # 'no' | 'fp16' | 'bf16'; overrides model.mixed_precision
-    grad_clip: float = 1.0              # max global grad norm; 0: no clipping
-    save_every: int = 1000              # checkpoint + export every this many steps (and at the end)
-    end_step: int | None = 1000         # stop after this many optimizer steps (None: until interrupted)
-    resume: str | None = None           # a checkpoint, or a run folder (its latest.json)
-    seed: int | None = None             # None: a random seed, recorded in the checkpoint
-    log_every: int = 25                 # metrics.csv row every this many steps
-    w_train: float | None = None        # overrides align.w_train (paper's w)
-    w_sample: float | None = None       # overrides align.w_sample (paper's w; cfg scale = 1 + w)
+    name: str = 'sd'
+    batch_size: int = 4
+    grad_clip: float = 1.0
+    save_every: int = 1000
+    end_step: int | None = 1000
     cache_batch_size: int = 8           # images per VAE call in the caching pass
-    progress: bool = True               # tqdm progress bars
 
 
 @dataclasses.dataclass
@@ -75,79 +63,30 @@ class SDTrainResult:
     cache_built: bool
     unet: Any = None
     seconds: float = 0.0
+    interrupted: bool = False
 
 
-METRICS_COLUMNS = ('step', 'epoch', 'loss', 'lr', 'ema_decay', 'grad_norm', 'it_per_s', 'elapsed_s')
 DTYPES = {'no': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
 
 
-def resolve_config(config: str | Path | Mapping[str, Any], options: SDTrainOptions) -> dict[str, Any]:
-    """The loaded config with the CLI overrides applied and validated."""
-    from .config import load_config
+@dataclasses.dataclass
+class LatentLoss:
+    """Per-sample aligned losses of a batch of cached rows: DDPM timesteps t drawn uniformly, sigma = sigmas[t],
+    latents drawn from the cached VAE posterior (the global RNG, which checkpoints restore)."""
 
-    raw = copy.deepcopy(load_config(config))
-    if options.lr is not None:
-        raw['optimizer']['lr'] = options.lr
-    if options.mixed_precision is not None:
-        raw['model']['mixed_precision'] = options.mixed_precision
-    if options.w_train is not None:
-        raw['align']['w_train'] = options.w_train
-    if options.w_sample is not None:
-        raw['align']['w_sample'] = options.w_sample
-    return load_config(raw)
+    model: torch.nn.Module              # the AlignedDenoiser around the DDPM-wrapped UNet
+    cache: Any                          # data.LatentCache
+    sigmas: torch.Tensor                # the DDPM schedule's noise levels, one per timestep
+    device: torch.device
 
+    def __call__(self, batch: tuple[int, torch.Tensor]) -> torch.Tensor:
+        from .model import COND_KEY
 
-def _check_options(options: SDTrainOptions) -> None:
-    for key in ('batch_size', 'grad_accum_steps', 'log_every', 'cache_batch_size'):
-        value = getattr(options, key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f'option {key!r}: got {value!r}; allowed: an integer >= 1')
-    if options.end_step is not None and options.end_step < 0:
-        raise ConfigError(f'option \'end_step\': got {options.end_step}; allowed: an integer >= 0 or None')
-    if options.save_every < 0 or options.grad_clip < 0:
-        raise ConfigError(f'options save_every and grad_clip must be >= 0, got {options.save_every}, '
-                          f'{options.grad_clip}')
-
-
-class EMA:
-    """An exponential moving average of the trainable parameters (k-diffusion's EMAWarmup schedule)."""
-
-    def __init__(self, params: Mapping[str, torch.nn.Parameter], sched: Mapping[str, Any]):
-        from k_diffusion.utils import EMAWarmup
-
-        self.params = dict(params)
-        self.shadow = {k: p.detach().clone().float() for k, p in self.params.items()}
-        self.sched = EMAWarmup(power=sched['power'], max_value=sched['max_value'])
-
-    @torch.no_grad()
-    def update(self) -> float:
-        decay = self.sched.get_value()
-        for k, p in self.params.items():
-            self.shadow[k].lerp_(p.detach().float(), 1 - decay)
-        self.sched.step()
-        return decay
-
-    @contextmanager
-    def swapped_in(self):
-        """Temporarily puts the averaged values into the parameters."""
-        backup = {k: p.detach().clone() for k, p in self.params.items()}
-        with torch.no_grad():
-            for k, p in self.params.items():
-                p.copy_(self.shadow[k])
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for k, p in self.params.items():
-                    p.copy_(backup[k])
-
-    def state_dict(self) -> dict[str, Any]:
-        return {'shadow': self.shadow, 'sched': self.sched.state_dict()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        for k, v in state['shadow'].items():
-            self.shadow[k].copy_(v)
-        self.sched.load_state_dict(state['sched'])
+        _, rows = batch
+        latents, cond = self.cache.batch(rows, None, self.device)
+        t = torch.randint(0, self.sigmas.shape[0], (latents.shape[0],)).to(self.device)
+        noise = torch.randn(latents.shape).to(self.device)
+        return self.model.loss(latents, noise, self.sigmas[t], **{COND_KEY: cond})
 
 
 def add_lora(unet: torch.nn.Module, lora: Mapping[str, Any], weight_dtype: torch.dtype) -> None:
@@ -192,14 +131,13 @@ def export_lora(unet: torch.nn.Module, config: Mapping[str, Any], path: Path) ->
             'kdiff_align.prediction': config['model']['prediction'],
             'kdiff_align.resolution': str(config['model']['resolution'])}
     diffusers_state = {f'unet.{k}': v for k, v in convert_state_dict_to_diffusers(peft_state).items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(diffusers_state, str(path), metadata=meta)
+    atomic_write(path, lambda tmp: save_file(diffusers_state, tmp, metadata=meta))
     kohya = convert_state_dict_to_kohya({f'unet.{k}': v for k, v in peft_state.items()})
     kohya = {k: v.float().contiguous() for k, v in kohya.items()}   # alpha as a float scalar, like kohya's
     kohya_path = path.with_name(path.stem + '_kohya.safetensors')
-    save_file(kohya, str(kohya_path), metadata={**meta, 'ss_network_module': 'networks.lora',
-                                                'ss_network_dim': str(lora['rank']),
-                                                'ss_network_alpha': str(lora['rank'])})
+    kohya_meta = {**meta, 'ss_network_module': 'networks.lora', 'ss_network_dim': str(lora['rank']),
+                  'ss_network_alpha': str(lora['rank'])}
+    atomic_write(kohya_path, lambda tmp: save_file(kohya, tmp, metadata=kohya_meta))
     return path, kohya_path
 
 
@@ -214,41 +152,35 @@ def export_unet(unet: torch.nn.Module, config: Mapping[str, Any], folder: Path) 
     return folder
 
 
-def train(config: str | Path | Mapping[str, Any], options: SDTrainOptions | None = None, *,
+def export_run(unet: torch.nn.Module, config: Mapping[str, Any], run_dir: Path, name: str, step: int
+               ) -> tuple[Path | None, Path | None, Path | None]:
+    """(LoRA, its kohya twin, None) or (None, None, unet/) of the (EMA-swapped) UNet."""
+    if config['model']['lora'] is not None:
+        return (*export_lora(unet, config, run_dir / f'{name}_lora.safetensors'), None)
+    return None, None, export_unet(unet, config, run_dir / 'unet')
+
+
+def train(config: str | Path | Mapping[str, Any] | None, options: SDTrainOptions | None = None, *,
           should_stop: Callable[[], bool] | None = None) -> SDTrainResult:
     """Runs (or resumes) a fine-tuning run; every input is validated before a model is loaded."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
-    from ..config import align_section
-    from ..objective import AlignedDenoiser
-    from .config import check_inputs
+    from .config import find_captioned_images, resolve_model
     from .data import batch_indices, build_cache, cache_path, fingerprint
-    from .model import COND_KEY, load_components, make_denoiser, null_condition
+    from .model import load_components, make_denoiser, null_condition
 
-    options = options or SDTrainOptions()
-    _check_options(options)
-    resume_path = resolve_checkpoint(options.resume) if options.resume else None
-    resume_state = torch.load(resume_path, map_location='cpu', weights_only=False) if resume_path else None
-    if config is None:
-        if resume_state is None:
-            raise ConfigError('pass a config (--config) or a checkpoint to resume (--resume)')
-        config = resume_state['config']
-    config = resolve_config(config, options)
-    config, items = check_inputs(config)   # weights path, prediction type, resolution, captions
-    model_cfg, align = config['model'], align_section(config)
-
-    mixed_precision = model_cfg['mixed_precision']
-    accelerator = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=options.grad_accum_steps)
-    device = accelerator.device
-    seed = options.seed if options.seed is not None else (
-        resume_state['seed'] if resume_state else int(torch.randint(0, 2 ** 31 - 1, ()).item()))
-    set_seed(seed + accelerator.process_index)
-    run_dir = Path(options.out_dir) / options.name
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / 'config.json').write_text(json.dumps(config, indent=2) + '\n')
-        (run_dir / 'args.json').write_text(json.dumps({**dataclasses.asdict(options), 'seed': seed}, indent=2) + '\n')
+    options = dataclasses.replace(options or SDTrainOptions())
+    engine.check_options(options)
+    if options.cache_batch_size < 1:
+        raise ConfigError(f'--cache-batch-size: got {options.cache_batch_size!r}; allowed: an integer >= 1')
+    run_dir = engine.make_run_dir(options.out_dir, options.name)
+    ckpt = engine.find_checkpoint(options.resume, run_dir)
+    config = engine.resolve_config(None if config is None else load_config(config), ckpt, options,
+                                   resolve=resolve_model)   # weights path, prediction type, resolution
+    model_cfg = config['model']
+    items = find_captioned_images(config['dataset']['location'], config['dataset']['caption_ext'])
+    accelerator = engine.make_accelerator(model_cfg['mixed_precision'])
+    options.seed = engine.shared_seed(options.seed, accelerator)
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    engine.seed_everything(options.seed, rank)
 
     # Components and the caching pass (VAE posterior + caption embeddings, once per dataset).
     components = load_components(model_cfg)
@@ -270,120 +202,31 @@ def train(config: str | Path | Mapping[str, Any], options: SDTrainOptions | None
     # The trainable UNet: LoRA on a frozen base (stored in the mixed-precision dtype), or all weights.
     unet = components.unet
     if model_cfg['lora'] is not None:
-        add_lora(unet, model_cfg['lora'], DTYPES[mixed_precision])
+        add_lora(unet, model_cfg['lora'], DTYPES[model_cfg['mixed_precision']])
     else:
         unet.requires_grad_(True)
     if model_cfg['gradient_checkpointing']:
         unet.enable_gradient_checkpointing()
     unet.train()
-    trainable = {n: p for n, p in unet.named_parameters() if p.requires_grad}
-    opt = make_optimizer(list(trainable.values()), config['optimizer'], config['optimizer']['lr'])
-    warmup = config['lr_sched']['warmup']
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - warmup ** (s + 1))
-    ema = EMA(trainable, config['ema_sched']) if config['ema_sched'] is not None else None
-    unet_prepared, opt, sched = accelerator.prepare(unet, opt, sched)
-    denoiser = make_denoiser(unet_prepared, components.alphas_cumprod, components.prediction).to(device)
-    model = AlignedDenoiser(denoiser, weighting=model_cfg['loss_weighting'], guidance_scale=align['w_train'],
-                            uncond=uncond, uncond_prob=align['uncond_prob'],
-                            stop_grad_uncond=align['stop_grad_uncond'], mix=align['mix'])
-    num_timesteps = components.alphas_cumprod.shape[0]
-
-    step = 0
-    if resume_state is not None:
-        with torch.no_grad():
-            for k, v in resume_state['trainable'].items():
-                trainable[k].copy_(v)
-        opt.load_state_dict(resume_state['opt'])
-        sched.load_state_dict(resume_state['sched'])
-        if ema is not None and resume_state.get('ema') is not None:
-            ema.load_state_dict(resume_state['ema'])
-        step = resume_state['step']
-
-    def save() -> Path | None:
-        if not accelerator.is_main_process:
-            return None
-        ckpt_dir = run_dir / 'checkpoints'
-        ckpt_dir.mkdir(exist_ok=True)
-        path = ckpt_dir / f'step_{step:08}.pt'
-        torch.save({'config': config, 'step': step, 'seed': seed, 'opt': opt.state_dict(),
-                    'sched': sched.state_dict(), 'ema': ema.state_dict() if ema else None,
-                    'trainable': {k: v.detach().cpu() for k, v in trainable.items()}}, path)
-        (run_dir / 'latest.json').write_text(json.dumps({'latest_checkpoint': str(path.relative_to(run_dir))}))
-        return path
-
-    def export() -> tuple[Path | None, Path | None, Path | None]:
-        if not accelerator.is_main_process:
-            return None, None, None
-        base = accelerator.unwrap_model(unet_prepared)
-        with ema.swapped_in() if ema else nullcontext():
-            if model_cfg['lora'] is not None:
-                lora, kohya = export_lora(base, config, run_dir / f'{options.name}_lora.safetensors')
-                return lora, kohya, None
-            return None, None, export_unet(base, config, run_dir / 'unet')
-
-    metrics_path = run_dir / 'metrics.csv'
-    if accelerator.is_main_process and not (resume_state and metrics_path.exists()):
-        with open(metrics_path, 'w', newline='') as f:
-            csv.writer(f).writerow(METRICS_COLUMNS)
-    gen = torch.Generator().manual_seed(seed * 7919 + step + accelerator.process_index)
-    batches = batch_indices(len(cache), options.batch_size, seed=seed, start_step=step * options.grad_accum_steps,
-                            rank=accelerator.process_index, world_size=accelerator.num_processes)
-    losses, checkpoint, last_loss, grad_norm = [], None, None, float('nan')
-    start, window_start, window_steps = time.time(), time.time(), 0
-    bar = None
-    if options.progress and accelerator.is_main_process and options.end_step:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=options.end_step, initial=step, desc='training')
-    lora, kohya, unet_dir = None, None, None
-    epoch = 0
-    while options.end_step is None or step < options.end_step:
-        if should_stop is not None and should_stop():
-            break
-        epoch, rows = next(batches)
-        with accelerator.accumulate(unet_prepared):
-            latents, cond = cache.batch(rows, gen, device)
-            t = torch.randint(0, num_timesteps, (latents.shape[0],), generator=gen).to(device)
-            sigma = denoiser.sigmas[t]                      # DDPM timestep t -> k-diffusion noise level
-            noise = torch.randn(latents.shape, generator=gen).to(device)
-            loss = model.loss(latents, noise, sigma, **{COND_KEY: cond}).mean()
-            if not torch.isfinite(loss):
-                raise TrainingError(f'the loss is {loss.item()} at step {step}; lower the lr or use bf16 / no '
-                                    'mixed precision')
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and options.grad_clip > 0:
-                grad_norm = float(accelerator.clip_grad_norm_(list(trainable.values()), options.grad_clip))
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-        if not accelerator.sync_gradients:
-            continue
-        step += 1
-        window_steps += 1
-        last_loss = accelerator.gather(loss.detach()[None]).mean().item()
-        losses.append(last_loss)
-        decay = ema.update() if ema else 0.0
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f'{last_loss:.4f}')
-        if accelerator.is_main_process and (step % options.log_every == 0 or step == options.end_step):
-            now = time.time()
-            with open(metrics_path, 'a', newline='') as f:
-                csv.writer(f).writerow([step, epoch, f'{last_loss:.6g}', f'{sched.get_last_lr()[0]:.6g}',
-                                        f'{decay:.6g}', f'{grad_norm:.6g}',
-                                        f'{window_steps / max(now - window_start, 1e-9):.4g}',
-                                        f'{now - start:.1f}'])
-            window_start, window_steps = now, 0
-        if options.save_every and step % options.save_every == 0 and step != options.end_step:
-            checkpoint = save()
-            lora, kohya, unet_dir = export()
-    if bar is not None:
-        bar.close()
-    checkpoint = save()
-    lora, kohya, unet_dir = export()
-    accelerator.wait_for_everyone()
-    return SDTrainResult(run_dir=run_dir, step=step, loss=last_loss, losses=losses, checkpoint=checkpoint,
-                         lora=lora, lora_kohya=kohya, unet_dir=unet_dir, cache=cache_file, cache_built=built,
-                         unet=accelerator.unwrap_model(unet_prepared), seconds=time.time() - start)
+    run = engine.Engine(accelerator, unet, config, run_dir, args=dataclasses.asdict(options), ckpt=ckpt,
+                        save_frozen=model_cfg['lora'] is None,   # a LoRA checkpoint holds the adapter only
+                        per_epoch=len(cache) // (options.batch_size * world))
+    denoiser = make_denoiser(run.model, components.alphas_cumprod, components.prediction).to(device)
+    loss = LatentLoss(make_denoiser_wrapper(config, uncond=uncond)(denoiser), cache, denoiser.sigmas, device)
+    batches = batch_indices(len(cache), options.batch_size, seed=options.seed, start_step=run.batches_seen,
+                            rank=rank, world_size=world)
+    if ckpt is not None and accelerator.is_main_process:
+        print(f'Resuming from {ckpt["path"]} at step {run.step}', flush=True)
+    result = run.run(options, batches, loss, should_stop=should_stop,
+                     export=partial(export_run, run.unwrapped, config, run_dir, options.name))
+    lora, kohya = run_dir / f'{options.name}_lora.safetensors', run_dir / f'{options.name}_lora_kohya.safetensors'
+    full = model_cfg['lora'] is None
+    return SDTrainResult(run_dir=run_dir, step=result.step, loss=result.loss, losses=result.losses,
+                         checkpoint=result.checkpoint, lora=None if full or not lora.exists() else lora,
+                         lora_kohya=None if full or not kohya.exists() else kohya,
+                         unet_dir=run_dir / 'unet' if full and (run_dir / 'unet').exists() else None,
+                         cache=cache_file, cache_built=built, unet=run.unwrapped, seconds=result.seconds,
+                         interrupted=result.interrupted)
 
 
 UNUSED_TRAIN_FLAGS = ('--demo-every', '--sample-n', '--evaluate-every', '--evaluate-n', '--num-workers', '--compile',
@@ -393,25 +236,10 @@ UNUSED_TRAIN_FLAGS = ('--demo-every', '--sample-n', '--evaluate-every', '--evalu
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The CLI flags (the same names as python -m kdiff_align.train)."""
     d = SDTrainOptions()
-    p = argparse.ArgumentParser(prog='python -m kdiff_align.sd.train', description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--config', help='a stable_diffusion config, e.g. configs/sd_aligned.json')
-    p.add_argument('--name', default=d.name, help='the run name (its folder under --out-dir)')
-    p.add_argument('--out-dir', default=d.out_dir, help='the parent folder of run folders')
-    p.add_argument('--batch-size', type=int, default=d.batch_size, help='images per process per micro-batch')
-    p.add_argument('--grad-accum-steps', type=int, default=d.grad_accum_steps, help='micro-batches per step')
-    p.add_argument('--lr', type=float, help='the learning rate (overrides optimizer.lr)')
-    p.add_argument('--mixed-precision', choices=('no', 'fp16', 'bf16'), help='overrides model.mixed_precision')
-    p.add_argument('--grad-clip', type=float, default=d.grad_clip, help='max gradient norm (0: off)')
-    p.add_argument('--save-every', type=int, default=d.save_every, help='checkpoint + export every N steps')
-    p.add_argument('--end-step', type=int, default=d.end_step, help='stop after this many optimizer steps')
-    p.add_argument('--resume', help='a checkpoint, or a run folder (its latest.json)')
-    p.add_argument('--seed', type=int, help='the random seed (default: random, recorded)')
-    p.add_argument('--log-every', type=int, default=d.log_every, help='a metrics.csv row every N steps')
-    p.add_argument('--w-train', type=float, help="overrides align.w_train (the paper's w)")
-    p.add_argument('--w-sample', type=float, help="overrides align.w_sample (the paper's w; cfg scale = 1 + w)")
-    p.add_argument('--cache-batch-size', type=int, default=d.cache_batch_size, help='images per VAE call when caching')
-    p.add_argument('--no-progress', action='store_true', help='no progress bars')
+    p = engine.make_parser('python -m kdiff_align.sd.train', __doc__,
+                           'a stable_diffusion config, e.g. configs/sd_aligned.json', d)
+    p.add_argument('--cache-batch-size', type=engine.positive_int, default=d.cache_batch_size,
+                   help='images per VAE call when caching')
     # kdiff_align.train's flags that do not apply here: accepted (so its argv can be forwarded) and reported.
     for flag in UNUSED_TRAIN_FLAGS:
         p.add_argument(flag, nargs='?', const=True, default=None, help=argparse.SUPPRESS)
@@ -451,32 +279,21 @@ def main(config_path_or_dict: str | Path | Mapping[str, Any] | None = None,
         args = parse_args(args)
     if config_path_or_dict is None:
         config_path_or_dict = getattr(args, 'config', None)
-    stop = {'requested': False}
-
-    def on_sigint(signum, frame):
-        if stop['requested']:
-            raise KeyboardInterrupt
-        stop['requested'] = True
-        print('\nInterrupt: finishing this step, then saving a checkpoint and the export (^C again to abort)',
-              file=sys.stderr)
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        result = train(config_path_or_dict, options_from_args(args), should_stop=lambda: stop['requested'])
+        with engine.StopRequest('finishing this step, then saving a checkpoint and the export') as stop:
+            result = train(config_path_or_dict, options_from_args(args), should_stop=stop)
     except (ConfigError, CheckpointError) as err:
         print(f'error: {err}', file=sys.stderr)
         return 2
     except TrainingError as err:
         print(f'error: {err}', file=sys.stderr)
         return 1
-    finally:
-        signal.signal(signal.SIGINT, previous)
     exported = result.lora or result.unet_dir
     print(f'Done: step {result.step}, loss {result.loss if result.loss is None else format(result.loss, ".4g")}, '
           f'{result.seconds:.0f} s. Export: {exported}'
           + (f' (kohya format for ComfyUI/A1111: {result.lora_kohya})' if result.lora_kohya else '')
           + f'; checkpoint: {result.checkpoint}; metrics: {result.run_dir / "metrics.csv"}')
-    return 0
+    return stop.exit_status if result.interrupted else 0
 
 
 if __name__ == '__main__':

@@ -1,0 +1,584 @@
+"""The training engine: the one loop that every kdiff-align training run goes through.
+
+A caller builds what differs (the model, the per-sample loss of a batch, the data, a demo and an export hook).
+The Engine owns the rest: accelerate (devices, mixed precision, processes), the config's optimizer and LR
+schedule, upstream's EMAWarmup, the step with gradient accumulation and the non-finite loss / gradient guard,
+metrics.csv, the progress bar, and atomic checkpoints that resume exactly: model, EMA, optimizer, schedules,
+grad scaler, the RNG states of every process and the data position (batches seen). StopRequest turns SIGINT
+and SIGTERM into "finish this step, save, return".
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import csv
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import checkpoint as ckpt_lib
+from .checkpoint import CheckpointError
+from .config import ConfigError
+from .schedulers import make_ema_sched, make_lr_scheduler, make_optimizer, param_groups
+
+METRICS_COLUMNS = ('step', 'epoch', 'loss', 'lr', 'ema_decay', 'grad_norm', 'it_per_s', 'elapsed_s')
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (a non-finite loss or gradient)."""
+
+
+@dataclasses.dataclass
+class RunOptions:
+    """The options that every training CLI shares (upstream train.py's flag names)."""
+
+    name: str = 'model'                 # run name: outputs go to <out_dir>/<name>/
+    out_dir: str = 'runs'               # parent folder of run folders
+    batch_size: int = 64                # per process, per micro-batch
+    grad_accum_steps: int = 1           # micro-batches per optimizer step
+    lr: float | None = None             # overrides optimizer.lr
+    mixed_precision: str | None = None  # 'no', 'fp16', 'bf16' (None: the config's, or accelerate's default)
+    grad_clip: float = 0.               # max global grad norm; 0: no clipping (upstream does not clip)
+    save_every: int = 10000             # checkpoint (+ export) every this many steps, and always at the end
+    end_step: int | None = None         # stop after this many optimizer steps (None: until interrupted)
+    resume: str | None = None           # a checkpoint, or a run folder (its latest.json)
+    seed: int | None = None             # None: a random seed, recorded in the checkpoint
+    log_every: int = 25                 # metrics.csv row every this many steps
+    w_train: float | None = None        # overrides align.w_train (paper's w)
+    w_sample: float | None = None       # overrides align.w_sample (paper's w; cfg scale = 1 + w)
+    progress: bool = True               # tqdm progress bar
+    save_final: bool = True             # checkpoint + export at the end (False: library callers that keep nothing)
+
+
+def bounded(kind: type, minimum: float, *, strict: bool = False) -> Callable[[str], Any]:
+    """An argparse type: an int (or a finite float) >= minimum, or > minimum when strict."""
+    def parse(text: str):
+        value = kind(text)
+        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+            what = 'an integer' if kind is int else 'a finite number'
+            raise argparse.ArgumentTypeError(f'must be {what} {">" if strict else ">="} {minimum:g}, got {text}')
+        return value
+    parse.__name__ = kind.__name__  # argparse's "invalid int value" for text that is not a number
+    return parse
+
+
+positive_int, nonnegative_int = bounded(int, 1), bounded(int, 0)
+nonnegative_float, positive_float = bounded(float, 0), bounded(float, 0, strict=True)
+
+
+def make_parser(prog: str, description: str, config_help: str, d: RunOptions) -> argparse.ArgumentParser:
+    """A training CLI's parser with --config and RunOptions' flags (d's defaults); callers add their own."""
+    p = argparse.ArgumentParser(prog=prog, description=description,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--config', help=config_help)
+    p.add_argument('--name', default=d.name, help='the name of the run (its folder under --out-dir)')
+    p.add_argument('--out-dir', default=d.out_dir, help='the parent folder of run folders')
+    p.add_argument('--batch-size', type=positive_int, default=d.batch_size, help='the batch size per process')
+    p.add_argument('--grad-accum-steps', type=positive_int, default=d.grad_accum_steps,
+                   help='the number of gradient accumulation steps')
+    p.add_argument('--lr', type=positive_float, help='the learning rate (overrides optimizer.lr)')
+    p.add_argument('--mixed-precision', choices=('no', 'fp16', 'bf16'), help='the mixed precision type')
+    p.add_argument('--grad-clip', type=nonnegative_float, default=d.grad_clip,
+                   help='clip the global gradient norm to this (0: off)')
+    p.add_argument('--save-every', type=nonnegative_int, default=d.save_every,
+                   help='save a checkpoint (and the export) every this many steps')
+    p.add_argument('--end-step', type=nonnegative_int, default=d.end_step,
+                   help='stop after this many steps' + (' (default: run until ^C)' if d.end_step is None else ''))
+    p.add_argument('--resume', help='the checkpoint (or run folder) to resume from')
+    p.add_argument('--seed', type=int, help='the random seed (default: random, recorded in checkpoints)')
+    p.add_argument('--log-every', type=positive_int, default=d.log_every,
+                   help='a metrics.csv row every this many steps')
+    p.add_argument('--w-train', type=nonnegative_float,
+                   help="overrides align.w_train: the training w (paper's; 0 = standard CFG training)")
+    p.add_argument('--w-sample', type=nonnegative_float,
+                   help="overrides align.w_sample: the demo/evaluation w (paper's; cfg scale = 1 + w)")
+    p.add_argument('--no-progress', action='store_true', help='no progress bar')
+    return p
+
+
+@dataclasses.dataclass
+class RunResult:
+    """How the loop ended."""
+
+    step: int
+    loss: float | None              # mean loss of the last log window
+    losses: list[float]             # every step's loss in this call
+    checkpoint: Path | None
+    demo: Path | None
+    seconds: float
+    interrupted: bool
+    is_main: bool
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Before the model: the run folder, the checkpoint to resume, accelerate and the seeds.
+
+def make_run_dir(out_dir: str | Path, name: str) -> Path:
+    """<out_dir>/<name>, created and checked writable before any work."""
+    run_dir = Path(out_dir) / name
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=run_dir).close()
+    except OSError as err:
+        raise ConfigError(f'--out-dir {str(out_dir)!r}: cannot write the run folder {str(run_dir)!r} '
+                          f'({err.strerror or err}); pass a writable --out-dir') from None
+    return run_dir
+
+
+def find_checkpoint(resume: str | Path | None, run_dir: Path) -> dict[str, Any] | None:
+    """The checkpoint to resume: --resume, or (upstream's behaviour) the run folder's latest one, or None."""
+    if resume is not None:
+        return ckpt_lib.load_checkpoint(resume)
+    if (run_dir / ckpt_lib.LATEST).exists():
+        return ckpt_lib.load_checkpoint(run_dir)
+    return None
+
+
+def first_difference(a: Any, b: Any, prefix: str) -> str | None:
+    """The first key whose values differ between a (the config) and b (the checkpoint's), as a message."""
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        for key in sorted(set(a) | set(b)):
+            diff = first_difference(a.get(key), b.get(key), f'{prefix}.{key}')
+            if diff:
+                return diff
+        return None
+    return None if a == b else f'{prefix}: {b!r} in the checkpoint, {a!r} in the config'
+
+
+def check_resume(config: Mapping[str, Any], ckpt: Mapping[str, Any], batch_size: int) -> None:
+    """Refuses a config whose model section differs from the checkpoint's; notes a changed batch size."""
+    diff = first_difference(config['model'], ckpt['config']['model'], 'model')
+    if diff:
+        raise ConfigError(f'the config does not match the checkpoint {ckpt["path"]!r} ({diff}); resume with '
+                          'the same model section, or omit --config to use the checkpoint\'s')
+    old_batch = ckpt['args'].get('batch_size')
+    if old_batch is not None and old_batch != batch_size:
+        print(f'note: --batch-size {batch_size} differs from the checkpoint\'s {old_batch}; the data '
+              'order continues approximately, not exactly', file=sys.stderr)
+
+
+def apply_overrides(config: Mapping[str, Any], options: Any) -> dict[str, Any]:
+    """The config with the CLI's --lr / --w-train / --w-sample (and SD's --mixed-precision), validated."""
+    config = copy.deepcopy(dict(config))
+    if options.lr is not None:
+        config['optimizer']['lr'] = options.lr
+    if options.w_train is not None:
+        config['align']['w_train'] = options.w_train
+    if options.w_sample is not None:
+        config['align']['w_sample'] = options.w_sample
+    if getattr(options, 'mixed_precision', None) is not None and config['model'].get('type') == 'stable_diffusion':
+        config['model']['mixed_precision'] = options.mixed_precision
+    from .config import load_config
+
+    return load_config(config)
+
+
+def check_options(options: Any) -> None:
+    """Every option's range, before any work (the CLI's argparse types check the same for flags)."""
+    def need(ok: bool, flag: str, value: Any, allowed: str) -> None:
+        if not ok:
+            raise ConfigError(f'{flag}: got {value!r}; allowed: {allowed}')
+    need(options.batch_size >= 1, '--batch-size', options.batch_size, 'an integer >= 1')
+    need(options.grad_accum_steps >= 1, '--grad-accum-steps', options.grad_accum_steps, 'an integer >= 1')
+    need(options.lr is None or (math.isfinite(options.lr) and options.lr > 0), '--lr', options.lr, 'a number > 0')
+    need(options.mixed_precision in (None, 'no', 'fp16', 'bf16'), '--mixed-precision', options.mixed_precision,
+         "'no', 'fp16' or 'bf16'")
+    need(math.isfinite(options.grad_clip) and options.grad_clip >= 0, '--grad-clip', options.grad_clip,
+         'a number >= 0 (0: off)')
+    for flag in ('demo_every', 'sample_n', 'evaluate_every', 'evaluate_n', 'save_every'):
+        value = getattr(options, flag, 0)
+        need(value >= 0, '--' + flag.replace('_', '-'), value, 'an integer >= 0')
+    need(options.log_every >= 1, '--log-every', options.log_every, 'an integer >= 1')
+    need(options.end_step is None or options.end_step >= 0, '--end-step', options.end_step, 'an integer >= 0')
+    need(getattr(options, 'num_workers', None) is None or options.num_workers >= 0, '--num-workers',
+         getattr(options, 'num_workers', None), 'an integer >= 0 (0: load in the main process)')
+    for flag in ('w_train', 'w_sample'):
+        value = getattr(options, flag)
+        need(value is None or (math.isfinite(value) and value >= 0), '--' + flag.replace('_', '-'), value,
+             "a number >= 0 (the paper's w; cfg scale = 1 + w)")
+    need(bool(options.name) and '/' not in options.name and options.name not in ('.', '..'), '--name',
+         options.name, 'a folder name without "/"')
+
+
+def resolve_config(config: Mapping[str, Any] | None, ckpt: Mapping[str, Any] | None, options: Any, *,
+                   resolve: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The run's config: the given one (or the resumed checkpoint's) with the CLI's overrides and `resolve`
+    applied (e.g. what the config points at), checked against the checkpoint; options.seed defaults to the
+    checkpoint's."""
+    if config is None:
+        if ckpt is None:
+            raise ConfigError('no config: pass --config, or --resume a checkpoint (which carries its config)')
+        config = ckpt['config']
+    config = apply_overrides(config, options)
+    if resolve is not None:
+        config = resolve(config)
+    if ckpt is not None:
+        check_resume(config, ckpt, options.batch_size)
+        if options.seed is None:
+            options.seed = ckpt['args'].get('seed')
+    return config
+
+
+def make_accelerator(mixed_precision: str | None, *, find_unused_parameters: bool = False):
+    """accelerate's Accelerator; several processes without CUDA (torchrun on CPUs) use gloo, never a silent
+    single process."""
+    import accelerate
+
+    ddp = accelerate.DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)
+    multi_cpu = not torch.cuda.is_available() and int(os.environ.get('WORLD_SIZE', '1')) > 1
+    try:
+        accelerator = accelerate.Accelerator(kwargs_handlers=[ddp], mixed_precision=mixed_precision, cpu=multi_cpu)
+    except ValueError as err:
+        raise ConfigError(f'--mixed-precision {mixed_precision!r}: {err}') from None
+    torch.backends.cuda.matmul.allow_tf32 = True
+    return accelerator
+
+
+def shared_seed(seed: int | None, accelerator) -> int:
+    """seed, or one random seed for all processes (they share the data order)."""
+    if seed is not None:
+        return seed
+    value = [int.from_bytes(os.urandom(4), 'little') >> 1]
+    if accelerator.num_processes > 1:
+        import accelerate
+        accelerate.utils.broadcast_object_list(value)
+    return value[0]
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    """torch, numpy and python seeds; they differ per process (upstream), the data order does not."""
+    torch.manual_seed(seed + 1_000_003 * rank)
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2 ** 32)
+
+
+class StopRequest:
+    """SIGINT / SIGTERM -> finish this step, save a checkpoint and return; a second SIGINT aborts.
+
+    Use as a context manager around training and pass it as should_stop; .signum is the signal received."""
+
+    def __init__(self, message: str = 'finishing this step and saving a checkpoint'):
+        self.message, self.signum, self._previous = message, None, {}
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        what = 'Interrupt' if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f'\n{what}: {self.message} (^C again to abort)', file=sys.stderr)
+
+    def __enter__(self) -> StopRequest:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    @property
+    def exit_status(self) -> int:
+        """The shell's status of a process stopped by the signal (130 for SIGINT), or 0."""
+        return 128 + self.signum if self.signum is not None else 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metrics and EMA.
+
+class MetricsLog:
+    """metrics.csv: one row every log_every steps; rows after a resumed checkpoint's step are dropped."""
+
+    def __init__(self, path: Path, columns: Sequence[str], resume_step: int | None):
+        self.path, self.columns = path, list(columns)
+        rows = []
+        if resume_step is not None and path.exists():
+            with open(path, newline='') as f:
+                rows = [r for r in csv.DictReader(f) if r.get('step', '').isdigit() and int(r['step']) <= resume_step]
+        self.file = open(path, 'w', newline='')
+        self.writer = csv.DictWriter(self.file, self.columns)
+        self.writer.writeheader()
+        self.writer.writerows(rows)
+        self.file.flush()
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        self.writer.writerow({k: row.get(k, '') for k in self.columns})
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class EMA:
+    """Upstream's EMA of a module's trainable parameters: averaged = decay * averaged + (1 - decay) * param, with
+    decay from EMAWarmup (the config's ema_sched). Frozen parameters and buffers are the module's own."""
+
+    def __init__(self, module: nn.Module, ema_config: Mapping[str, Any]):
+        self.module, self.sched = module, make_ema_sched(ema_config)
+        self.params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+        self.averaged = {n: p.detach().clone() for n, p in self.params.items()}
+
+    @torch.no_grad()
+    def update(self) -> float:
+        decay = self.sched.get_value()
+        for name, param in self.params.items():
+            self.averaged[name].mul_(decay).add_(param.detach(), alpha=1 - decay)
+        self.sched.step()
+        return decay
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """The averaged values in the module's parameters for the duration."""
+        backup = {n: p.detach().clone() for n, p in self.params.items()}
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(self.averaged[n])
+        try:
+            yield self.module
+        finally:
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    p.copy_(backup[n])
+
+    def state_dict(self, full: bool) -> dict[str, torch.Tensor]:
+        """The averaged parameters: with the module's frozen weights and buffers (full) or alone."""
+        state = dict(self.module.state_dict()) if full else {}
+        return {**state, **self.averaged}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Mapping[str, torch.Tensor], path: str) -> None:
+        missing = [n for n in self.averaged if n not in state]
+        if missing:
+            raise CheckpointError(f'checkpoint {path!r} has no EMA value for {missing[0]!r} (and {len(missing) - 1} '
+                                  'more); it was saved from another model')
+        for name, value in self.averaged.items():
+            value.copy_(state[name])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The engine.
+
+class Engine:
+    """Optimizer, LR schedule and EMA of one model, the loop, and checkpoints that restore all of it.
+
+    save_frozen False: checkpoints hold the trainable parameters only (the frozen base reloads from its source,
+    e.g. a LoRA on Stable Diffusion). per_epoch: batches per epoch per process (the metrics' epoch column).
+    """
+
+    def __init__(self, accelerator, model: nn.Module, config: Mapping[str, Any], run_dir: Path, *,
+                 args: Mapping[str, Any], ckpt: Mapping[str, Any] | None = None, save_frozen: bool = True,
+                 per_epoch: int = 1):
+        self.accelerator, self.config, self.run_dir, self.args = accelerator, config, Path(run_dir), dict(args)
+        self.save_frozen, self.per_epoch = save_frozen, max(1, per_epoch)
+        self.is_main = accelerator.is_main_process
+        lr = config['optimizer']['lr']
+        opt = make_optimizer(param_groups(model, lr), config['optimizer'], lr)
+        self.sched = make_lr_scheduler(opt, config['lr_sched'])
+        self.model, self.opt = accelerator.prepare(model, opt)
+        self.unwrapped = accelerator.unwrap_model(self.model)
+        self.params = [p for p in self.unwrapped.parameters() if p.requires_grad]
+        self.ema = EMA(self.unwrapped, config['ema_sched']) if config.get('ema_sched') is not None else None
+        self.step = self.batches_seen = 0
+        self.checkpoint: Path | None = None
+        self.resumed_step: int | None = None
+        self._rng = None
+        if ckpt is not None:
+            self._restore(ckpt)
+        if self.is_main:
+            (self.run_dir / 'config.json').write_text(json.dumps(config, indent=2) + '\n')
+            (self.run_dir / 'args.json').write_text(json.dumps(self.args, indent=2) + '\n')
+
+    def _restore(self, ckpt: Mapping[str, Any]) -> None:
+        path = ckpt['path']
+        try:
+            result = self.unwrapped.load_state_dict(ckpt['model'], strict=self.save_frozen)
+        except RuntimeError as err:
+            raise CheckpointError(f'checkpoint {path!r} does not fit the config\'s model: {err}') from None
+        trainable = {n for n, p in self.unwrapped.named_parameters() if p.requires_grad}
+        missing = sorted(trainable & set(result.missing_keys))
+        if missing or result.unexpected_keys:
+            raise CheckpointError(f'checkpoint {path!r} does not fit the config\'s model: missing '
+                                  f'{missing[:3]}, unexpected {list(result.unexpected_keys)[:3]}')
+        if self.ema is not None and ckpt['model_ema'] is not None:
+            self.ema.load_state_dict(ckpt['model_ema'], path)
+            self.ema.sched.load_state_dict(ckpt['ema_sched'])
+        self.opt.load_state_dict(ckpt['opt'])
+        self.sched.load_state_dict(ckpt['sched'])
+        if ckpt.get('scaler') is not None and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(ckpt['scaler'])
+        self.step, self.batches_seen = ckpt['step'], ckpt['batches_seen']
+        self.checkpoint, self.resumed_step, self._rng = Path(path), self.step, ckpt['rng']
+
+    @contextlib.contextmanager
+    def averaged(self):
+        """The unwrapped model with its EMA weights swapped in, in eval mode (demos, evaluation, exports)."""
+        was_training = self.unwrapped.training
+        with self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext():
+            self.unwrapped.eval()
+            try:
+                yield self.unwrapped
+            finally:
+                self.unwrapped.train(was_training)
+
+    def save(self, export: Callable[[int], Any] | None = None) -> Path | None:
+        """An atomic checkpoint (every process's RNG state; written by the main process), then the export."""
+        import accelerate
+
+        self.accelerator.wait_for_everyone()
+        rng = [ckpt_lib.get_rng_state()]
+        if self.accelerator.num_processes > 1:
+            rng = accelerate.utils.gather_object(rng)
+        if not self.is_main:
+            return None
+        module, scaler = self.unwrapped, self.accelerator.scaler
+        weights = module.state_dict() if self.save_frozen else {
+            n: p for n, p in module.state_dict(keep_vars=True).items()
+            if isinstance(p, nn.Parameter) and p.requires_grad}
+        state = {
+            'config': json.dumps(self.config), 'args': json.dumps(self.args),
+            'model': {n: t.detach() for n, t in weights.items()},
+            'model_ema': self.ema.state_dict(self.save_frozen) if self.ema is not None else None,
+            'ema_sched': self.ema.sched.state_dict() if self.ema is not None else None,
+            'opt': self.opt.state_dict(), 'sched': self.sched.state_dict(),
+            'scaler': scaler.state_dict() if scaler is not None else None,
+            'epoch': self.batches_seen // self.per_epoch, 'batches_seen': self.batches_seen, 'rng': rng,
+        }
+        self.checkpoint = ckpt_lib.save_checkpoint(self.run_dir, self.step, state)
+        exported = None
+        if export is not None:
+            with self.averaged():
+                exported = export(self.step)
+        from tqdm.auto import tqdm
+        paths = [p for p in (exported if isinstance(exported, (tuple, list)) else [exported]) if p is not None]
+        tqdm.write(f'Saved {self.checkpoint}' + (' and ' + ', '.join(map(str, paths)) if paths else ''))
+        return self.checkpoint
+
+    def _step(self, options: RunOptions, batches: Iterator[Any], loss_fn: Callable[[Any], torch.Tensor]
+              ) -> tuple[float, float, float]:
+        """One optimizer step over grad_accum_steps micro-batches; (loss, grad norm, EMA decay)."""
+        acc = self.accelerator
+        loss_sum = torch.zeros((), device=acc.device)
+        for micro in range(options.grad_accum_steps):
+            batch = next(batches)
+            self.batches_seen += 1
+            sync = micro == options.grad_accum_steps - 1
+            with contextlib.nullcontext() if sync else acc.no_sync(self.model):
+                losses = loss_fn(batch)
+                acc.backward(losses.mean() / options.grad_accum_steps)
+            loss_sum += losses.detach().mean()
+        loss = acc.gather(loss_sum[None] / options.grad_accum_steps).mean().item()
+        last_good = self.checkpoint or 'none yet'
+        if not math.isfinite(loss):
+            raise TrainingError(
+                f'the loss is {loss} at step {self.step + 1}; stopped before the optimizer step, so no weights and '
+                f'no checkpoint hold non-finite values (last good checkpoint: {last_good}). '
+                'Try a lower --lr, --grad-clip 1, or --mixed-precision no.')
+        grad_norm = acc.clip_grad_norm_(self.params, options.grad_clip or float('inf'))
+        grad_norm = float(grad_norm) if grad_norm is not None else float('nan')
+        if not math.isfinite(grad_norm) and acc.scaler is None:
+            raise TrainingError(f'the gradient norm is {grad_norm} at step {self.step + 1} (loss {loss:g}); stopped '
+                                f'before the optimizer step (last good checkpoint: {last_good}). '
+                                'Try a lower --lr or --grad-clip 1.')
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        decay = self.ema.update() if self.ema is not None else 0.
+        self.step += 1
+        return loss, grad_norm, decay
+
+    def run(self, options: RunOptions, batches: Iterator[Any], loss_fn: Callable[[Any], torch.Tensor], *,
+            demo: Callable[[int], Path | None] | None = None, demo_every: int = 0,
+            export: Callable[[int], Any] | None = None,
+            evaluate: Callable[[int], None] | None = None, evaluate_every: int = 0,
+            log: Callable[[int, dict[str, Any]], None] | None = None,
+            should_stop: Callable[[], bool] | None = None) -> RunResult:
+        """Trains until options.end_step (or should_stop()); loss_fn(batch) -> per-sample losses [B].
+
+        demo(step) runs on the main process and export(step) after each checkpoint, both with the EMA weights
+        swapped in; evaluate(step) runs on every process (EMA weights); log(step, values) on the main process.
+        """
+        from tqdm.auto import tqdm
+
+        if self._rng is not None:  # restored last, so that building the run consumed no random numbers of it
+            rng, world, rank = self._rng, self.accelerator.num_processes, self.accelerator.process_index
+            if len(rng) == world:
+                ckpt_lib.set_rng_state(rng[rank])
+            elif self.is_main:
+                print(f'note: the checkpoint has RNG states for {len(rng)} process(es), this run has {world}; '
+                      'random streams restart from the seed', file=sys.stderr)
+            self._rng = None
+        metrics = MetricsLog(self.run_dir / 'metrics.csv', METRICS_COLUMNS, self.resumed_step) if self.is_main else None
+        pbar = tqdm(total=options.end_step, initial=self.step, disable=not (self.is_main and options.progress),
+                    desc=options.name, dynamic_ncols=True, smoothing=0.1, mininterval=0.5)
+        start = window_start = time.time()
+        window, losses, last_demo, demo_step, interrupted, loss_avg = [], [], None, None, False, None
+        saved_step = self.resumed_step
+        try:
+            while options.end_step is None or self.step < options.end_step:
+                if should_stop is not None and should_stop():
+                    interrupted = True
+                    break
+                loss, grad_norm, decay = self._step(options, batches, loss_fn)
+                step = self.step
+                window.append(loss)
+                losses.append(loss)
+                pbar.update(1)
+                pbar.set_postfix(loss=f'{loss:.4f}', refresh=False)
+                values = {'loss': loss, 'lr': self.sched.get_last_lr()[0], 'ema_decay': decay, 'grad_norm': grad_norm,
+                          'epoch': self.batches_seen // self.per_epoch}
+                if metrics is not None and (step % options.log_every == 0 or step == options.end_step):
+                    now, loss_avg = time.time(), sum(window) / len(window)
+                    metrics.write({'step': step, 'epoch': values['epoch'], 'loss': f'{loss_avg:.6g}',
+                                   'lr': f'{values["lr"]:.6g}', 'ema_decay': f'{decay:.6g}',
+                                   'grad_norm': f'{grad_norm:.6g}',
+                                   'it_per_s': f'{len(window) / max(now - window_start, 1e-9):.4g}',
+                                   'elapsed_s': f'{now - start:.1f}'})
+                    window, window_start = [], now
+                if demo is not None and demo_every and step % demo_every == 0:
+                    last_demo, demo_step = self._demo(demo) or last_demo, step
+                    values['demo'] = last_demo
+                if evaluate is not None and evaluate_every and step % evaluate_every == 0:
+                    with self.averaged():
+                        evaluate(step)
+                if log is not None and self.is_main:
+                    log(step, values)
+                if options.save_every and step % options.save_every == 0:
+                    self.save(export)
+                    saved_step = step
+        finally:
+            pbar.close()
+        if window:
+            loss_avg = sum(window) / len(window)
+        if saved_step != self.step and options.save_final:
+            self.save(export)
+        if demo is not None and demo_step != self.step:
+            last_demo = self._demo(demo) or last_demo
+        if metrics is not None:
+            metrics.close()
+        self.accelerator.wait_for_everyone()
+        return RunResult(step=self.step, loss=loss_avg, losses=losses, checkpoint=self.checkpoint, demo=last_demo,
+                         seconds=time.time() - start, interrupted=interrupted, is_main=self.is_main)
+
+    def _demo(self, demo: Callable[[int], Path | None]) -> Path | None:
+        if not self.is_main:
+            return None
+        with torch.random.fork_rng(devices=[self.accelerator.device] if self.accelerator.device.type == 'cuda'
+                                   else []), self.averaged():
+            return demo(self.step)
