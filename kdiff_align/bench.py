@@ -1,326 +1,27 @@
-"""Benchmarks: `python -m kdiff_align.bench speed` and `python -m kdiff_align.bench claims`.
+"""Benchmarks: `python -m kdiff_align.bench speed | claims | gpu`.
 
-speed measures, in one process and interleaved, ratios against a baseline run on the same model and batch:
-training step (loss + backward) of AlignedDenoiser vs upstream's Denoiser, next to the ratio of their FLOPs
-as counted by torch.utils.flop_counter on the same inputs (and the achieved TFLOP/s), guided sampling vs a
-minimal hand-written batched CFG function, the w = 0 and outside-interval shortcuts, a one-pass
-(conditional only) vs a two-pass (CFG) sampling step, evaluation (sampling) throughput vs raw forward
-throughput, and the memory of a training step. `python -m kdiff_align.bench gpu` (kdiff_align.gpu_check)
-runs it on a GPU among other checks.
+speed (kdiff_align.speed): training-step, guidance, sampling and memory cost as ratios to a baseline in the
+same process; claims (kdiff_align.claims): the evidence benchmark; gpu (kdiff_align.gpu_check): the prepared
+GPU check, which writes docs/gpu.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import os
-import platform
-import statistics
-import subprocess
 import sys
-import time
-from collections.abc import Callable
-from pathlib import Path
 
-from .env import cli_defaults; cli_defaults()  # noqa: E702 (before k-diffusion is imported)
+from .env import cli_defaults
 
-import torch  # noqa: E402
-
-from .shipped import CONFIGS  # noqa: E402 (the shipped configs/)
-
-MODELS = {
-    # A small image_v1 for CPUs, and upstream's CIFAR-10 U-Net (configs/cifar_aligned.json) for GPUs.
-    'tiny': dict(input_channels=3, input_size=[16, 16], mapping_out=128, depths=[2, 2], channels=[64, 128],
-                 self_attn_depths=[False, True]),
-    'cifar': None,  # configs/cifar_aligned.json's model section
-}
+cli_defaults()  # before k-diffusion is imported
 
 
-def bench_config(model: str, w: float, **align) -> dict:
-    if MODELS[model] is None:
-        section = json.loads((CONFIGS / f'{model}_aligned.json').read_text())['model']
-    else:
-        section = {'type': 'image_v1', **MODELS[model], 'sigma_data': 0.5, 'sigma_min': 1e-2, 'sigma_max': 80.,
-                   'sigma_sample_density': {'type': 'lognormal', 'mean': -1.2, 'std': 1.2}}
-    return {'model': section,
-            'dataset': {'type': 'cifar10', 'num_classes': 10, 'location': 'unused'},
-            'optimizer': {'type': 'adamw', 'lr': 1e-4},
-            'align': {'w_train': w, **align}}
+def main(argv: list[str] | None = None) -> int | None:
+    from . import speed
 
-
-def interleaved(fns: dict[str, Callable[[], None]], repeats: int, warmup: int, sync: Callable[[], None]
-                ) -> dict[str, float]:
-    """Median seconds per call of each function, run in turn so drift hits all alike."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-def saved_activation_bytes(fn: Callable[[], torch.Tensor]) -> int:
-    """Bytes of the tensors autograd saves for backward during fn (a device-independent memory measure)."""
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn().sum().backward()
-    return total
-
-
-def counted_flops(fn: Callable[[], object]) -> int:
-    """FLOPs of fn (matmuls, convolutions, attention; forward and backward) by torch.utils.flop_counter."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
-
-
-def speed(args: argparse.Namespace) -> dict:
-    import k_diffusion as K
-
-    from .config import load_config, make_denoiser_wrapper, make_model
-    from .guidance import GuidedDenoiser
-    from .models import with_guidance_embedding
-    from .objective import GFTDenoiser, TeacherTargetDenoiser
-
-    device = torch.device(args.device)
-    dtype = {'fp32': torch.float32, 'bf16': torch.bfloat16}[args.dtype]
-    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    torch.manual_seed(0)
-    config = load_config(bench_config(args.model, args.w, uncond_prob=args.uncond_prob))
-    model = make_model(config).to(device)
-    size = config['model']['input_size']
-    b = args.batch_size
-    x = torch.randn(b, config['model']['input_channels'], *size, device=device)
-    noise = torch.randn_like(x)
-    sigma = K.utils.rand_log_normal([b], -1.2, 1.2, device=device)
-    labels = torch.randint(0, 10, (b,), device=device)
-    p, null_label = args.uncond_prob, {'class_cond': 10}
-    told = with_guidance_embedding(model)   # the same network told w, for GFT and distillation
-    teacher = copy.deepcopy(model).eval().requires_grad_(False)   # stands for MG's EMA / a distillation teacher
-    objectives = {
-        'upstream': ('upstream Denoiser.loss+backward', K.layers.Denoiser(model, sigma_data=0.5)),
-        'aligned': ('AlignedDenoiser (full)', make_denoiser_wrapper(config)(model)),
-        'aligned_stop_grad': ('AlignedDenoiser (stop-gradient)',
-                              make_denoiser_wrapper(config, stop_grad_uncond=True)(model)),
-        'gft': ('GFTDenoiser, w ~ U[0, 4]', GFTDenoiser(told, sigma_data=0.5, uncond=null_label, uncond_prob=p)),
-        'mg': ('TeacherTargetDenoiser, model-guidance w = 0.45',
-               TeacherTargetDenoiser(model, teacher, sigma_data=0.5, kind='mg', guidance_scale=0.45,
-                                     uncond=null_label, uncond_prob=p)),
-        'distill': ('TeacherTargetDenoiser, distillation w ~ U[0, 4]',
-                    TeacherTargetDenoiser(told, teacher, sigma_data=0.5, kind='distill', uncond=null_label,
-                                          uncond_prob=p, guidance_scale={'type': 'uniform', 'min_value': 0.,
-                                                                         'max_value': 4.})),
-    }
-
-    def step(denoiser):
-        def fn():
-            told.zero_grad(set_to_none=True)
-            with autocast:
-                loss = denoiser.loss(x, noise, sigma, class_cond=labels).mean()
-            loss.backward()
-        return fn
-
-    steps_by_name = {name: step(denoiser) for name, (_, denoiser) in objectives.items()}
-    train = interleaved(steps_by_name, args.repeats, args.warmup, sync)
-    flops = {}
-    for name, fn in steps_by_name.items():
-        torch.manual_seed(1)  # the same anchor rows for every objective
-        flops[name] = counted_flops(fn)
-    rows = []
-    for name, (label, _) in objectives.items():
-        rows.append({'bench': 'train_step', 'variant': label, 'seconds': train[name],
-                     'ratio': train[name] / train['upstream'], 'flops': flops[name],
-                     'flop_ratio': flops[name] / flops['upstream'], 'tflops_per_s': flops[name] / train[name] / 1e12})
-
-    # Memory of one training step.
-    def loss_of(denoiser):
-        return lambda: denoiser.loss(x, noise, sigma, class_cond=labels).mean()
-
-    mem = {}
-    for name, (_, denoiser) in objectives.items():
-        told.zero_grad(set_to_none=True)
-        if device.type == 'cuda':
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            with autocast:
-                loss_of(denoiser)().backward()
-            mem[name] = torch.cuda.max_memory_allocated() - base
-        else:
-            with autocast:
-                mem[name] = saved_activation_bytes(loss_of(denoiser))
-    kind = 'peak allocated (CUDA)' if device.type == 'cuda' else 'activations saved for backward'
-    for name in mem:
-        rows.append({'bench': 'train_memory', 'variant': f'{name}: {kind}', 'bytes': mem[name],
-                     'ratio': mem[name] / mem['upstream']})
-
-    # Guided sampling: one denoiser call vs a minimal hand-written batched CFG function.
-    denoiser = K.layers.Denoiser(model, sigma_data=0.5).eval()
-    null = torch.full_like(labels, 10)
-    sig = torch.full((b,), 2., device=device)
-
-    def hand_cfg():
-        d = denoiser(torch.cat([x, x]), torch.cat([sig, sig]), class_cond=torch.cat([labels, null]))
-        d_c, d_u = d.chunk(2)
-        return d_u + (d_c - d_u) * (1 + args.w)
-
-    guided = GuidedDenoiser(denoiser, args.w, uncond={'class_cond': 10})
-    unguided = GuidedDenoiser(denoiser, 0., uncond={'class_cond': 10})
-    outside = GuidedDenoiser(denoiser, args.w, uncond={'class_cond': 10}, sigma_interval=[0.1, 1.])
-
-    def call(fn):
-        def run():
-            with torch.no_grad(), autocast:
-                fn()
-        return run
-
-    samp = interleaved({'hand': call(hand_cfg), 'guided': call(lambda: guided(x, sig, class_cond=labels)),
-                        'w0': call(lambda: unguided(x, sig, class_cond=labels)),
-                        'outside': call(lambda: outside(x, sig, class_cond=labels)),
-                        'one_pass': call(lambda: denoiser(x, sig, class_cond=labels))},
-                       args.repeats, args.warmup, sync)
-    for name, label in (('guided', 'GuidedDenoiser'), ('w0', 'GuidedDenoiser, w = 0 shortcut'),
-                        ('outside', 'GuidedDenoiser, sigma outside interval'),
-                        ('one_pass', 'one-pass step (conditional only, B rows)')):
-        rows.append({'bench': 'guided_call', 'variant': f'{label} vs hand-written batched CFG (2B rows)',
-                     'seconds': samp[name], 'ratio': samp[name] / samp['hand']})
-
-    # Evaluation throughput: guided sampling vs raw forward passes of the same model.
-    steps = args.sample_steps
-    sigmas = K.sampling.get_sigmas_karras(steps, 1e-2, 80., device=device)
-
-    def sampler(model):
-        def run():
-            with torch.no_grad(), autocast:
-                K.sampling.sample_dpmpp_2m(model, torch.randn_like(x) * 80., sigmas,
-                                           extra_args={'class_cond': labels}, disable=True)
-        return run
-
-    xx, ss, ll = torch.cat([x, x]), torch.cat([sig, sig]), torch.cat([labels, null])
-
-    def forward():
-        with torch.no_grad(), autocast:
-            denoiser(xx, ss, class_cond=ll)
-
-    ev = interleaved({'sample': sampler(guided), 'one_pass': sampler(denoiser), 'forward': forward},
-                     max(1, args.repeats // 4), 1, sync)
-    forward_flops = counted_flops(forward)
-    # dpmpp_2m makes one guided evaluation (one forward of 2B rows) per step.
-    rows.append({'bench': 'eval_throughput', 'variant': f'dpmpp_2m {steps} steps guided (two-pass), images/s',
-                 'images_per_s': b / ev['sample'], 'raw_forward_images_per_s': b / (steps * ev['forward']),
-                 'ratio': steps * ev['forward'] / ev['sample'],
-                 'tflops_per_s': steps * forward_flops / ev['sample'] / 1e12})
-    rows.append({'bench': 'eval_throughput', 'variant': f'dpmpp_2m {steps} steps one-pass, images/s vs two-pass',
-                 'images_per_s': b / ev['one_pass'], 'ratio': ev['sample'] / ev['one_pass']})
-    return {'device': device_name(device), 'dtype': args.dtype, 'model': args.model, 'batch_size': b, 'w': args.w,
-            'uncond_prob': p, 'torch': torch.__version__, 'commit': commit(), 'rows': rows}
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == 'cuda':
-        return torch.cuda.get_device_name(device)
-    return f'{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads'
-
-
-def commit() -> str:
-    """$KDIFF_ALIGN_COMMIT if set (a copy without its .git), else the checkout's commit (-dirty: local changes)."""
-    if os.environ.get('KDIFF_ALIGN_COMMIT'):
-        return os.environ['KDIFF_ALIGN_COMMIT']
-    try:
-        return subprocess.run(['git', 'describe', '--always', '--dirty'], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return 'unknown'
-
-
-def speed_table(rows: list[dict], peak_tflops: float | None = None) -> list[str]:
-    """`bench speed` rows as a Markdown table; with a peak, each TFLOP/s also as its share of it."""
-    lines = ['| bench | variant | measured | ratio | FLOP ratio (counted) | TFLOP/s |' + (' of bf16 peak |' if peak_tflops
-                                                                                      else ''),
-             '|---|---|---|---|---|---|' + ('---|' if peak_tflops else '')]
-    for row in rows:
-        if 'seconds' in row:
-            measured = f"{row['seconds'] * 1e3:.2f} ms"
-        elif 'bytes' in row:
-            measured = f"{row['bytes'] / 2 ** 20:.1f} MiB"
-        else:
-            measured = f"{row['images_per_s']:.1f} img/s"
-            if 'raw_forward_images_per_s' in row:
-                measured += f" (raw forward {row['raw_forward_images_per_s']:.1f} img/s)"
-        flops = f"{row['flop_ratio']:.2f}" if 'flop_ratio' in row else ''
-        tflops = row.get('tflops_per_s')
-        line = f"| {row['bench']} | {row['variant']} | {measured} | {row['ratio']:.2f} | {flops} | " \
-               f"{'' if tflops is None else format(tflops, '.3g')} |"
-        if peak_tflops:
-            line += f" {'' if tflops is None else format(tflops / peak_tflops, '.1%')} |"
-        lines.append(line)
-    return lines
-
-
-def print_speed(result: dict) -> None:
-    print(f"# speed: {result['model']} model, batch {result['batch_size']}, {result['dtype']}, "
-          f"{result['device']}, torch {result['torch']}, commit {result['commit']}, w = {result['w']} (paper's), "
-          f"uncond_prob = {result['uncond_prob']}")
-    print('\n'.join(speed_table(result['rows'])))
-    print('FLOP ratio: counted by torch.utils.flop_counter on the same inputs (one draw of the anchor rows). '
-          'eval_throughput: raw forward img/s = the rate if sampling were nothing but its forward passes '
-          '(steps x one 2B-row forward); ratio = measured / that (1.0 = no overhead beyond the network); '
-          'one-pass ratio = two-pass time / one-pass time.')
-
-
-def speed_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    """The flags of `bench speed` (on parser, or on a new one)."""
-    p = parser or argparse.ArgumentParser(prog='python -m kdiff_align.bench speed')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--model', choices=sorted(MODELS), default=None,
-                   help='tiny (CPU default) or cifar (GPU default: configs/cifar_aligned.json\'s U-Net)')
-    p.add_argument('--dtype', choices=['fp32', 'bf16'], default=None, help='fp32 (CPU default), bf16 (GPU)')
-    p.add_argument('--batch-size', type=int, default=None)
-    p.add_argument('--w', type=float, default=2., help="the paper's w (cfg scale = 1 + w)")
-    p.add_argument('--uncond-prob', type=float, default=0.1)
-    p.add_argument('--repeats', type=int, default=10)
-    p.add_argument('--warmup', type=int, default=2)
-    p.add_argument('--sample-steps', type=int, default=8)
-    p.add_argument('--out', type=Path, default=None, help='also write the rows as JSON here')
-    return p
-
-
-def speed_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
-    """Parsed `bench speed` flags with the device-dependent defaults filled in; bad values exit with status 2."""
-    args = parser.parse_args(argv)
-    gpu = args.device.startswith('cuda')
-    if gpu and not torch.cuda.is_available():
-        parser.error('--device cuda: no CUDA device is available; use --device cpu')
-    args.model = args.model or ('cifar' if gpu else 'tiny')
-    args.dtype = args.dtype or ('bf16' if gpu else 'fp32')
-    args.batch_size = args.batch_size or (128 if gpu else 16)
-    for name in ('batch_size', 'repeats', 'sample_steps'):
-        if getattr(args, name) < 1:
-            parser.error(f'--{name.replace("_", "-")} must be >= 1, got {getattr(args, name)}')
-    if not 0 <= args.uncond_prob <= 1:
-        parser.error(f'--uncond-prob must lie in [0, 1], got {args.uncond_prob}')
-    return args
-
-
-def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog='python -m kdiff_align.bench', description=__doc__.split('\n')[0])
     sub = parser.add_subparsers(dest='command', required=True)
-    speed_p = speed_parser(sub.add_parser('speed', help='training-step, guidance and evaluation cost, as ratios'))
+    speed_p = speed.speed_parser(sub.add_parser('speed', help='training-step, guidance and evaluation cost, as ratios'))
     for name, what in (('claims', 'the evidence benchmark'), ('gpu', 'the prepared GPU check')):
         sub.add_parser(name, help=f'{what} (see python -m kdiff_align.bench {name} --help)', add_help=False)
     argv = sys.argv[1:] if argv is None else argv
@@ -331,13 +32,14 @@ def main(argv: list[str] | None = None) -> None:
         from . import gpu_check
         return gpu_check.main(argv[1:])
     parser.parse_args(argv[:1])  # the subcommand
-    args = speed_args(speed_p, argv[1:])
-    result = speed(args)
-    print_speed(result)
+    args = speed.speed_args(speed_p, argv[1:])
+    result = speed.speed(args)
+    speed.print_speed(result)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))
+    return None
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

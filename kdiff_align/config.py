@@ -17,7 +17,8 @@ from torch import nn
 
 from . import objective
 from .guidance import GuidedDenoiser
-from .schema import ALIGN_DEFAULTS, SAMPLERS, ConfigError, choice, fail, number, read_config, validate_align
+from .schema import (ALIGN_DEFAULTS, SAMPLERS, ConfigError, choice, config_path, fail, number,  # noqa: F401
+                     read_config, validate_align)
 from .sd import config as sd_config
 
 __all__ = ['ALIGN_DEFAULTS', 'SAMPLERS', 'ConfigError', 'load_config', 'align_section', 'null_condition',

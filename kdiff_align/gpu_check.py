@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from .bench import commit, device_name
+from .speed import commit, device_name
 from .gpu_report import render
 from .shipped import CONFIGS
 
@@ -125,14 +125,14 @@ class Check:
         return info
 
     def speed(self) -> dict[str, Any]:
-        from . import bench
+        from . import speed
 
         tiny = self.args.tiny
         argv = ['--device', self.args.device, '--model', 'tiny' if tiny else 'cifar', '--dtype',
                 'fp32' if self.device.type == 'cpu' else 'bf16', '--batch-size', str(4 if tiny else 128),
                 '--repeats', str(1 if tiny else 10), '--warmup', str(0 if tiny else 2),
                 '--sample-steps', str(2 if tiny else 8)]
-        result = bench.speed(bench.speed_args(bench.speed_parser(), argv))
+        result = speed.speed(speed.speed_args(speed.speed_parser(), argv))
         result['argv'] = argv
         return result
 

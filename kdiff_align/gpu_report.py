@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .bench import speed_table
+from .speed import speed_table
 
 
 def _f(value: Any, fmt: str = '.3g') -> str:
