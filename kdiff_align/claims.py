@@ -319,6 +319,67 @@ def git_commit() -> str:
         return 'unknown'
 
 
+def comparisons(rows: Sequence[Mapping[str, Any]], grid: Mapping[str, Any]
+                ) -> list[tuple[str, str, str, list[Comparison]]]:
+    """(bench, claim, reference name, its comparisons) for every verdict of the report, in its order."""
+    out = []
+    for bench, info in grid['benches'].items():
+        metric = info['metric']
+        present = {r['variant'] for r in rows if r['bench'] == bench}
+        for ref_name, ref in (('standard CFG', 'baseline'), ('standard CFG at equal FLOPs', 'baseline_equal_flops')):
+            if ref not in present:
+                continue
+            comps = claim_comparisons(rows, bench, metric, 'aligned', ref, steps_grid=grid['steps'],
+                                      samplers=grid['samplers'], ws=grid['ws'])
+            if ref == 'baseline':
+                comps['C1 (matched effective w)'] = matched_comparisons(
+                    rows, bench, metric, info['w_train'], steps_grid=grid['steps'], samplers=grid['samplers'],
+                    ws=grid['ws'])
+            out += [(bench, claim, ref_name, cs) for claim, cs in comps.items()]
+    return out
+
+
+def verdicts(rows: Sequence[Mapping[str, Any]], grid: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The verdict rows of the report (and of the README's claims table) computed from results rows."""
+    table = []
+    for bench, claim, ref_name, cs in comparisons(rows, grid):
+        v, counts = verdict(cs)
+        table.append({'claim': claim, 'bench': bench, 'metric': grid['benches'][bench]['metric'],
+                      'reference': ref_name, 'verdict': v, **counts,
+                      'ratio': float(np.median([c.a.mean() / c.b.mean() for c in cs]))})
+    return table
+
+
+def verdict_table(table: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Markdown lines of the verdict table (the report's and the README's)."""
+    return ['| claim | benchmark | reference | verdict | comparisons better / tie / worse | median ratio '
+            'aligned / reference |', '|---|---|---|---|---|---|'] + [
+        f'| {t["claim"]} | {t["bench"]} ({t["metric"]}) | {t["reference"]} | **{t["verdict"]}** | '
+        f'{t["better"]} / {t["tie"]} / {t["worse"]} | {t["ratio"]:.2f} |' for t in table]
+
+
+README_BLOCK = ('<!-- claims verdicts: written by python -m kdiff_align.bench claims from docs/claims/results.json -->',
+                '<!-- end of claims verdicts -->')
+
+
+def full_grid(w_train: Mapping[str, float]) -> dict[str, Any]:
+    """The grid of a full (not --quick) run, for recomputing its verdicts from results.json."""
+    metrics = {'toy': 'energy', 'digits': 'fd'}
+    return {'ws': list(W_GRID), 'steps': list(STEPS_GRID), 'samplers': list(SAMPLERS),
+            'benches': {b: {'metric': metrics[b], 'w_train': w} for b, w in w_train.items()}}
+
+
+def update_readme(readme: Path, table: Sequence[Mapping[str, Any]]) -> bool:
+    """Rewrites the README's claims-verdict block from table; False when the README has no such block."""
+    text = readme.read_text()
+    begin, end = README_BLOCK
+    if begin not in text or end not in text:
+        return False
+    head, rest = text.split(begin, 1)
+    readme.write_text(head + begin + '\n' + '\n'.join(verdict_table(table)) + '\n' + end + rest.split(end, 1)[1])
+    return True
+
+
 def write_report(out: Path, rows: list[dict], jobs_info: list[dict], meta: dict, grid: dict) -> Path:
     from . import plots
 
@@ -340,29 +401,11 @@ def write_report(out: Path, rows: list[dict], jobs_info: list[dict], meta: dict,
               '(sampler, steps), the worst metric over the w grid (max, per seed). Verdict: *held* = aligned '
               'better in every comparison; *partly* = better in more comparisons than worse; *did not hold* = '
               'otherwise.', '',
-              '| claim | benchmark | reference | verdict | comparisons better / tie / worse | median ratio '
-              'aligned / reference |', '|---|---|---|---|---|---|']
-    details: dict[str, list[str]] = {}
-    for bench, info in grid['benches'].items():
-        metric = info['metric']
-        details[bench] = []
-        present = {r['variant'] for r in rows if r['bench'] == bench}
-        for ref_name, ref in (('standard CFG', 'baseline'), ('standard CFG at equal FLOPs', 'baseline_equal_flops')):
-            if ref not in present:
-                continue
-            comps = claim_comparisons(rows, bench, metric, 'aligned', ref, steps_grid=grid['steps'],
-                                      samplers=grid['samplers'], ws=grid['ws'])
-            if ref == 'baseline':
-                comps['C1 (matched effective w)'] = matched_comparisons(
-                    rows, bench, metric, info['w_train'], steps_grid=grid['steps'], samplers=grid['samplers'],
-                    ws=grid['ws'])
-            for claim, cs in comps.items():
-                v, counts = verdict(cs)
-                ratio = np.median([c.a.mean() / c.b.mean() for c in cs])
-                lines.append(f'| {claim} | {bench} ({metric}) | {ref_name} | **{v}** | '
-                             f'{counts["better"]} / {counts["tie"]} / {counts["worse"]} | {ratio:.2f} |')
-                details[bench] += [f'| {claim} | {ref_name} | {c.label} | {_fmt(c.a)} | {_fmt(c.b)} | '
-                                   f'{c.diff:+.3g} ± {Z * c.se:.2g} | {c.outcome} |' for c in cs]
+              *verdict_table(verdicts(rows, grid))]
+    details: dict[str, list[str]] = {bench: [] for bench in grid['benches']}
+    for bench, claim, ref_name, cs in comparisons(rows, grid):
+        details[bench] += [f'| {claim} | {ref_name} | {c.label} | {_fmt(c.a)} | {_fmt(c.b)} | '
+                           f'{c.diff:+.3g} ± {Z * c.se:.2g} | {c.outcome} |' for c in cs]
     lines += ['', 'C1 (matched effective w) compares aligned at w_sample = w_train + w (1 + w_train) with standard '
               'CFG at w: by docs/design.md section 2 both then target the same guided distribution, so this asks '
               'whether aligned reaches it with fewer steps, not whether it guides less. Every comparison behind each '
@@ -592,6 +635,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             'workers': args.workers, 'threads': args.threads, 'seeds': list(range(args.seeds)), 'quick': args.quick,
             'wall_text': wall_text, 'compute_minutes': compute}
     report = write_report(out, rows, results, meta, grid)
+    readme = Path('README.md')
+    if not args.quick and out.resolve() == Path('docs/claims').resolve() and readme.is_file() \
+            and update_readme(readme, verdicts(rows, grid)):
+        print(f'claims verdicts written into {readme}')
     (out / 'run.json').write_text(json.dumps({**meta, 'jobs': [{k: v for k, v in r.items() if k != 'rows'}
                                                                for r in results]}, indent=1))
     print(f'claims report: {report} ({len(rows)} rows, {wall:.1f} min; commit {meta["commit"]})')
