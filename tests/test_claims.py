@@ -98,3 +98,18 @@ def test_claims_rejects_bad_flags():
     assert proc.returncode == 2 and '--seeds must be >= 2' in proc.stderr
     with pytest.raises(SystemExit):
         claims.main(['--variants', 'aligned'])
+
+
+def test_update_readme_rewrites_only_the_marked_verdict_block(tmp_path):
+    begin, end = claims.README_BLOCK
+    readme = tmp_path / 'README.md'
+    readme.write_text(f'# title\n\nbefore\n{begin}\n| old | table |\n{end}\nafter\n')
+    table = [{'claim': 'C1', 'bench': 'toy', 'metric': 'energy', 'reference': 'standard CFG', 'verdict': 'held',
+              'better': 4, 'tie': 0, 'worse': 0, 'ratio': 0.5}]
+    assert claims.update_readme(readme, table)
+    text = readme.read_text()
+    assert text.startswith('# title\n\nbefore\n' + begin + '\n| claim |') and text.endswith(end + '\nafter\n')
+    assert '| C1 | toy (energy) | standard CFG | **held** | 4 / 0 / 0 | 0.50 |' in text and '| old |' not in text
+    other = tmp_path / 'OTHER.md'
+    other.write_text('no block here\n')
+    assert not claims.update_readme(other, table) and other.read_text() == 'no block here\n'
