@@ -12,7 +12,7 @@ from torch import nn
 class GuidanceEmbedding(nn.Module):
     """Embeds the guidance weight w [B] into a conditioning vector [B, dim] whose last layer starts at zero,
     so a model (or a fine-tune of a pretrained one) starts exactly at the model without it (docs/design.md
-    section 5; FLUX-dev's guidance embedding, diffusers' time_cond_proj_dim)."""
+    section 6; FLUX-dev's guidance embedding, diffusers' time_cond_proj_dim)."""
 
     def __init__(self, dim: int, features: int = 64):
         super().__init__()

@@ -287,7 +287,7 @@ class GFTDenoiser(AlignedDenoiser):
     tells_w = True
 
     def __init__(self, inner_model: nn.Module, sigma_data: float = 1., weighting: str | Callable = 'karras', *,
-                 guidance_scale: GuidanceScale = None, uncond: Mapping[str, Any] | None = None,
+                 guidance_scale: GuidanceScale | None = None, uncond: Mapping[str, Any] | None = None,
                  uncond_prob: float = 0.1, fixed_rows: bool | None = None):
         if guidance_scale is None:
             guidance_scale = {'type': 'uniform', 'min_value': 0., 'max_value': 4.}

@@ -4,6 +4,9 @@ import json
 import subprocess
 import sys
 
+import pytest
+import torch
+
 from kdiff_align import bench
 
 
@@ -31,8 +34,20 @@ def test_tiny_check_runs_every_section_and_writes_the_report(tmp_path):
     assert all(len(run['losses']) == 2 and run['sample_pixel_std'] > 0 for run in sections['sd']['runs'].values())
 
 
-def test_bad_flags_are_refused_before_any_work(tmp_path):
+@pytest.mark.parametrize('flags, message', [
+    (['--device', 'cpu'], '--device cpu needs --tiny'),
+    (['--device', 'cpu', '--tiny', '--train-seconds', '0'], '--train-seconds must be > 0, got 0.0'),
+    pytest.param(['--device', 'cuda'], '--device cuda: no CUDA device is available',
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason='a CUDA device is available')),
+])
+def test_bad_flags_are_refused_before_any_work(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(['gpu', *flags, '--out', str(tmp_path / 'gpu.md'), '--work-dir', str(tmp_path / 'work')])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / 'gpu.md').exists() and not (tmp_path / 'work').exists()
+
+
+def test_bad_flags_print_what_was_wrong(tmp_path):
     proc = subprocess.run([sys.executable, '-m', 'kdiff_align.bench', 'gpu', '--device', 'cpu', '--out',
                            str(tmp_path / 'gpu.md')], capture_output=True, text=True)
     assert proc.returncode == 2 and '--device cpu needs --tiny' in proc.stderr
-    assert not (tmp_path / 'gpu.md').exists()
