@@ -1,0 +1,95 @@
+"""The exact sampler of the guided target p_w(x | c) ∝ p(x | c)^(1+w) p(x)^(-w) (kdiff_align.tilted, eq. T)."""
+
+import math
+
+import pytest
+import torch
+
+from kdiff_align.metrics import energy_distance
+from kdiff_align.tilted import Grid, ToyTarget, gaussian_log_density, grid_sample, tilted_log_density
+from kdiff_align.toy import ToyMixture
+
+
+def closed_form_tilt(mean_c, std_c, mean_u, std_u, w):
+    """eq. T for N(mean_c, std_c^2 I) and N(mean_u, std_u^2 I): the exponent is -(1/2)[(1 + w)|x - mean_c|^2 /
+    std_c^2 - w |x - mean_u|^2 / std_u^2], a quadratic with precision lam = (1 + w)/std_c^2 - w/std_u^2 and
+    linear term ((1 + w) mean_c/std_c^2 - w mean_u/std_u^2) . x, so p_w = N(that linear term / lam, I / lam)."""
+    lam = (1 + w) / std_c ** 2 - w / std_u ** 2
+    assert lam > 0
+    return ((1 + w) * mean_c / std_c ** 2 - w * mean_u / std_u ** 2) / lam, 1 / lam
+
+
+@pytest.mark.parametrize('w', [0.0, 2.0, 4.0, -0.5])
+def test_single_gaussian_pair_tilts_to_the_closed_form_gaussian(w):
+    mean_c, std_c = torch.tensor([0.5, -0.25], dtype=torch.float64), 0.5
+    mean_u, std_u = torch.tensor([0.0, 0.0], dtype=torch.float64), 1.0
+    grid = Grid(-5., 5., 1000)
+    x = grid.centres()
+    log_p = tilted_log_density(gaussian_log_density(x, mean_c, std_c), gaussian_log_density(x, mean_u, std_u), w)
+    n = 40_000
+    samples = grid_sample(log_p, grid, n, torch.Generator().manual_seed(0))
+    mean, var = closed_form_tilt(mean_c, std_c, mean_u, std_u, w)
+    # The mean is off by sampling noise (sd sqrt(var / n)) only; the covariance is var I up to its own noise
+    # (relative sd sqrt(2 / n)) plus the grid's uniform jitter, h^2 / 12 = 8e-6.
+    assert torch.allclose(samples.mean(0), mean, atol=4 * math.sqrt(var / n))
+    cov = torch.cov(samples.T)
+    assert torch.allclose(cov, var * torch.eye(2, dtype=torch.float64), atol=4 * math.sqrt(2 / n) * var + 1e-4)
+    # The tilt moves the mean away from the unconditional one by a factor (1 + w) std_u^2 / ((1 + w) std_u^2 -
+    # w std_c^2) relative to mean_c: at w = 4 it is 5 / 4 times mean_c, far outside the tolerance above.
+    if w == 4.0:
+        assert (samples.mean(0) - mean_c).abs().max() > 0.1
+
+
+def test_at_w_zero_the_target_is_p_x_given_c_within_the_floor():
+    mixture = ToyMixture(4, radius=2.0, std=0.25)
+    target = ToyTarget(mixture)
+    gen = torch.Generator().manual_seed(0)
+    n, pairs = 500, 25
+
+    def mean_and_se(values):
+        values = torch.tensor(values)
+        return float(values.mean()), float(values.std() / len(values) ** 0.5)
+
+    # The floor: two independent exact sets of p_w at w = 0; the test: the grid sampler against ToyMixture's own
+    # exact sampler of p(x | c). Their mean energy distances agree within the spread of the floor's draws.
+    p0 = [target.distribution(c, 0.0) for c in range(4)]
+    floor, floor_se = mean_and_se([energy_distance(p0[c].sample(n, gen), p0[c].sample(n, gen))
+                                   for c in range(4) for _ in range(pairs)])
+    d, d_se = mean_and_se([energy_distance(p0[c].sample(n, gen), mixture.sample_class(c, n, gen).double())
+                           for c in range(4) for _ in range(pairs)])
+    assert abs(d - floor) < 3 * (floor_se ** 2 + d_se ** 2) ** 0.5
+    assert abs(target.floor(0.0, n, pairs=pairs) - floor) < 3 * 2 ** 0.5 * floor_se   # the method agrees
+    # The same statistic tells p(x | c) apart from a 60% wider mixture (std 0.4).
+    wider = ToyMixture(4, radius=2.0, std=0.4)
+    off, off_se = mean_and_se([energy_distance(p0[c].sample(n, gen), wider.sample_class(c, n, gen).double())
+                               for c in range(4) for _ in range(pairs)])
+    assert off - floor > 3 * (floor_se ** 2 + off_se ** 2) ** 0.5
+    # Moments at large n: class 0 is the equal mixture of N(+-mu, s^2 I): mean 0, E[x x^T] = mu mu^T + s^2 I.
+    x = target.sample(0, 0.0, 200_000, gen)
+    mu = mixture.means[0].double()
+    assert x.mean(0).abs().max() < 4 * (float(mu @ mu) + 0.25 ** 2) ** 0.5 / 200_000 ** 0.5
+    second = x.T @ x / x.shape[0]
+    assert torch.allclose(second, torch.outer(mu, mu) + 0.25 ** 2 * torch.eye(2, dtype=torch.float64), atol=0.03)
+
+
+def test_guidance_moves_overlapping_classes_apart():
+    # With overlapping components (std 0.5 on radius 2) p_w pushes class 0's mass away from its neighbours:
+    # its points move outward (mean radius grows with w) and its distance to p(x | c) grows beyond the floor.
+    mixture = ToyMixture(4, radius=2.0, std=0.5)
+    target = ToyTarget(mixture, resolution=512)
+    gen = torch.Generator().manual_seed(1)
+    radius = [float(target.sample(0, w, 20_000, gen).norm(dim=1).mean()) for w in (0.0, 2.0, 8.0)]
+    assert radius[0] < radius[1] < radius[2]
+    labels = torch.zeros(2000, dtype=torch.long)
+    d0 = target.distance(mixture.sample_class(0, 2000, gen).double(), labels, 0.0)
+    d8 = target.distance(mixture.sample_class(0, 2000, gen).double(), labels, 8.0)
+    assert d8 > 5 * d0
+
+
+def test_rejects_what_is_not_a_density():
+    with pytest.raises(ValueError, match='w >= -1'):
+        tilted_log_density(torch.zeros(4), torch.zeros(4), -2.0)
+    with pytest.raises(ValueError, match='one value per cell'):
+        grid_sample(torch.zeros(5), Grid(0., 1., 2), 3)
+    with pytest.raises(ValueError, match='high > low'):
+        Grid(1., 1., 4)
