@@ -105,16 +105,25 @@ class OnePassDenoiser(nn.Module):
 
     model(x, sigma, **extra_args) = denoiser(x, sigma, **extra_args, guidance_cond=w) for a model told w
     (GFTDenoiser, distillation), or the plain conditional denoiser for an MG model (w None), whose one pass
-    samples the effective guidance it was trained for.
+    samples the effective guidance it was trained for. With sigma_interval, rows outside it are told w = 0.
     """
 
-    def __init__(self, denoiser: nn.Module, w: float | None = None):
+    def __init__(self, denoiser: nn.Module, w: float | None = None, *,
+                 sigma_interval: Sequence[float] | None = None):
         super().__init__()
         if w is not None and (isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0):
             raise ValueError(f"w must be a number >= 0 (the paper's w) or None for a model not told w, got {w!r}")
+        if w is None and sigma_interval is not None:
+            raise ValueError('a guidance interval needs a model told w; an MG model samples its trained guidance')
         self.inner_model, self.w = denoiser, w
+        self.sigma_interval = check_sigma_interval(sigma_interval)
 
     def forward(self, input: torch.Tensor, sigma: torch.Tensor, **extra_args: Any) -> torch.Tensor:
         if self.w is not None:
-            extra_args['guidance_cond'] = torch.full((input.shape[0],), float(self.w), device=input.device)
+            sigma_rows = torch.as_tensor(sigma, device=input.device).expand(input.shape[0])
+            w = torch.full_like(sigma_rows, float(self.w), dtype=torch.float32)
+            if self.sigma_interval is not None:
+                lo, hi = self.sigma_interval
+                w = torch.where((sigma_rows >= lo) & (sigma_rows <= hi), w, torch.zeros_like(w))
+            extra_args['guidance_cond'] = w
         return self.inner_model(input, sigma, **extra_args)
