@@ -8,8 +8,7 @@ what is allowed. Upstream's sections stay valid for upstream tools, which ignore
 from __future__ import annotations
 
 import copy
-import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -18,13 +17,13 @@ import torch
 from torch import nn
 
 from . import objective
-from .guidance import GuidedDenoiser, OnePassDenoiser
+from .guidance import guided_denoiser
 from .schema import (ALIGN_DEFAULTS, ONE_PASS, SAMPLERS, TELLS_W, ConfigError, choice, config_path,  # noqa: F401
                      fail, number, read_config, resolve_align, validate_align)
 from .sd import config as sd_config
 
 __all__ = ['ALIGN_DEFAULTS', 'SAMPLERS', 'ConfigError', 'load_config', 'align_section', 'null_condition',
-           'make_model', 'make_denoiser_wrapper', 'make_teacher', 'make_guided_denoiser', 'get_sampler',
+           'make_model', 'make_denoiser_wrapper', 'make_teacher', 'make_objective_teacher', 'make_guided_denoiser', 'get_sampler',
            'mg_effective_w', 'w_range']
 
 MODEL_TYPES = ('image_v1', 'image_transformer_v1', 'toy_mlp')
@@ -220,31 +219,38 @@ def make_teacher(config: Mapping[str, Any], device: torch.device | str = 'cpu') 
     return teacher.to(device).eval().requires_grad_(False)
 
 
+def make_objective_teacher(config: Mapping[str, Any], ema: Any, device: torch.device | str = 'cpu', *,
+                           wrap: Callable[[nn.Module], nn.Module] | None = None) -> nn.Module | None:
+    """The teacher of the config's objective for a training run: distill's frozen model (make_teacher), mg's EMA
+    of the model being trained (ema: the run's engine.EMA; a view that follows every update), or None (mg
+    "online": the current weights under no_grad). wrap turns a network into what the objective calls (Stable
+    Diffusion: its DDPM denoiser)."""
+    align = config['align']
+    teacher = None
+    if align['objective'] == 'distill':
+        teacher = make_teacher(config, device)
+    elif align['objective'] == 'mg' and align['teacher'] == 'ema':
+        if ema is None:
+            fail('align.teacher', 'ema', "'online' when the config has no ema_sched (the EMA teacher needs the EMA "
+                 'model)')
+        teacher = ema.view()
+    return teacher if teacher is None or wrap is None else wrap(teacher)
+
+
 def make_guided_denoiser(config: Mapping[str, Any], denoiser: nn.Module, *, w: float | None = None,
                          uncond: Mapping[str, Any] | None = None) -> nn.Module:
-    """A k-diffusion denoiser sampling the config's model at the paper's w (default align.w_sample).
-
-    - aligned (and standard) models: two-pass CFG (GuidedDenoiser) with the guidance interval;
-    - gft, distill: ONE network evaluation per step, the network told w (OnePassDenoiser), for w in the trained
-      range (a ConfigError otherwise); the guidance interval tells it w = 0 outside;
-    - mg: one pass of the plain conditional model at its trained effective guidance w_mg = w / (1 - w); any
-      other w is two-pass CFG on top of it at w' = (1 + w) / (1 + w_mg) - 1, since (1 + w')(1 + w_mg) - 1 = w
-      (docs/design.md section 6).
-    """
+    """A k-diffusion denoiser sampling the config's model at the paper's w (default align.w_sample): two-pass CFG
+    for aligned and standard models, one network evaluation per step for gft, mg and distill
+    (guidance.guided_denoiser; a ConfigError for a w outside a one-pass model's trained range)."""
     align = align_section(config)
-    kind, w = align['objective'], float(align['w_sample'] if w is None else w)
-    null = null_condition(config) if uncond is None else uncond
-    if kind == 'aligned':
-        return GuidedDenoiser(denoiser, w, uncond=null, sigma_interval=align['sigma_interval'])
-    lo, hi = w_range(config)
-    if kind == 'mg':
-        if math.isclose(w, hi, rel_tol=1e-9, abs_tol=1e-12):
-            return OnePassDenoiser(denoiser)
-        return GuidedDenoiser(denoiser, (1 + w) / (1 + hi) - 1, uncond=null, sigma_interval=align['sigma_interval'])
-    if not lo <= w <= hi:
-        raise ConfigError(f'w {w:g} is outside the range [{lo:g}, {hi:g}] that this {kind} model was trained for '
-                          '(align.w_train); sample it at a w in that range')
-    return OnePassDenoiser(denoiser, w, sigma_interval=align['sigma_interval'])
+    kind = align['objective']
+    try:
+        return guided_denoiser(denoiser, kind, float(align['w_sample'] if w is None else w),
+                               w_range=None if kind == 'aligned' else w_range(config),
+                               uncond=null_condition(config) if uncond is None else uncond,
+                               sigma_interval=align['sigma_interval'])
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def get_sampler(name: str):

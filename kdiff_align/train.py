@@ -28,7 +28,7 @@ from . import data as data_lib
 from . import engine
 from .checkpoint import CheckpointError
 from .config import (ONE_PASS, ConfigError, align_section, load_config, make_denoiser_wrapper, make_model,
-                     make_teacher)
+                     make_objective_teacher)
 from .data import DataError
 from .engine import TrainingError  # noqa: F401 (re-exported: one error type for every training path)
 from .sample import data_shape, grid_image, sample, sample_grid
@@ -93,20 +93,6 @@ class ImageLoss:
         noise = torch.randn_like(x)
         sigma = self.sample_density([x.shape[0]], device=self.device)
         return self.model.loss(x, noise, sigma, **kwargs)
-
-
-def make_objective_teacher(config: Mapping[str, Any], run: engine.Engine) -> nn.Module | None:
-    """The teacher of the config's objective: distill's frozen model (align.teacher), mg's EMA of the model being
-    trained (a view that follows every EMA update), or None (mg "online": the current weights under no_grad)."""
-    align = config['align']
-    if align['objective'] == 'distill':
-        return make_teacher(config, run.accelerator.device)
-    if align['objective'] == 'mg' and align['teacher'] == 'ema':
-        if run.ema is None:
-            raise ConfigError('config key \'align.teacher\': got \'ema\'; allowed: \'online\' when the config has '
-                              'no ema_sched (the EMA teacher needs the EMA model)')
-        return run.ema.view()
-    return None
 
 
 def describe_objective(align: Mapping[str, Any]) -> str:
@@ -202,7 +188,7 @@ def train(config: Mapping[str, Any] | None, options: TrainOptions | None = None,
         inner_model.compile()
     run = engine.Engine(accelerator, inner_model, config, run_dir, args=dataclasses.asdict(options), ckpt=ckpt,
                         per_epoch=per_epoch)
-    objective = make_denoiser_wrapper(config, teacher=make_objective_teacher(config, run))
+    objective = make_denoiser_wrapper(config, teacher=make_objective_teacher(config, run.ema, device))
     loss = ImageLoss(objective(run.model), K.config.make_sample_density(config['model']),
                      class_cond=dataset_config['num_classes'] > 0, aug_cond=data_lib.uses_aug_cond(config),
                      device=device, run=run, warmup_steps=align['warmup_steps'])

@@ -161,6 +161,14 @@ def _validate(config: Mapping[str, Any]) -> None:
         number('ema_sched.power', ema['power'], lo=0, lo_open=True)
         number('ema_sched.max_value', ema['max_value'], lo=0, hi=1)
     validate_align(config['align'])
+    kind = config['align']['objective']
+    if kind == 'distill':
+        fail('align.objective', kind, "'aligned', 'gft' or 'mg' for Stable Diffusion (distillation from a Stable "
+             'Diffusion teacher is not built yet)')
+    if kind == 'gft' and lora is not None:
+        fail('align.objective', kind, "'aligned' or 'mg' with a LoRA: a w-conditioned UNet trains a new "
+             'time_cond_proj_dim projection, which a LoRA export cannot carry; set model.lora to null (full '
+             'fine-tune, exported in diffusers\' layout)')
 
 
 # ---------------------------------------------------------------------------------------------------------
