@@ -8,21 +8,23 @@ what is allowed. Upstream's sections stay valid for upstream tools, which ignore
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from . import objective
-from .guidance import GuidedDenoiser
-from .schema import (ALIGN_DEFAULTS, SAMPLERS, ConfigError, choice, config_path, fail, number,  # noqa: F401
-                     read_config, validate_align)
+from .guidance import guided_denoiser
+from .schema import (ALIGN_DEFAULTS, ONE_PASS, SAMPLERS, TELLS_W, ConfigError, choice, config_path,  # noqa: F401
+                     fail, number, read_config, resolve_align, validate_align)
 from .sd import config as sd_config
 
 __all__ = ['ALIGN_DEFAULTS', 'SAMPLERS', 'ConfigError', 'load_config', 'align_section', 'null_condition',
-           'make_model', 'make_denoiser_wrapper', 'make_guided_denoiser', 'get_sampler']
+           'make_model', 'make_denoiser_wrapper', 'make_teacher', 'make_objective_teacher', 'make_guided_denoiser', 'get_sampler',
+           'mg_effective_w', 'w_range']
 
 MODEL_TYPES = ('image_v1', 'image_transformer_v1', 'toy_mlp')
 DATASET_TYPES = ('cifar10', 'imagefolder', 'imagefolder-class', 'digits', 'toy', 'custom', 'sd-captions')
@@ -84,28 +86,46 @@ def load_config(path_or_dict: str | Path | Mapping[str, Any]) -> dict[str, Any]:
     for section in ('model', 'dataset'):
         if not isinstance(raw.get(section), dict):
             raise ConfigError(f'config section {section!r} is missing or not an object')
-    if not isinstance(raw.get('align', {}), dict):
-        raise ConfigError(f'config section \'align\' must be an object, got {raw["align"]!r}')
-    align = {**ALIGN_DEFAULTS, **raw.pop('align', {})}
+    align = resolve_align(raw.pop('align', None))
     choice('model.type', raw['model'].get('type'), MODEL_TYPES + ('stable_diffusion',))
     config = K_config.load_config(raw)
     _validate_upstream(config)
-    validate_align(align)
+    if align['objective'] != 'aligned' and not config['dataset']['num_classes']:
+        fail('align.objective', align['objective'], '"aligned" for an unconditional model (dataset.num_classes 0): '
+             'the guided objectives need classes and their null condition')
     config['align'] = align
     return config
 
 
 def align_section(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The align section with defaults resolved against the upstream sections."""
+    """The align section with defaults resolved against the upstream sections and the objective: w_sample
+    defaults to the w the model was trained for (gft / distill: the mean of the w range; mg: its effective
+    guidance w / (1 - w))."""
     align = dict(config['align'])
     if align['uncond_prob'] is None:
         align['uncond_prob'] = config['dataset']['cond_dropout_rate']
     if align['w_sample'] is None:
         w = objective.make_guidance_scale(align['w_train'])
-        align['w_sample'] = w.mean if isinstance(w, objective.ScaleDistribution) else w
+        if align['objective'] == 'mg':
+            align['w_sample'] = mg_effective_w(w)
+        else:
+            align['w_sample'] = w.mean if isinstance(w, objective.ScaleDistribution) else w
     if align['class_embed_dim'] is None:
         align['class_embed_dim'] = config['model'].get('mapping_out', 256)
     return align
+
+
+def mg_effective_w(w_train: float) -> float:
+    """The CFG w that a model-guidance model trained at w samples in one pass: w / (1 - w) (docs/design.md 6(b))."""
+    return w_train / (1 - w_train)
+
+
+def w_range(config: Mapping[str, Any]) -> tuple[float, float]:
+    """The w range a one-pass model was trained for ([w, w] for a fixed w; mg: its effective w)."""
+    w = objective.make_guidance_scale(config['align']['w_train'])
+    if config['align']['objective'] == 'mg':
+        w = mg_effective_w(w)
+    return (w.min_value, w.max_value) if isinstance(w, objective.ScaleDistribution) else (w, w)
 
 
 def null_condition(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -115,47 +135,122 @@ def null_condition(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def make_model(config: Mapping[str, Any]) -> nn.Module:
-    """Upstream's make_model; image_v1 with num_classes > 0 gets a class embedding on mapping_cond."""
+    """Upstream's make_model; image_v1 with num_classes > 0 gets a class embedding on mapping_cond, and the
+    objectives that tell the network w (gft, distill) add a zero-initialised w embedding (docs/design.md
+    section 6)."""
     from k_diffusion import config as K_config
 
-    from .models import ClassConditionedModel
+    from .models import ClassConditionedModel, GuidanceToldTransformer
 
     num_classes = config['dataset']['num_classes']
-    if config['model']['type'] == 'toy_mlp':
+    told = config['align']['objective'] in TELLS_W
+    model_type = config['model']['type']
+    if model_type == 'toy_mlp':
         from .toy import ToyMLP
         model = config['model']
         return ToyMLP(num_classes, width=model.get('width', 128), depth=model.get('depth', 3),
-                      input_channels=model['input_channels'])
-    if config['model']['type'] != 'image_v1' or not num_classes:
+                      input_channels=model['input_channels'], guidance_embed=told)
+    if model_type == 'image_transformer_v1':
+        model = K_config.make_model(config)
+        return GuidanceToldTransformer(model) if told else model
+    if model_type != 'image_v1' or not num_classes:
         return K_config.make_model(config)
     embed_dim = align_section(config)['class_embed_dim']
     inner_config = copy.deepcopy(dict(config))
     inner_config['model']['mapping_cond_dim'] = config['model']['mapping_cond_dim'] + embed_dim
-    return ClassConditionedModel(K_config.make_model(inner_config), num_classes, embed_dim)
+    return ClassConditionedModel(K_config.make_model(inner_config), num_classes, embed_dim, guidance_embed=told)
 
 
-def make_denoiser_wrapper(config: Mapping[str, Any], **overrides: Any) -> partial:
-    """A partial of AlignedDenoiser taking the inner model, like upstream's make_denoiser_wrapper."""
+def make_denoiser_wrapper(config: Mapping[str, Any], *, teacher: nn.Module | None = None, **overrides: Any
+                          ) -> partial:
+    """A partial of the config's objective taking the inner model, like upstream's make_denoiser_wrapper:
+    AlignedDenoiser (aligned), GFTDenoiser (gft) or TeacherTargetDenoiser (mg, distill). teacher: mg's
+    teacher network (None: the model's own current weights, "online"), distill's frozen teacher (None: a
+    wrapper that samples but cannot train; make_teacher loads align.teacher)."""
     align = align_section(config)
+    kind = align['objective']
     kwargs = dict(
         sigma_data=config['model'].get('sigma_data', 1.),   # DDPM wrappers (Stable Diffusion) have their own
         weighting=config['model']['loss_weighting'],
         guidance_scale=align['w_train'],
         uncond=null_condition(config),
         uncond_prob=align['uncond_prob'],
-        stop_grad_uncond=align['stop_grad_uncond'],
-        mix=align['mix'],
     )
-    return partial(objective.AlignedDenoiser, **{**kwargs, **overrides})
+    if kind == 'aligned':
+        kwargs.update(stop_grad_uncond=align['stop_grad_uncond'], mix=align['mix'])
+        return partial(objective.AlignedDenoiser, **{**kwargs, **overrides})
+    if kind == 'gft':
+        return partial(objective.GFTDenoiser, **{**kwargs, **overrides})
+    kwargs.update(kind=kind, sigma_range=align['target_sigma_range'])
+    return partial(objective.TeacherTargetDenoiser, teacher=teacher, **{**kwargs, **overrides})
+
+
+TEACHER_OBJECTIVES = ('aligned',)   # distillation teachers: standard CFG (w_train 0) or aligned models
+_TRAINING_ONLY = {'sigma_sample_density', 'loss_weighting', 'loss_config', 'loss_scales', 'dropout_rate',
+                  'augment_prob', 'ema_sched'}
+
+
+def make_teacher(config: Mapping[str, Any], device: torch.device | str = 'cpu') -> nn.Module:
+    """distill's teacher: the raw network F of align.teacher (a checkpoint, run folder or export), frozen and
+    in eval mode. A teacher of another architecture, data or objective is refused with a ConfigError."""
+    from .checkpoint import load_for_inference
+
+    path = config['align']['teacher']
+    teacher_config, state = load_for_inference(path)
+    teacher_config = load_config(teacher_config)
+    problems = [f'model.{k}' for k in sorted(set(config['model']) | set(teacher_config['model']))
+                if k not in _TRAINING_ONLY and config['model'].get(k) != teacher_config['model'].get(k)]
+    problems += [f'dataset.{k}' for k in ('type', 'num_classes', 'location')
+                 if config['dataset'].get(k) != teacher_config['dataset'].get(k)]
+    if teacher_config['align']['objective'] not in TEACHER_OBJECTIVES:
+        problems.append(f'align.objective ({teacher_config["align"]["objective"]!r}; a teacher samples with CFG: '
+                        'a standard or aligned model)')
+    if problems:
+        first = problems[0].split(' ')[0]
+        section, key = first.split('.', 1)
+        mine, theirs = config[section].get(key), teacher_config[section].get(key)
+        fail('align.teacher', path, f'a standard or aligned model of this config\'s architecture and data; the '
+             f'teacher differs in {", ".join(problems)} (e.g. {first}: teacher {theirs!r}, student {mine!r})')
+    teacher = make_model(teacher_config)
+    try:
+        teacher.load_state_dict(state)
+    except RuntimeError as err:
+        fail('align.teacher', path, f'weights that fit the model of its own config ({str(err).splitlines()[0]})')
+    return teacher.to(device).eval().requires_grad_(False)
+
+
+def make_objective_teacher(config: Mapping[str, Any], ema: Any, device: torch.device | str = 'cpu', *,
+                           wrap: Callable[[nn.Module], nn.Module] | None = None) -> nn.Module | None:
+    """The teacher of the config's objective for a training run: distill's frozen model (make_teacher), mg's EMA
+    of the model being trained (ema: the run's engine.EMA; a view that follows every update), or None (mg
+    "online": the current weights under no_grad). wrap turns a network into what the objective calls (Stable
+    Diffusion: its DDPM denoiser)."""
+    align = config['align']
+    teacher = None
+    if align['objective'] == 'distill':
+        teacher = make_teacher(config, device)
+    elif align['objective'] == 'mg' and align['teacher'] == 'ema':
+        if ema is None:
+            fail('align.teacher', 'ema', "'online' when the config has no ema_sched (the EMA teacher needs the EMA "
+                 'model)')
+        teacher = ema.view()
+    return teacher if teacher is None or wrap is None else wrap(teacher)
 
 
 def make_guided_denoiser(config: Mapping[str, Any], denoiser: nn.Module, *, w: float | None = None,
-                         uncond: Mapping[str, Any] | None = None) -> GuidedDenoiser:
-    """A GuidedDenoiser at the config's sampling w (or w), with its null condition and guidance interval."""
+                         uncond: Mapping[str, Any] | None = None) -> nn.Module:
+    """A k-diffusion denoiser sampling the config's model at the paper's w (default align.w_sample): two-pass CFG
+    for aligned and standard models, one network evaluation per step for gft, mg and distill
+    (guidance.guided_denoiser; a ConfigError for a w outside a one-pass model's trained range)."""
     align = align_section(config)
-    return GuidedDenoiser(denoiser, align['w_sample'] if w is None else w,
-                          uncond=null_condition(config) if uncond is None else uncond,
-                          sigma_interval=align['sigma_interval'])
+    kind = align['objective']
+    try:
+        return guided_denoiser(denoiser, kind, float(align['w_sample'] if w is None else w),
+                               w_range=None if kind == 'aligned' else w_range(config),
+                               uncond=null_condition(config) if uncond is None else uncond,
+                               sigma_interval=align['sigma_interval'])
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def get_sampler(name: str):

@@ -357,6 +357,16 @@ class EMA:
                 for n, p in self.params.items():
                     p.copy_(backup[n])
 
+    def view(self) -> nn.Module:
+        """A copy of the module that always holds the averaged values (model-guidance's teacher, docs/design.md
+        section 6(b)): its trainable parameters ARE the averaged tensors (shared, so each update shows), its
+        frozen weights and buffers are the module's own (shared, not copied); nothing in it takes gradients."""
+        memo: dict[int, Any] = {id(b): b for b in self.module.buffers()}
+        for name, param in self.module.named_parameters():
+            memo[id(param)] = nn.Parameter(self.averaged[name], requires_grad=False) if name in self.averaged \
+                else param
+        return copy.deepcopy(self.module, memo).eval()
+
     def state_dict(self, full: bool) -> dict[str, torch.Tensor]:
         """The averaged parameters: with the module's frozen weights and buffers (full) or alone."""
         state = dict(self.module.state_dict()) if full else {}

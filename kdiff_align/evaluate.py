@@ -35,7 +35,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from .checkpoint import CheckpointError, atomic_write, load_for_inference  # noqa: E402
-from .config import ConfigError, load_config  # noqa: E402
+from .config import ConfigError, load_config, make_guided_denoiser  # noqa: E402
 from .sample import build_denoiser, data_shape, sample  # noqa: E402,F401 (build_denoiser: re-exported for claims)
 
 DETERMINISTIC_SAMPLER = 'dpmpp_2m'
@@ -372,6 +372,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = load_config(config)
             models[name] = (config, build_denoiser(config, state, args.device))
             names.append(name)
+            for w in args.w:   # a one-pass model refuses a w outside its trained range before any sampling
+                make_guided_denoiser(config, models[name][1], w=w)
         kinds = {c['dataset']['type'] for c, _ in models.values()}
         if len(kinds) > 1:
             raise EvaluationError(f'checkpoints of different datasets cannot share one sweep: {sorted(kinds)}')

@@ -8,6 +8,7 @@ the two are converted.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Union
 
@@ -105,16 +106,58 @@ class OnePassDenoiser(nn.Module):
 
     model(x, sigma, **extra_args) = denoiser(x, sigma, **extra_args, guidance_cond=w) for a model told w
     (GFTDenoiser, distillation), or the plain conditional denoiser for an MG model (w None), whose one pass
-    samples the effective guidance it was trained for.
+    samples the effective guidance it was trained for. With sigma_interval, rows outside it are told w = 0.
     """
 
-    def __init__(self, denoiser: nn.Module, w: float | None = None):
+    def __init__(self, denoiser: nn.Module, w: float | None = None, *,
+                 sigma_interval: Sequence[float] | None = None):
         super().__init__()
         if w is not None and (isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0):
             raise ValueError(f"w must be a number >= 0 (the paper's w) or None for a model not told w, got {w!r}")
+        if w is None and sigma_interval is not None:
+            raise ValueError('a guidance interval needs a model told w; an MG model samples its trained guidance')
         self.inner_model, self.w = denoiser, w
+        self.sigma_interval = check_sigma_interval(sigma_interval)
 
     def forward(self, input: torch.Tensor, sigma: torch.Tensor, **extra_args: Any) -> torch.Tensor:
         if self.w is not None:
-            extra_args['guidance_cond'] = torch.full((input.shape[0],), float(self.w), device=input.device)
+            sigma_rows = torch.as_tensor(sigma, device=input.device).expand(input.shape[0])
+            w = torch.full_like(sigma_rows, float(self.w), dtype=torch.float32)
+            if self.sigma_interval is not None:
+                lo, hi = self.sigma_interval
+                w = torch.where((sigma_rows >= lo) & (sigma_rows <= hi), w, torch.zeros_like(w))
+            extra_args['guidance_cond'] = w
         return self.inner_model(input, sigma, **extra_args)
+
+
+ONE_PASS_OBJECTIVES = ('gft', 'mg', 'distill')
+
+
+def guided_denoiser(denoiser: nn.Module, objective: str, w: float, *, w_range: Sequence[float] | None = None,
+                    uncond: Mapping[str, Any] | None = None, sigma_interval: Sequence[float] | None = None
+                    ) -> nn.Module:
+    """The k-diffusion denoiser that samples a model of the given objective at the paper's w (docs/design.md
+    section 6). w_range is the w range a one-pass model was trained for (mg: its effective guidance w_mg).
+
+    - 'aligned' (and standard CFG): two-pass CFG, GuidedDenoiser, with the guidance interval;
+    - 'gft', 'distill': ONE network evaluation per step, the network told w (OnePassDenoiser), for w in
+      w_range (a ValueError otherwise); the guidance interval tells it w = 0 outside;
+    - 'mg': one pass of the plain conditional model at w = w_mg; any other w is two-pass CFG on top of it at
+      w' = (1 + w) / (1 + w_mg) - 1, since (1 + w')(1 + w_mg) - 1 = w.
+    """
+    if objective not in ('aligned',) + ONE_PASS_OBJECTIVES:
+        raise ValueError(f"objective must be one of 'aligned', {', '.join(map(repr, ONE_PASS_OBJECTIVES))}; "
+                         f'got {objective!r}')
+    if objective == 'aligned':
+        return GuidedDenoiser(denoiser, w, uncond=uncond, sigma_interval=sigma_interval)
+    if w_range is None:
+        raise ValueError(f'a {objective} model needs the w range it was trained for (w_range)')
+    lo, hi = (float(v) for v in w_range)
+    if objective == 'mg':
+        if math.isclose(w, hi, rel_tol=1e-9, abs_tol=1e-12):
+            return OnePassDenoiser(denoiser)
+        return GuidedDenoiser(denoiser, (1 + w) / (1 + hi) - 1, uncond=uncond, sigma_interval=sigma_interval)
+    if not lo <= w <= hi:
+        raise ValueError(f'w {w:g} is outside the range [{lo:g}, {hi:g}] that this {objective} model was trained '
+                         'for (align.w_train); sample it at a w in that range')
+    return OnePassDenoiser(denoiser, w, sigma_interval=sigma_interval)

@@ -82,3 +82,42 @@ def with_guidance_embedding(model: ClassConditionedModel) -> ClassConditionedMod
                                  guidance_embed=True)
     told.class_embed = model.class_embed
     return told.to(model.class_embed.weight.device)
+
+
+class _ClassAndGuidanceEmbedding(nn.Module):
+    """image_transformer_v1's class embedding plus a GuidanceEmbedding of the w set by GuidanceToldTransformer."""
+
+    def __init__(self, class_emb: nn.Embedding):
+        super().__init__()
+        self.class_emb = class_emb
+        self.guidance_embed = GuidanceEmbedding(class_emb.embedding_dim)
+        self.guidance_cond: torch.Tensor | None = None
+
+    def forward(self, class_cond: torch.Tensor) -> torch.Tensor:
+        embed = self.class_emb(class_cond)
+        return embed + guidance_term(self.guidance_embed, self.guidance_cond, embed)
+
+
+class GuidanceToldTransformer(nn.Module):
+    """k-diffusion's image_transformer_v1 told w, without editing k-diffusion: the transformer sums its class
+    embedding into the mapping network's input, so that embedding is replaced by one that adds a zero-initialised
+    GuidanceEmbedding of the call's guidance_cond (set for the duration of each forward)."""
+
+    def __init__(self, inner_model: nn.Module):
+        super().__init__()
+        if getattr(inner_model, 'class_emb', None) is None:
+            raise ValueError('a transformer told w needs its class embedding (dataset.num_classes > 0)')
+        inner_model.class_emb = _ClassAndGuidanceEmbedding(inner_model.class_emb)
+        self.inner_model = inner_model
+
+    def forward(self, input: torch.Tensor, sigma: torch.Tensor, guidance_cond: torch.Tensor | None = None,
+                **kwargs: Any) -> torch.Tensor:
+        embedding = self.inner_model.class_emb
+        embedding.guidance_cond = guidance_cond
+        try:
+            return self.inner_model(input, sigma, **kwargs)
+        finally:
+            embedding.guidance_cond = None
+
+    def param_groups(self, base_lr: float) -> list[dict]:
+        return self.inner_model.param_groups(base_lr)

@@ -330,8 +330,6 @@ class TeacherTargetDenoiser(GuidanceObjective):
         if kind == 'mg' and not (isinstance(self.guidance_scale, float) and 0 <= self.guidance_scale < 1):
             raise ValueError(f"model-guidance needs a fixed w in [0, 1) (its fixed point is CFG at w / (1 - w)), "
                              f"got {self.guidance_scale!r}")
-        if kind == 'distill' and teacher is None:
-            raise ValueError('guidance distillation needs a teacher: a frozen model trained with CFG on the same data')
         if teacher is not None and parameterization(teacher) != self.parameterization:
             raise ValueError(f'the teacher predicts {parameterization(teacher)!r}, the student '
                              f'{self.parameterization!r}; both must be the same kind of model')
@@ -351,6 +349,9 @@ class TeacherTargetDenoiser(GuidanceObjective):
 
     def loss(self, input: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """The per-row loss [B]: (G - T')^2 on conditional rows, the standard loss on anchor rows."""
+        if self.kind == 'distill' and self._teacher[0] is None:
+            raise ValueError('guidance distillation needs a teacher to train: a frozen model trained with CFG on '
+                             'the same data (without one, this wrapper only samples)')
         batch_size, device = input.shape[0], input.device
         model_input, target, c_weight, anchor, main_kwargs = self.prepare(input, noise, sigma, kwargs)
         conditional = torch.ones(batch_size, dtype=torch.bool, device=device) if anchor is None else ~anchor

@@ -150,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli_defaults()  # before k-diffusion is imported
     args = _parse(argv)
     from .checkpoint import CheckpointError, load_for_inference
-    from .config import align_section, load_config
+    from .config import align_section, load_config, make_guided_denoiser
 
     try:
         raw_config, state = load_for_inference(args.checkpoint, ema=not args.no_ema)
@@ -169,6 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.n < 1 or (args.steps is not None and args.steps < 1):
             raise ConfigError(f'--n and --steps must be >= 1, got {args.n} and {args.steps}')
         denoiser = build_denoiser(config, state, args.device)
+        for w in ws:   # a one-pass model refuses a w outside its trained range before any sampling
+            make_guided_denoiser(config, denoiser, w=w)
     except (ConfigError, CheckpointError) as err:
         print(f'error: {err}', file=sys.stderr)
         return 2

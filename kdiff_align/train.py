@@ -27,7 +27,8 @@ from . import checkpoint as ckpt_lib
 from . import data as data_lib
 from . import engine
 from .checkpoint import CheckpointError
-from .config import ConfigError, align_section, load_config, make_denoiser_wrapper, make_model
+from .config import (ONE_PASS, ConfigError, align_section, load_config, make_denoiser_wrapper, make_model,
+                     make_objective_teacher)
 from .data import DataError
 from .engine import TrainingError  # noqa: F401 (re-exported: one error type for every training path)
 from .sample import data_shape, grid_image, sample, sample_grid
@@ -71,13 +72,17 @@ class TrainResult:
 class ImageLoss:
     """Per-sample aligned losses of a (x, labels, aug_cond) batch, sigma drawn from the config's density."""
 
-    model: nn.Module                    # the AlignedDenoiser
+    model: nn.Module                    # the objective (AlignedDenoiser, GFTDenoiser, TeacherTargetDenoiser)
     sample_density: Callable
     class_cond: bool
     aug_cond: bool
     device: torch.device
+    run: engine.Engine | None = None    # with warmup_steps: the standard loss until run.step reaches them (mg)
+    warmup_steps: int = 0
 
     def __call__(self, batch: Sequence[torch.Tensor]) -> torch.Tensor:
+        if self.warmup_steps:
+            self.model.active = self.run.step >= self.warmup_steps
         x, labels, aug_cond = batch
         x = x.to(self.device, non_blocking=True)
         kwargs = {}
@@ -88,6 +93,19 @@ class ImageLoss:
         noise = torch.randn_like(x)
         sigma = self.sample_density([x.shape[0]], device=self.device)
         return self.model.loss(x, noise, sigma, **kwargs)
+
+
+def describe_objective(align: Mapping[str, Any]) -> str:
+    """One line: the objective and its knobs."""
+    kind = align['objective']
+    text = f'{kind}, w_train = {align["w_train"]}, uncond_prob = {align["uncond_prob"]}'
+    if kind == 'aligned':
+        return text + f', mix = {align["mix"]}'
+    if kind in ('mg', 'distill'):
+        text += f', teacher = {align["teacher"]}'
+    if align['warmup_steps']:
+        text += f', warm-up {align["warmup_steps"]} steps'
+    return text
 
 
 @torch.no_grad()
@@ -170,21 +188,23 @@ def train(config: Mapping[str, Any] | None, options: TrainOptions | None = None,
         inner_model.compile()
     run = engine.Engine(accelerator, inner_model, config, run_dir, args=dataclasses.asdict(options), ckpt=ckpt,
                         per_epoch=per_epoch)
-    loss = ImageLoss(make_denoiser_wrapper(config)(run.model), K.config.make_sample_density(config['model']),
+    objective = make_denoiser_wrapper(config, teacher=make_objective_teacher(config, run.ema, device))
+    loss = ImageLoss(objective(run.model), K.config.make_sample_density(config['model']),
                      class_cond=dataset_config['num_classes'] > 0, aug_cond=data_lib.uses_aug_cond(config),
-                     device=device)
+                     device=device, run=run, warmup_steps=align['warmup_steps'])
     batches = data_lib.batches(dataset, options.batch_size, options.seed, run.batches_seen, num_workers=num_workers,
                                rank=rank, world_size=world, seeded_items=data_lib.needs_item_rng(config))
     if is_main:
         print(f'Run folder: {run_dir}  (process {rank} of {world} on {device}; parameters: {n_params:,}; '
               f'{len(dataset):,} training items; seed {options.seed})', flush=True)
-        print(f'Objective: w_train = {align["w_train"]}, mix = {align["mix"]}, uncond_prob = {align["uncond_prob"]}; '
-              f"demos at w = {align['w_sample']:g} (paper's w; cfg scale = {1 + align['w_sample']:g})", flush=True)
+        w = align['w_sample']
+        passes = 'one network evaluation per step' if align['objective'] in ONE_PASS else f'cfg scale = {1 + w:g}'
+        print(f"Objective: {describe_objective(align)}; demos at w = {w:g} (paper's w; {passes})", flush=True)
         if ckpt is not None:
             print(f'Resuming from {ckpt["path"]} at step {run.step}', flush=True)
 
     # Hooks: demo grids, the export, FID/KID, wandb (all with the EMA weights swapped in by the engine).
-    ema_denoiser = make_denoiser_wrapper(config)(run.unwrapped)
+    ema_denoiser = objective(run.unwrapped)
     demo = partial(demo_grid, ema_denoiser, config, run_dir, options.sample_n, options.seed) \
         if options.sample_n else None
     export = partial(export_ema, run.unwrapped, config, run_dir / f'{options.name}.safetensors')

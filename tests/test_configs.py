@@ -1,4 +1,5 @@
-"""The shipped configs: valid for kdiff-align and upstream, aligned vs baseline differ only in w_train."""
+"""The shipped configs: valid for kdiff-align and upstream, aligned vs baseline differ only in w_train, the
+one-pass objectives' configs from aligned only in the align section."""
 
 import json
 from pathlib import Path
@@ -31,7 +32,7 @@ def test_config_loads_and_builds(path):
         K.config.make_model(upstream)
     if path.stem.endswith('baseline'):
         assert config['align']['w_train'] == 0  # standard CFG training, exactly upstream's loss
-    assert denoiser.uncond == {'class_cond': config['dataset']['num_classes']}
+    assert denoiser.uncond['class_cond'] == config['dataset']['num_classes']
 
 
 @pytest.mark.parametrize('dataset', PAIRS)
@@ -40,6 +41,16 @@ def test_aligned_and_baseline_differ_only_in_w_train(dataset):
     b = json.loads((ROOT / 'configs' / f'{dataset}_baseline.json').read_text())
     assert a['align'].pop('w_train') > 0 and b['align'].pop('w_train') == 0
     assert a == b
+
+
+@pytest.mark.parametrize('path', [p for p in CONFIGS if p.stem.split('_')[1] in ('gft', 'mg', 'distill')],
+                         ids=lambda p: p.stem)
+def test_one_pass_configs_differ_from_aligned_only_in_the_align_section(path):
+    one_pass = json.loads(path.read_text())
+    aligned = json.loads((ROOT / 'configs' / f'{path.stem.split("_")[0]}_aligned.json').read_text())
+    assert one_pass.pop('align')['objective'] == path.stem.split('_')[1]
+    aligned.pop('align')
+    assert one_pass == aligned
 
 
 def test_cifar_aligned_trains_on_torchvision_layout(tmp_path):

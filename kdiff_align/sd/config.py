@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import objective
-from ..schema import ALIGN_DEFAULTS, ConfigError, choice, fail, number, read_config, validate_align
+from ..schema import ConfigError, choice, fail, number, read_config, resolve_align, validate_align
 
 SECTIONS = ('model', 'dataset', 'optimizer', 'lr_sched', 'ema_sched', 'align')
 PREDICTIONS = ('epsilon', 'v_prediction')
@@ -93,7 +93,7 @@ def make_config(raw: Mapping[str, Any], base: Path = Path('.')) -> dict[str, Any
         'lr_sched': _merge('lr_sched', LR_SCHED_DEFAULTS, raw.get('lr_sched')),
         'ema_sched': None if 'ema_sched' in raw and raw['ema_sched'] is None
         else _merge('ema_sched', EMA_DEFAULTS, raw.get('ema_sched')),
-        'align': _merge('align', ALIGN_DEFAULTS, raw.get('align')),
+        'align': resolve_align(raw.get('align')),
     }
     model, dataset = config['model'], config['dataset']
     if model['lora'] is not None:
@@ -161,6 +161,14 @@ def _validate(config: Mapping[str, Any]) -> None:
         number('ema_sched.power', ema['power'], lo=0, lo_open=True)
         number('ema_sched.max_value', ema['max_value'], lo=0, hi=1)
     validate_align(config['align'])
+    kind = config['align']['objective']
+    if kind == 'distill':
+        fail('align.objective', kind, "'aligned', 'gft' or 'mg' for Stable Diffusion (distillation from a Stable "
+             'Diffusion teacher is not built yet)')
+    if kind == 'gft' and lora is not None:
+        fail('align.objective', kind, "'aligned' or 'mg' with a LoRA: a w-conditioned UNet trains a new "
+             'time_cond_proj_dim projection, which a LoRA export cannot carry; set model.lora to null (full '
+             'fine-tune, exported in diffusers\' layout)')
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..config import SAMPLERS, ConfigError, get_sampler
-from ..guidance import GuidedDenoiser, cfg_scale_to_w, w_to_cfg_scale
+from ..guidance import cfg_scale_to_w, guided_denoiser, w_to_cfg_scale
 
 SCHEDULES = ('karras', 'discrete')
 
@@ -57,8 +57,10 @@ def sigmas_for(denoiser: torch.nn.Module, steps: int, schedule: str = 'karras',
 @torch.no_grad()
 def generate(components: Any, prompts: Sequence[str], *, w: float, sampler: str = 'dpmpp_2m', steps: int = 25,
              schedule: str = 'karras', resolution: int = 512, seed: int = 0, negative_prompt: str = '',
-             sigma_interval: Sequence[float] | None = None, device: torch.device | str = 'cpu') -> torch.Tensor:
-    """Images [B, 3, H, W] in [0, 1] for prompts, guided with the paper's w (cfg scale 1 + w)."""
+             sigma_interval: Sequence[float] | None = None, device: torch.device | str = 'cpu',
+             objective: str = 'aligned', w_range: Sequence[float] | None = None) -> torch.Tensor:
+    """Images [B, 3, H, W] in [0, 1] for prompts, guided with the paper's w (cfg scale 1 + w): two-pass CFG, or
+    one UNet evaluation per step for a one-pass objective (guidance.guided_denoiser; w_range: its trained w)."""
     from .model import COND_KEY, encode_prompts, make_denoiser
 
     unet, vae, text_encoder = (m.to(device).eval() for m in (components.unet, components.vae,
@@ -69,7 +71,8 @@ def generate(components: Any, prompts: Sequence[str], *, w: float, sampler: str 
     denoiser = make_denoiser(unet, components.alphas_cumprod, components.prediction).to(device)
     cond = encode_prompts(components.tokenizer, text_encoder, prompts, device).float()
     uncond = {COND_KEY: encode_prompts(components.tokenizer, text_encoder, [negative_prompt], device).float()}
-    guided = GuidedDenoiser(denoiser, w, uncond=uncond, sigma_interval=sigma_interval)
+    guided = guided_denoiser(denoiser, objective, w, w_range=w_range, uncond=uncond,
+                             sigma_interval=sigma_interval)
     sigmas = sigmas_for(denoiser, steps, schedule, device)
     gen = torch.Generator().manual_seed(seed)
     shape = (len(prompts), unet.config.in_channels, resolution // factor, resolution // factor)
@@ -86,6 +89,23 @@ def _read_run(run: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         raise ConfigError(f'--run {str(run)!r} has no config.json; pass a kdiff_align.sd.train run folder')
     config = json.loads(config_path.read_text())
     return config['model'], config['align']
+
+
+def objective_of(align: Mapping[str, Any], meta: Mapping[str, Any] | None
+                 ) -> tuple[str, list[float] | None, float | None]:
+    """(objective, trained w range, recommended w) from a run's align section, else the export's metadata."""
+    from ..config import w_range
+
+    if 'objective' in align:
+        kind = align['objective']
+        if kind == 'aligned':
+            return kind, None, align.get('w_sample')
+        lo, hi = w_range({'align': align})
+        return kind, [lo, hi], hi if kind == 'mg' else align.get('w_sample')
+    meta = meta or {}
+    kind = meta.get('objective', 'aligned-cfg')
+    kind = 'aligned' if kind in ('aligned-cfg', 'standard-cfg') else kind
+    return kind, meta.get('w_range'), meta.get('w_sample')
 
 
 def _export_of(run: Path) -> dict[str, str]:
@@ -160,11 +180,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             w = cfg_scale_to_w(args.cfg_scale)
         elif args.w is not None:
             w = args.w
-        else:
-            w = (meta or {}).get('w_sample', align.get('w_sample', align.get('w_train', 4.0)))
+        objective, trained_w, recommended = objective_of(align, meta)
+        if args.cfg_scale is None and args.w is None:
+            w = recommended if recommended is not None else (meta or {}).get('w_sample', align.get('w_train', 4.0))
             w = 4.0 if not isinstance(w, (int, float)) else float(w)   # SD's usual cfg scale 5 when unknown
         if not math.isfinite(w) or w < 0:
             raise ConfigError(f"guidance: got w = {w} (cfg scale {w_to_cfg_scale(w)}); allowed: w >= 0")
+        try:   # a one-pass model refuses a w outside its trained range before any model loads
+            guided_denoiser(torch.nn.Identity(), objective, w, w_range=trained_w, uncond={'cond': torch.zeros(1)})
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         sigma_interval = (meta or {}).get('sigma_interval', align.get('sigma_interval'))
         steps = args.steps or align.get('sample_steps') or 25
         sampler = args.sampler or align.get('sampler') or 'dpmpp_2m'
@@ -181,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     prompts = [p for p in args.prompt for _ in range(args.n)]
     images = generate(components, prompts, w=w, sampler=sampler, steps=steps, schedule=args.schedule,
                       resolution=model['resolution'], seed=args.seed, negative_prompt=args.negative_prompt,
-                      sigma_interval=sigma_interval, device=args.device)
+                      sigma_interval=sigma_interval, device=args.device, objective=objective, w_range=trained_w)
     save_images(images, args.out, nrow=args.n)
     print(f'{args.out}: {len(prompts)} image(s), {sampler}, {steps} steps, w = {w:g} '
           f'(paper\'s; cfg scale {w_to_cfg_scale(w):g})')

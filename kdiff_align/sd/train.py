@@ -31,7 +31,7 @@ import torch
 
 from .. import engine
 from ..checkpoint import CheckpointError, atomic_write
-from ..config import ConfigError, load_config, make_denoiser_wrapper
+from ..config import TELLS_W, ConfigError, load_config, make_denoiser_wrapper, make_objective_teacher
 from ..engine import TrainingError
 
 
@@ -78,9 +78,14 @@ class LatentLoss:
     cache: Any                          # data.LatentCache
     sigmas: torch.Tensor                # the DDPM schedule's noise levels, one per timestep
     device: torch.device
+    run: Any = None                     # with warmup_steps: the standard loss until run.step reaches them (mg)
+    warmup_steps: int = 0
 
     def __call__(self, batch: tuple[int, torch.Tensor]) -> torch.Tensor:
         from .model import COND_KEY
+
+        if self.warmup_steps:
+            self.model.active = self.run.step >= self.warmup_steps
 
         _, rows = batch
         latents, cond = self.cache.batch(rows, None, self.device)
@@ -165,7 +170,7 @@ def train(config: str | Path | Mapping[str, Any] | None, options: SDTrainOptions
     """Runs (or resumes) a fine-tuning run; every input is validated before a model is loaded."""
     from .config import find_captioned_images, resolve_model
     from .data import batch_indices, build_cache, cache_path, fingerprint
-    from .model import load_components, make_denoiser, null_condition
+    from .model import add_guidance_embedding, load_components, make_denoiser, null_condition
 
     options = dataclasses.replace(options or SDTrainOptions())
     engine.check_options(options)
@@ -201,6 +206,8 @@ def train(config: str | Path | Mapping[str, Any] | None, options: SDTrainOptions
 
     # The trainable UNet: LoRA on a frozen base (stored in the mixed-precision dtype), or all weights.
     unet = components.unet
+    if config['align']['objective'] in TELLS_W and unet.config.get('time_cond_proj_dim') is None:
+        unet = add_guidance_embedding(unet)   # diffusers' time_cond_proj_dim, zero-initialised
     if model_cfg['lora'] is not None:
         add_lora(unet, model_cfg['lora'], DTYPES[model_cfg['mixed_precision']])
     else:
@@ -211,8 +218,11 @@ def train(config: str | Path | Mapping[str, Any] | None, options: SDTrainOptions
     run = engine.Engine(accelerator, unet, config, run_dir, args=dataclasses.asdict(options), ckpt=ckpt,
                         save_frozen=model_cfg['lora'] is None,   # a LoRA checkpoint holds the adapter only
                         per_epoch=len(cache) // (options.batch_size * world))
-    denoiser = make_denoiser(run.model, components.alphas_cumprod, components.prediction).to(device)
-    loss = LatentLoss(make_denoiser_wrapper(config, uncond=uncond)(denoiser), cache, denoiser.sigmas, device)
+    wrap = partial(make_denoiser, alphas_cumprod=components.alphas_cumprod, prediction=components.prediction)
+    denoiser = wrap(run.model).to(device)
+    teacher = make_objective_teacher(config, run.ema, device, wrap=wrap)
+    loss = LatentLoss(make_denoiser_wrapper(config, uncond=uncond, teacher=teacher)(denoiser), cache,
+                      denoiser.sigmas, device, run=run, warmup_steps=config['align']['warmup_steps'])
     batches = batch_indices(len(cache), options.batch_size, seed=options.seed, start_step=run.batches_seen,
                             rank=rank, world_size=world)
     if ckpt is not None and accelerator.is_main_process:
