@@ -4,11 +4,16 @@ For every checkpoint and every cell (sampler, steps, w) of the grid, samples n i
 noise (a fixed seed per cell, shared by all cells and checkpoints, so differences between cells come from the
 cell, not from the noise) and computes the metrics of the checkpoint's dataset:
 
-- toy: energy distance and sliced W2^2 to exact samples of p(x | c), averaged over classes, with their floors;
+- toy: energy distance and sliced W2^2 to exact samples of p(x | c), averaged over classes, with their floors, and
+  the energy distance to exact samples of the guided target p_w(x | c) (kdiff_align.tilted) at the cell's
+  effective guidance, with its floor;
 - digits: Fréchet distance in a deterministic classifier's feature space against the real training split, and
   class accuracy; floors from the real held-out split (n = its 445 images, with its labels);
 - image datasets (cifar10, imagefolder-class): FID/KID with clean-fid's Inception features against the local
   training set (or clean-fid's CIFAR-10 statistics, FID only); every printed FID states n and the reference.
+
+Every row also states w_target, the effective guidance of the cell (`effective_guidance`: w itself except for an
+aligned model), and nfe, the network evaluations per sample counted while sampling (kdiff_align.nfe).
 
 Each finished cell is written atomically to OUT/cells/<model>/<cell>.json, so an interrupted sweep resumes where
 it stopped. Outputs: OUT/results.csv, OUT/results.json, plots (metric vs w per step count, metric vs steps per w)
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import sys
 import time
@@ -117,10 +123,12 @@ class Task:
     reference: str
     primary: str                      # the metric the plots and the claims use (lower is better)
     extra: dict[str, Any] = field(default_factory=dict)
+    at_target: Callable[[torch.Tensor, float], dict[str, float]] | None = None   # metrics against p_w at w_target
 
 
 def toy_task(config: Mapping[str, Any], n: int | None = None, seed: int = 0) -> Task:
     from . import metrics
+    from .tilted import ToyTarget
     from .toy import ToyMixture
 
     d = config['dataset']
@@ -129,8 +137,15 @@ def toy_task(config: Mapping[str, Any], n: int | None = None, seed: int = 0) -> 
     if per_class < 2:
         raise EvaluationError(f'--n {n} gives fewer than 2 samples per class for {d["num_classes"]} classes')
     labels = torch.arange(d['num_classes']).repeat_interleave(per_class)
+    target = ToyTarget(mixture)
+
+    def at_target(x: torch.Tensor, w: float) -> dict[str, float]:
+        return {'energy_w': target.distance(x, labels, w, seed=seed), 'energy_w_floor': target.floor(w, per_class,
+                                                                                                        seed=seed)}
+
     return Task('toy', labels, lambda x: metrics.toy_distances(x, labels, mixture, seed=seed),
-                f'{per_class} exact samples of p(x|c) per class', 'energy')
+                f'{per_class} exact samples of p(x|c) per class (energy_w: of p_w(x|c), exact up to a grid cell of '
+                f'{target.grid.cell:.2g})', 'energy', at_target=at_target)
 
 
 def digits_task(config: Mapping[str, Any], n: int | None = None, seed: int = 0) -> Task:
@@ -231,6 +246,35 @@ def make_task(config: Mapping[str, Any], n: int | None = None, seed: int = 0, **
     return image_task(config, n, seed, **image_kwargs)
 
 
+def _moments(spec: Any) -> tuple[float, float]:
+    """(E[w], E[w^2]) of a training w: a number or a uniform / log-uniform distribution."""
+    from .objective import ScaleDistribution, make_guidance_scale
+
+    w = make_guidance_scale(spec)
+    if not isinstance(w, ScaleDistribution):
+        return w, w * w
+    a, b = w.min_value, w.max_value
+    if w.type == 'uniform' or a == b:
+        return (a + b) / 2, (a * a + a * b + b * b) / 3
+    log = math.log(b / a)
+    return (b - a) / log, (b * b - a * a) / (2 * log)
+
+
+def effective_guidance(config: Mapping[str, Any], w: float) -> float:
+    """The CFG w, relative to the true pair p(x | c), p(x), that sampling the config's model at the paper's w aims at
+    (docs/design.md sections 2 and 6). An aligned model's optimum is F_c = T_u + a (T_c - T_u) with
+    a = E[mu (1 + w_t) + 1 - mu] / E[mu (1 + w_t)^2 + 1 - mu] (1 / (1 + w_train) for a fixed w_train and mix 1; 1 for
+    standard CFG, w_train = 0), so CFG at w acts as (1 + w) a - 1. gft, mg and distill take w in CFG's own units
+    (config.make_guided_denoiser maps it), so their target is w."""
+    align = config['align']
+    if align.get('objective', 'aligned') != 'aligned':
+        return float(w)
+    mu = float(align.get('mix', 1.0))
+    m1, m2 = _moments(align['w_train'])
+    a = (mu * (1 + m1) + 1 - mu) / (mu * (1 + 2 * m1 + m2) + 1 - mu)
+    return (1 + w) * a - 1
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The resumable sweep.
 
@@ -251,10 +295,12 @@ def run_sweep(models: Mapping[str, tuple[Mapping[str, Any], nn.Module]], cells: 
     """Samples and scores every (model, cell) whose cell file does not exist yet; returns every row.
 
     task is a Task or a callable config -> Task. A cell's row holds the metrics, n, the reference set, the seed,
-    seconds, and the first `preview` samples of each class (default 8 images, 200 points) are saved beside it
-    (.pt) for sample grids.
+    seconds, w_target (effective_guidance), nfe (network evaluations per sample, counted), and the first
+    `preview` samples of each class (default 8 images, 200 points) are saved beside it (.pt) for sample grids.
     """
     from tqdm.auto import tqdm
+
+    from .nfe import CountingDenoiser
 
     out_dir = Path(out_dir)
     rows, computed, skipped = [], [], []
@@ -274,12 +320,16 @@ def run_sweep(models: Mapping[str, tuple[Mapping[str, Any], nn.Module]], cells: 
         bar.set_postfix_str(f'{name} {cell.key}')
         start = time.perf_counter()
         labels = None if t.extra.get('unconditional') else t.labels
-        x = sample_cell(denoiser, config, cell, labels, seed=seed, n=t.labels.shape[0], batch_size=batch_size,
+        counter = CountingDenoiser(denoiser)
+        x = sample_cell(counter, config, cell, labels, seed=seed, n=t.labels.shape[0], batch_size=batch_size,
                         device=device)
+        w_target = effective_guidance(config, cell.w)
         scores = t.evaluate(x)
-        row = {'model': name, 'sampler': cell.sampler, 'steps': cell.steps, 'w': cell.w, **scores,
-               'n': int(x.shape[0]), 'reference': t.reference, 'seed': seed,
-               'seconds': round(time.perf_counter() - start, 3), **(extra or {})}
+        if t.at_target is not None:
+            scores.update(t.at_target(x, w_target))
+        row = {'model': name, 'sampler': cell.sampler, 'steps': cell.steps, 'w': cell.w, 'w_target': w_target,
+               **scores, 'nfe': counter.nfe(x.shape[0]), 'n': int(x.shape[0]), 'reference': t.reference,
+               'seed': seed, 'seconds': round(time.perf_counter() - start, 3), **(extra or {})}
         path.parent.mkdir(parents=True, exist_ok=True)
         k = preview if preview is not None else (200 if x.ndim == 2 else 8)
         keep = torch.cat([(t.labels == c).nonzero().squeeze(1)[:k] for c in t.labels.unique()])

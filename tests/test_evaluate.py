@@ -161,3 +161,42 @@ def test_sample_cell_is_sample_on_its_seeded_noise(toy):
     noise = torch.randn(4, 2, generator=torch.Generator().manual_seed(2 * 100_003))
     torch.manual_seed(2 * 100_003)
     assert torch.equal(x, sample(denoiser, config, noise, labels, 1.5, steps=3, sampler='euler_ancestral'))
+
+
+def test_rows_count_network_evaluations_and_state_the_guided_target(tmp_path, toy):
+    # NFE is counted while sampling: CFG makes 2 per sample and step when guided, 1 at w = 0 (dpmpp_2m and euler
+    # call the denoiser once per step); a gft model told w makes 1 at any w.
+    config, model = toy
+    gft = load_config({**config, 'align': {'objective': 'gft'}})
+    torch.manual_seed(0)
+    models = {'cfg': (config, evaluate.build_denoiser(config, model.state_dict())),
+              'gft': (gft, evaluate.build_denoiser(gft, randomize_(make_model(gft)).state_dict()))}
+    cells = evaluate.make_cells([0., 2.], [3, 5], ['dpmpp_2m', 'euler'])
+    rows = evaluate.run_sweep(models, cells, evaluate.make_task(config, n=40), tmp_path, progress=False).rows
+    nfe = {(r['model'], r['sampler'], r['steps'], r['w']): r['nfe'] for r in rows}
+    for sampler in ('dpmpp_2m', 'euler'):
+        for steps in (3, 5):
+            assert nfe[('cfg', sampler, steps, 0.)] == steps and nfe[('cfg', sampler, steps, 2.)] == 2 * steps
+            assert nfe[('gft', sampler, steps, 0.)] == steps and nfe[('gft', sampler, steps, 2.)] == steps
+    # Every toy row scores against p_w at its effective guidance (the aligned model, w_train 2, at (w - 2) / 3),
+    # with the floor of that target.
+    assert all(r['w_target'] == pytest.approx((r['w'] - 2) / 3 if r['model'] == 'cfg' else r['w']) for r in rows)
+    assert all(r['energy_w'] > 0 and r['energy_w_floor'] > 0 for r in rows)
+
+
+def test_effective_guidance_follows_the_objective():
+    # docs/design.md section 2: an aligned model at w_s acts as CFG at (w_s - w_train) / (1 + w_train); with a
+    # w_train distribution, at (1 + w_s) E[1 + w] / E[(1 + w)^2] - 1; standard CFG (w_train 0) and one-pass models
+    # at w itself.
+    base = toy_config(quick=True)
+    aligned = load_config({**base, 'align': {'w_train': 2.0}})
+    assert evaluate.effective_guidance(aligned, 2.0) == pytest.approx(0.0)
+    assert evaluate.effective_guidance(aligned, 8.0) == pytest.approx(2.0)
+    assert evaluate.effective_guidance(aligned, 0.0) == pytest.approx(-2 / 3)
+    sampled = load_config({**base, 'align': {'w_train': {'type': 'uniform', 'min_value': 0.0, 'max_value': 2.0}}})
+    # E[1 + w] = 2, E[(1 + w)^2] = 1 + 2 E[w] + E[w^2] = 1 + 2 + 4/3: a = 6/13.
+    assert evaluate.effective_guidance(sampled, 1.0) == pytest.approx(2 * 6 / 13 - 1)
+    standard = load_config({**base, 'align': {'w_train': 0.0}})
+    assert evaluate.effective_guidance(standard, 3.0) == 3.0
+    for objective in ('gft', 'mg'):
+        assert evaluate.effective_guidance(load_config({**base, 'align': {'objective': objective}}), 1.5) == 1.5
