@@ -1,19 +1,20 @@
 """The claims benchmark: `python -m kdiff_align.bench claims [--quick] [--out docs/claims]`.
 
-Trains standard CFG (w_train = 0: upstream's loss with condition dropout) and aligned models on the same data,
-steps and batch, for several seeds, on the toy 2-D mixture and on scikit-learn's digits, evaluates every model on
-w x steps x {dpmpp_2m, euler_ancestral} (kdiff_align.evaluate's resumable sweep), and writes a report that
-states, per claim and benchmark, whether it held:
+Ranks every training objective the package offers (aligned, gft, mg, distill; docs/design.md section 6) against
+standard CFG on the toy 2-D mixture and on scikit-learn's digits, 3 training seeds each, every model trained from
+a shipped config (configs/<bench>_<kind>.json) plus named overrides through kdiff_align.train. Variants:
 
-- C1 (better samples with fewer steps): at steps 4 and 8, the metric at each model's best w (min over the w grid,
-  per training seed) is lower for aligned than for the baseline, beyond 2 standard errors over seeds.
-- C2 (more robust to w): for every (sampler, steps), the worst metric over the w grid (max, per seed) is lower
-  for aligned than for the baseline, beyond 2 standard errors over seeds.
+- baseline: standard CFG (w_train = 0, condition dropout);
+- baseline_interval: the baseline models sampled with a guidance interval (no retraining: the cheap fix);
+- aligned, gft, mg, distill: the shipped objectives (distill's teacher: the baseline model of the same seed);
+- baseline_equal_flops: standard CFG trained for the training FLOPs of the most expensive objective;
+- aligned_w1: the ablation behind the shipped w_train = 2.
 
-A verdict counts those comparisons: held = aligned significantly better in all of them; partly = significantly
-better in more of them than significantly worse (and at least one); did not hold = otherwise. Ablation rows
-vary one knob of the objective; a baseline trained for (2 - uncond_prob) times the steps matches the aligned
-run's training FLOPs. Everything is deterministic given the seeds and the thread count.
+Every model is evaluated on w x steps x samplers (kdiff_align.evaluate's resumable sweep: each cell's network
+evaluations counted, each toy cell scored against the exact guided target p_w) and, for the one-pass models and the
+baseline, at the reproduction step count with every sample kept. kdiff_align.verdicts turns the rows into verdicts
+with one pre-stated rule; kdiff_align.claims_report writes docs/claims/report.md, comparisons.md, results.json and
+the plots, and the README's verdict block. Everything is deterministic given the seeds and the thread count.
 """
 
 from __future__ import annotations
@@ -23,13 +24,12 @@ import copy
 import csv
 import json
 import math
-import os
 import platform
 import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,15 +41,20 @@ import torch  # noqa: E402
 
 from . import evaluate  # noqa: E402
 from .checkpoint import load_for_inference  # noqa: E402
-from .config import load_config  # noqa: E402
+from .config import align_section, load_config, mg_effective_w, w_range  # noqa: E402
 from .shipped import CONFIGS  # noqa: E402
+from .verdicts import Comparison, matched_w, verdict  # noqa: E402,F401 (re-exported)
 
 W_GRID = (0., 0.5, 1., 2., 4., 8.)
+COMPARE_WS = (0.5, 1., 2., 4.)      # guided targets every objective can sample (gft / distill: w in [0, 4])
 STEPS_GRID = (4, 8, 16, 32)
+NFE_STEPS = (4, 8, 16)              # equal NFE: one pass at 2N steps against CFG at N
+REPRO_STEPS = 64
 SAMPLERS = (evaluate.DETERMINISTIC_SAMPLER, evaluate.STOCHASTIC_SAMPLER)
-FEW_STEPS = (4, 8)
-Z = 2.0  # "beyond the spread": |difference of means| > Z standard errors over training seeds
-
+ACCURACY_LEVELS = (0.95, 0.99)      # digits: FD at matched class accuracy
+# A guidance interval for standard CFG: Kynkaenniemi et al. 2024's (0.28, 5.42] for EDM2 at sigma_data 0.5, in units
+# of sigma_data, so that it covers the same part of the noise schedule on both benchmarks.
+INTERVAL = (0.28 / 0.5, 5.42 / 0.5)
 
 # --quick's named overrides: smaller networks, nothing else.
 QUICK = {'toy': {'model.width': 64},
@@ -63,7 +68,7 @@ def override(config: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[st
         *path, key = dotted.split('.')
         node = config
         for part in path:
-            node = node[part]
+            node = node.setdefault(part, {})
         node[key] = copy.deepcopy(value)
     return config
 
@@ -76,7 +81,7 @@ def differences(a: Any, b: Any, prefix: str = '') -> set[str]:
 
 
 def shipped_config(bench: str, kind: str, quick: bool = False) -> dict[str, Any]:
-    """configs/<bench>_<kind>.json (kind: aligned | baseline), with --quick's named overrides."""
+    """configs/<bench>_<kind>.json (kind: baseline | aligned | gft | mg | distill), with --quick's named overrides."""
     raw = json.loads((CONFIGS / f'{bench}_{kind}.json').read_text())
     return load_config(override(raw, QUICK[bench] if quick else {}))
 
@@ -89,34 +94,58 @@ def digits_config(quick: bool = False) -> dict[str, Any]:
     return shipped_config('digits', 'aligned', quick)
 
 
+def flop_ratio(config: Mapping[str, Any]) -> float:
+    """Training FLOPs per step relative to standard CFG at the same batch, at uncond_prob p (docs/design.md sections
+    4 and 6): aligned 2 - p ((4 - p) / 3 with stop-gradient), gft (4 - p) / 3, mg and distill (5 - 2p) / 3."""
+    align = align_section(config)
+    p, kind = float(align['uncond_prob']), align['objective']
+    if kind == 'aligned':
+        if align['w_train'] == 0 or align['mix'] == 0:
+            return 1.0
+        return (4 - p) / 3 if align['stop_grad_uncond'] else 2 - p
+    return (4 - p) / 3 if kind == 'gft' else (5 - 2 * p) / 3
+
+
 @dataclass(frozen=True)
 class Variant:
     name: str
-    config: str              # the shipped config it starts from: 'aligned' or 'baseline'
-    overrides: dict          # its named overrides, {"section.key": value}
-    steps_factor: float = 1.0
-    role: str = 'ablation'   # baseline | aligned | equal_flops | ablation
+    config: str                       # the shipped config it starts from: baseline | aligned | gft | mg | distill
+    overrides: Mapping[str, Any]      # its named overrides, {"section.key": value}; '{teacher}' is filled per job
+    role: str = 'ablation'            # baseline | interval | objective | equal_flops | ablation
     description: str = ''
+    steps_factor: float | None = 1.0  # None: the FLOPs of the most expensive objective (equal_flops)
+    model_of: str | None = None       # sample this variant's trained model (interval: 'baseline'); None: its own
+    needs: tuple[str, ...] = ()       # variants of the same bench and seed that must finish first
 
 
-def variants(uncond_prob: float = 0.1) -> list[Variant]:
+TEACHER = '{teacher}'   # distill's align.teacher: the export of the baseline model of the same bench and seed
+
+
+def variants() -> list[Variant]:
     return [
-        Variant('baseline', 'baseline', {}, role='baseline', description='standard CFG training: the shipped '
-                '<bench>_baseline.json (w_train = 0)'),
-        Variant('aligned', 'aligned', {}, role='aligned', description='the shipped <bench>_aligned.json (w_train = 2 '
-                'fixed, full gradient, anchor 0.1, mix 1)'),
-        Variant('baseline_equal_flops', 'baseline', {}, steps_factor=2 - uncond_prob, role='equal_flops',
-                description=f'standard CFG trained {2 - uncond_prob:g}x the steps (the aligned step\'s FLOPs)'),
-        Variant('aligned_w_sampled', 'aligned',
-                {'align.w_train': {'type': 'uniform', 'min_value': 0.0, 'max_value': 4.0}},
-                description='w_train ~ U[0, 4] per row (mean 2)'),
-        Variant('aligned_w1', 'aligned', {'align.w_train': 1.0}, description='w_train = 1 fixed'),
-        Variant('aligned_stop_grad', 'aligned', {'align.stop_grad_uncond': True},
-                description='stop-gradient through F_u'),
-        Variant('aligned_anchor0.2', 'aligned', {'align.uncond_prob': 0.2}, description='anchor fraction 0.2'),
-        Variant('aligned_mix0.5', 'aligned', {'align.mix': 0.5},
-                description='mix 0.5 (half aligned, half standard loss)'),
+        Variant('baseline', 'baseline', {}, 'baseline', 'standard CFG training: the shipped <bench>_baseline.json '
+                '(w_train = 0, condition dropout 0.1)'),
+        Variant('baseline_interval', 'baseline', {'align.sigma_interval': list(INTERVAL)}, 'interval',
+                'the baseline models, sampled with guidance only for sigma / sigma_data in [0.56, 10.84] '
+                '(Kynkäänniemi et al. 2024\'s interval; no retraining)', model_of='baseline', needs=('baseline',)),
+        Variant('aligned', 'aligned', {}, 'objective', 'the shipped <bench>_aligned.json (w_train = 2, full '
+                'gradient, anchor 0.1, mix 1; two-pass sampling)'),
+        Variant('gft', 'gft', {}, 'objective', 'the shipped <bench>_gft.json (guidance-free training, w ~ U[0, 4] '
+                'told to the network; one pass)'),
+        Variant('mg', 'mg', {}, 'objective', 'the shipped <bench>_mg.json (model-guidance, w = 0.45 against the EMA '
+                'teacher after 200 warm-up steps; one pass at w = 0.45 / 0.55 = 0.82, CFG on top elsewhere)'),
+        Variant('distill', 'distill', {'align.teacher': TEACHER}, 'objective', 'the shipped <bench>_distill.json '
+                '(guidance distillation, w ~ U[0, 4] told to the student; one pass) with the baseline model of the '
+                'same seed as teacher', needs=('baseline',)),
+        Variant('baseline_equal_flops', 'baseline', {}, 'equal_flops', 'standard CFG trained for the training '
+                'FLOPs of the most expensive objective', steps_factor=None),
+        Variant('aligned_w1', 'aligned', {'align.w_train': 1.0}, 'ablation', 'aligned with w_train = 1 (the '
+                'first round\'s default; the ablation behind the shipped w_train = 2)'),
     ]
+
+
+def variant_by_name() -> dict[str, Variant]:
+    return {v.name: v for v in variants()}
 
 
 @dataclass(frozen=True)
@@ -142,6 +171,78 @@ def benches(quick: bool) -> dict[str, Bench]:
             'digits': Bench('digits', False, 2000, 64, 'fd', None)}
 
 
+def variant_config(bench: Bench, variant: Variant, teacher: str | None = None) -> dict[str, Any]:
+    """The config a variant trains or samples: its shipped config, --quick's overrides and its own named overrides
+    (teacher fills distill's '{teacher}')."""
+    named = {k: ((teacher or 'runs/<bench>/baseline-seed<k>') if v == TEACHER else v)
+             for k, v in variant.overrides.items()}
+    return load_config(override(shipped_config(bench.name, variant.config, bench.quick), named))
+
+
+def equal_flops_factor(bench: Bench, chosen: Sequence[str] | None = None) -> float:
+    """The training-FLOP ratio of the most expensive objective variant (distill counted without its teacher, which
+    is the baseline model)."""
+    return max(flop_ratio(variant_config(bench, v)) for v in variants()
+               if v.role == 'objective' and (chosen is None or v.name in chosen))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The evaluation plan.
+
+@dataclass(frozen=True)
+class Plan:
+    """The grid of a run (stored in results.json, so that verdicts can be recomputed from it)."""
+    ws: tuple
+    steps: tuple
+    samplers: tuple
+    nfe_steps: tuple
+    repro_steps: int
+    compare_ws: tuple
+    accuracy_levels: tuple = ACCURACY_LEVELS
+    claims_samplers: tuple = SAMPLERS
+    mg_w: dict = field(default_factory=dict)       # bench -> mg's one-pass w (its effective guidance)
+
+
+def make_plan(quick: bool, benchmarks: Sequence[str]) -> Plan:
+    mg = {b: mg_effective_w(float(shipped_config(b, 'mg', quick)['align']['w_train'])) for b in benchmarks}
+    if quick:   # tiny grid: w 0 and 2, steps 2 and 4 (equal NFE: one pass at 4 against CFG at 2), reproduction at 8;
+        # accuracy levels that tiny models reach (0) and may not (0.15), so that both paths of the rule run
+        return Plan((0., 2.), (2, 4), SAMPLERS, (2,), 8, (2.,), accuracy_levels=(0.0, 0.15), mg_w=mg)
+    return Plan(W_GRID, STEPS_GRID, SAMPLERS, NFE_STEPS, REPRO_STEPS, COMPARE_WS, mg_w=mg)
+
+
+def eval_cells(plan: Plan, bench: Bench, variant: Variant, config: Mapping[str, Any]
+               ) -> tuple[list[evaluate.Cell], list[evaluate.Cell]]:
+    """(the grid cells, the reproduction cells) a variant is evaluated on."""
+    kind = config['align']['objective']
+    mg_w = plan.mg_w.get(bench.name)
+    ws = set(plan.ws)
+    repro: set[float] = set()
+    if variant.role in ('baseline', 'interval', 'equal_flops'):
+        ws |= {mg_w} if mg_w is not None else set()
+        if variant.role == 'baseline':
+            repro = set(plan.compare_ws) | ({mg_w} if mg_w is not None else set())
+    elif kind == 'aligned':
+        w_t = float(config['align']['w_train'])
+        if variant.role == 'objective':   # matched effective guidance
+            ws |= {matched_w(w, w_t) for w in plan.ws}
+    elif kind == 'mg':
+        ws |= {mg_effective_w(float(config['align']['w_train']))}
+        repro = {mg_effective_w(float(config['align']['w_train']))}
+    else:   # gft, distill: the w range they were trained for
+        lo, hi = w_range(config)
+        ws = {w for w in ws if lo <= w <= hi}
+        repro = {w for w in plan.compare_ws if lo <= w <= hi}
+    samplers = plan.samplers
+    if variant.role == 'ablation' and bench.name == 'digits':
+        samplers = samplers[:1]  # the CPU budget: digits ablations on the deterministic sampler only
+    cells = evaluate.make_cells(sorted(ws), plan.steps, samplers)
+    return cells, evaluate.make_cells(sorted(repro), [plan.repro_steps], [evaluate.DETERMINISTIC_SAMPLER])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Jobs: one model each (trained, or reused: the interval variant samples the baseline's).
+
 @dataclass(frozen=True)
 class Job:
     bench: str
@@ -149,18 +250,21 @@ class Job:
     seed: int
     quick: bool
     work: str
-    ws: tuple
-    steps: tuple
-    samplers: tuple
+    plan: Plan
     threads: int
+    steps_factor: float
+
+    @property
+    def name(self) -> str:
+        return f'{self.variant}-seed{self.seed}'
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return self.bench, self.variant, self.seed
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Training: the shipped configs through kdiff_align.train (the engine), fixed steps, batch and seed.
-
-def variant_config(bench: Bench, variant: Variant) -> dict[str, Any]:
-    """The config a variant trains: its shipped config, --quick's overrides and its own named overrides."""
-    return load_config(override(shipped_config(bench.name, variant.config, bench.quick), variant.overrides))
+def export_path(work: Path, bench: str, name: str) -> Path:
+    return work / bench / 'runs' / name / f'{name}.safetensors'
 
 
 def train_model(config: Mapping[str, Any], steps: int, batch_size: int, seed: int, work: Path, name: str
@@ -179,130 +283,150 @@ def train_model(config: Mapping[str, Any], steps: int, batch_size: int, seed: in
     return export, float(last['elapsed_s'])
 
 
-def matched_w(w: float, w_train: float) -> float:
-    """The aligned model's sampling w whose effective guidance equals w for the true pair (docs/design.md section 2):
-    (w_sample - w_train) / (1 + w_train) = w."""
-    return w_train + w * (1 + w_train)
-
-
 def run_job(job: Job) -> dict[str, Any]:
-    """Trains (or reloads) one model and evaluates it on the grid; returns its rows and timings."""
+    """Trains (or reloads) one model and evaluates it on its cells; returns its rows and timings."""
     torch.set_num_threads(job.threads)
     bench = benches(job.quick)[job.bench]
-    variant = {v.name: v for v in variants()}[job.variant]
-    steps = round(bench.steps * variant.steps_factor)
-    work = Path(job.work) / job.bench
-    name = f'{job.variant}-seed{job.seed}'
-    trained = not (work / 'runs' / name / f'{name}.safetensors').exists()
-    export, train_seconds = train_model(variant_config(bench, variant), steps, bench.batch_size, job.seed, work, name)
-    config, state = load_for_inference(export)  # the evaluation reads what a user would
-    config = load_config(config)
+    variant = variant_by_name()[job.variant]
+    work = Path(job.work)
+    steps = round(bench.steps * job.steps_factor)
+    teacher = str(export_path(work, job.bench, f'baseline-seed{job.seed}'))
+    config = variant_config(bench, variant, teacher)
+    trained, train_seconds = False, 0.0
+    if variant.model_of is None:
+        trained = not export_path(work, job.bench, job.name).exists()
+        export, train_seconds = train_model(config, steps, bench.batch_size, job.seed, work / job.bench, job.name)
+        stored, state = load_for_inference(export)   # the evaluation reads what a user would
+        config = load_config(stored)
+    else:
+        _, state = load_for_inference(export_path(work, job.bench, f'{variant.model_of}-seed{job.seed}'))
+        steps = 0
     denoiser = evaluate.build_denoiser(config, state)
-    samplers = job.samplers
-    if variant.role == 'ablation' and job.bench == 'digits':
-        samplers = samplers[:1]  # the CPU budget: digits ablations on the deterministic sampler only
-    cells = evaluate.make_cells(job.ws, job.steps, samplers)
-    if variant.role == 'aligned':  # matched effective guidance, for the comparison at equal target
-        w_t = float(config['align']['w_train'])
-        extra_ws = sorted({matched_w(w, w_t) for w in job.ws} - set(job.ws))
-        cells += evaluate.make_cells(extra_ws, job.steps, job.samplers)
+    cells, repro = eval_cells(job.plan, bench, variant, config)
     task = evaluate.make_task(config, bench.n, seed=0)
+    extra = {'bench': job.bench, 'variant': job.variant, 'train_seed': job.seed, 'train_steps': steps,
+             'batch_size': bench.batch_size, 'kind': 'cell'}
     start = time.perf_counter()
-    result = evaluate.run_sweep({name: (config, denoiser)}, cells, task, work, seed=0, batch_size=1000,
-                                progress=False, extra={'bench': job.bench, 'variant': job.variant,
-                                                       'train_seed': job.seed, 'train_steps': steps,
-                                                       'batch_size': bench.batch_size})
-    return {'job': asdict(job), 'rows': result.rows, 'train_seconds': train_seconds, 'train_steps': steps,
-            'eval_seconds': time.perf_counter() - start, 'computed': len(result.computed), 'trained': trained,
-            'skipped': len(result.skipped), 'name': name}
+    out = work / job.bench
+    result = evaluate.run_sweep({job.name: (config, denoiser)}, cells, task, out, seed=0, batch_size=1000,
+                                progress=False, extra=extra)
+    kept = evaluate.run_sweep({job.name: (config, denoiser)}, repro, task, out, seed=0, batch_size=1000,
+                              progress=False, preview=10 ** 9, extra={**extra, 'kind': 'repro_cell'})
+    return {'job': {**asdict(job), 'plan': None}, 'rows': result.rows + kept.rows, 'train_seconds': train_seconds,
+            'train_steps': steps, 'flop_ratio': flop_ratio(config), 'eval_seconds': time.perf_counter() - start,
+            'computed': len(result.computed) + len(kept.computed), 'trained': trained,
+            'skipped': len(result.skipped) + len(kept.skipped), 'name': job.name}
+
+
+def make_jobs(args: argparse.Namespace, plan: Plan, work: Path) -> list[Job]:
+    all_benches = benches(args.quick)
+    jobs = []
+    for b in args.benchmarks:
+        factor = equal_flops_factor(all_benches[b], args.variants)
+        for v in variants():
+            if v.name in args.variants:
+                jobs += [Job(b, v.name, seed, args.quick, str(work), plan, args.threads,
+                             factor if v.steps_factor is None else v.steps_factor) for seed in range(args.seeds)]
+    return jobs
+
+
+def job_cost(job: Job) -> float:
+    """A rough cost for ordering (longest first): digits over toy, training FLOPs, two-pass sampling."""
+    v = variant_by_name()[job.variant]
+    cost = {'digits': 20., 'toy': 1.}[job.bench]
+    return cost * (job.steps_factor + (0.5 if v.config in ('baseline', 'aligned') else 0.3))
+
+
+def run_jobs(jobs: list[Job], workers: int, progress: bool) -> list[dict]:
+    """Runs the jobs, each once those it needs have finished, longest first, on `workers` processes."""
+    from tqdm.auto import tqdm
+
+    by_key = {j.key: j for j in jobs}
+    needs = {j.key: {(j.bench, n, j.seed) for n in variant_by_name()[j.variant].needs} & set(by_key) for j in jobs}
+    pending = sorted(jobs, key=lambda j: -job_cost(j))
+    done: set = set()
+    results = []
+    bar = tqdm(total=len(jobs), desc='claims', unit='model', disable=not progress, file=sys.stderr)
+
+    def ready() -> list[Job]:
+        return [j for j in pending if needs[j.key] <= done]
+
+    if workers <= 1:
+        while pending:
+            job = ready()[0]
+            pending.remove(job)
+            results.append(run_job(job))
+            done.add(job.key)
+            bar.update()
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context('spawn')) as pool:
+            running = {}
+            while pending or running:
+                for job in ready()[:max(0, workers - len(running))]:
+                    pending.remove(job)
+                    running[pool.submit(run_job, job)] = job
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    job = running.pop(future)
+                    results.append(future.result())
+                    done.add(job.key)
+                    bar.update()
+                    bar.set_postfix_str(f'{job.bench} {job.name}')
+    bar.close()
+    return results
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Statistics and verdicts.
+# Reproduction of guidance: distances between kept sample sets.
 
-def _by_seed(rows: Sequence[Mapping[str, Any]], bench: str, variant: str, metric: str
-             ) -> dict[int, dict[tuple, float]]:
-    out: dict[int, dict[tuple, float]] = {}
-    for r in rows:
-        if r['bench'] == bench and r['variant'] == variant and metric in r:
-            out.setdefault(r['train_seed'], {})[(r['sampler'], r['steps'], r['w'])] = float(r[metric])
-    return out
+def sample_distance(bench: str, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
+    """toy: the energy distance between the two sets, per class, averaged; digits: the Fréchet distance between
+    their classifier features. Both sets were drawn for the same labels."""
+    from . import metrics
 
-
-def best_over_w(rows, bench, variant, metric, sampler, steps, ws=W_GRID) -> np.ndarray:
-    """Per training seed: min over the w grid of the metric (each model at its best w)."""
-    return np.array([min(v[(sampler, steps, w)] for w in ws) for v in _by_seed(rows, bench, variant, metric).values()])
-
-
-def worst_over_w(rows, bench, variant, metric, sampler, steps, ws=W_GRID) -> np.ndarray:
-    """Per training seed: max over the w grid of the metric (the worst a user picking any w in the grid gets)."""
-    return np.array([max(v[(sampler, steps, w)] for w in ws) for v in _by_seed(rows, bench, variant, metric).values()])
+    if not torch.equal(a['labels'], b['labels']):
+        raise ValueError('reproduction: the two sample sets were drawn for different labels')
+    if bench == 'toy':
+        return float(np.mean([metrics.energy_distance(a['samples'][a['labels'] == c].double(),
+                                                      b['samples'][b['labels'] == c].double())
+                              for c in a['labels'].unique()]))
+    clf = metrics.digits_classifier(0)
+    with torch.no_grad():
+        fa, fb = clf.features(a['samples'].float()), clf.features(b['samples'].float())
+    return metrics.frechet_distance_features(fa, fb)
 
 
-def at_w(rows, bench, variant, metric, sampler, steps, w) -> np.ndarray:
-    return np.array([v[(sampler, steps, w)] for v in _by_seed(rows, bench, variant, metric).values()])
+def reproduction_rows(work: Path, rows: Sequence[Mapping[str, Any]], seeds: int) -> list[dict[str, Any]]:
+    """For every kept (reproduction) cell of a one-pass model: its distance to the baseline of the same seed at the
+    same w; for the baseline's: its distance to the baseline of the next seed (the spread of training seeds)."""
+    kept = [r for r in rows if r.get('kind') == 'repro_cell']
+    index = {(r['bench'], r['variant'], r['train_seed'], r['w']): r for r in kept}
 
+    def load(r: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        cell = evaluate.Cell(r['sampler'], r['steps'], r['w'])
+        return torch.load(evaluate.cell_path(work / r['bench'], r['model'], cell).with_suffix('.pt'),
+                          weights_only=True)
 
-@dataclass
-class Comparison:
-    label: str
-    a: np.ndarray       # the aligned variant, per seed
-    b: np.ndarray       # the reference, per seed
-
-    @property
-    def diff(self) -> float:
-        return float(self.a.mean() - self.b.mean())
-
-    @property
-    def se(self) -> float:
-        var = lambda x: x.var(ddof=1) / len(x) if len(x) > 1 else 0.  # noqa: E731
-        return float(math.sqrt(var(self.a) + var(self.b)))
-
-    @property
-    def outcome(self) -> str:
-        """'better' / 'worse' (lower metric = better) beyond Z standard errors, else 'tie'."""
-        if self.diff < -Z * self.se:
-            return 'better'
-        if self.diff > Z * self.se:
-            return 'worse'
-        return 'tie'
-
-
-def _fmt(x: np.ndarray) -> str:
-    sd = x.std(ddof=1) if len(x) > 1 else 0.
-    return f'{x.mean():.4g} ± {sd:.2g}'
-
-
-def verdict(comparisons: Sequence[Comparison]) -> tuple[str, dict[str, int]]:
-    counts = {k: sum(c.outcome == k for c in comparisons) for k in ('better', 'tie', 'worse')}
-    if comparisons and counts['better'] == len(comparisons):
-        return 'held', counts
-    if counts['better'] > counts['worse'] and counts['better'] > 0:
-        return 'partly', counts
-    return 'did not hold', counts
-
-
-def claim_comparisons(rows, bench: str, metric: str, a: str, b: str, *, steps_grid=STEPS_GRID,
-                      samplers=SAMPLERS, ws=W_GRID) -> dict[str, list[Comparison]]:
-    few = [s for s in FEW_STEPS if s in steps_grid] or [min(steps_grid)]
-    c1 = [Comparison(f'{s}, {k} steps, best w', best_over_w(rows, bench, a, metric, s, k, ws),
-                     best_over_w(rows, bench, b, metric, s, k, ws)) for s in samplers for k in few]
-    c2 = [Comparison(f'{s}, {k} steps, worst w', worst_over_w(rows, bench, a, metric, s, k, ws),
-                     worst_over_w(rows, bench, b, metric, s, k, ws)) for s in samplers for k in steps_grid]
-    return {'C1': c1, 'C2': c2}
-
-
-def matched_comparisons(rows, bench, metric, w_train, *, steps_grid=STEPS_GRID, samplers=SAMPLERS, ws=W_GRID
-                        ) -> list[Comparison]:
-    """C1 at matched effective guidance: aligned at matched_w(w) vs baseline at w, few steps."""
-    few = [s for s in FEW_STEPS if s in steps_grid] or [min(steps_grid)]
-    return [Comparison(f'{s}, {k} steps, w_eff = {w:g} (aligned w = {matched_w(w, w_train):g})',
-                       at_w(rows, bench, 'aligned', metric, s, k, matched_w(w, w_train)),
-                       at_w(rows, bench, 'baseline', metric, s, k, w)) for s in samplers for k in few for w in ws]
+    out = []
+    for r in kept:
+        if r['variant'] == 'baseline':
+            ref = index.get((r['bench'], 'baseline', (r['train_seed'] + 1) % seeds, r['w']))
+        else:
+            ref = index.get((r['bench'], 'baseline', r['train_seed'], r['w']))
+        if ref is None:
+            continue
+        out.append({'kind': 'reproduction', 'bench': r['bench'], 'variant': r['variant'], 'train_seed': r['train_seed'],
+                    'reference_seed': ref['train_seed'], 'w': r['w'], 'steps': r['steps'], 'sampler': r['sampler'],
+                    'n': r['n'], 'distance': sample_distance(r['bench'], load(r), load(ref)),
+                    'metric': 'energy' if r['bench'] == 'toy' else 'fd'})
+    return sorted(out, key=lambda r: (r['bench'], r['variant'], r['w'], r['train_seed']))
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Report.
+# The run's grid and provenance.
 
 def git_commit() -> str:
     root = Path(__file__).resolve().parent.parent
@@ -319,201 +443,28 @@ def git_commit() -> str:
         return 'unknown'
 
 
-def comparisons(rows: Sequence[Mapping[str, Any]], grid: Mapping[str, Any]
-                ) -> list[tuple[str, str, str, list[Comparison]]]:
-    """(bench, claim, reference name, its comparisons) for every verdict of the report, in its order."""
-    out = []
-    for bench, info in grid['benches'].items():
-        metric = info['metric']
-        present = {r['variant'] for r in rows if r['bench'] == bench}
-        for ref_name, ref in (('standard CFG', 'baseline'), ('standard CFG at equal FLOPs', 'baseline_equal_flops')):
-            if ref not in present:
-                continue
-            comps = claim_comparisons(rows, bench, metric, 'aligned', ref, steps_grid=grid['steps'],
-                                      samplers=grid['samplers'], ws=grid['ws'])
-            if ref == 'baseline':
-                comps['C1 (matched effective w)'] = matched_comparisons(
-                    rows, bench, metric, info['w_train'], steps_grid=grid['steps'], samplers=grid['samplers'],
-                    ws=grid['ws'])
-            out += [(bench, claim, ref_name, cs) for claim, cs in comps.items()]
-    return out
-
-
-def verdicts(rows: Sequence[Mapping[str, Any]], grid: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The verdict rows of the report (and of the README's claims table) computed from results rows."""
-    table = []
-    for bench, claim, ref_name, cs in comparisons(rows, grid):
-        v, counts = verdict(cs)
-        table.append({'claim': claim, 'bench': bench, 'metric': grid['benches'][bench]['metric'],
-                      'reference': ref_name, 'verdict': v, **counts,
-                      'ratio': float(np.median([c.a.mean() / c.b.mean() for c in cs]))})
-    return table
-
-
-def verdict_table(table: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Markdown lines of the verdict table (the report's and the README's)."""
-    return ['| claim | benchmark | reference | verdict | comparisons better / tie / worse | median ratio '
-            'aligned / reference |', '|---|---|---|---|---|---|'] + [
-        f'| {t["claim"]} | {t["bench"]} ({t["metric"]}) | {t["reference"]} | **{t["verdict"]}** | '
-        f'{t["better"]} / {t["tie"]} / {t["worse"]} | {t["ratio"]:.2f} |' for t in table]
-
-
-README_BLOCK = ('<!-- claims verdicts: written by python -m kdiff_align.bench claims from docs/claims/results.json -->',
-                '<!-- end of claims verdicts -->')
-
-
-def full_grid(w_train: Mapping[str, float]) -> dict[str, Any]:
-    """The grid of a full (not --quick) run, for recomputing its verdicts from results.json."""
-    metrics = {'toy': 'energy', 'digits': 'fd'}
-    return {'ws': list(W_GRID), 'steps': list(STEPS_GRID), 'samplers': list(SAMPLERS),
-            'benches': {b: {'metric': metrics[b], 'w_train': w} for b, w in w_train.items()}}
-
-
-def update_readme(readme: Path, table: Sequence[Mapping[str, Any]]) -> bool:
-    """Rewrites the README's claims-verdict block from table; False when the README has no such block."""
-    text = readme.read_text()
-    begin, end = README_BLOCK
-    if begin not in text or end not in text:
-        return False
-    head, rest = text.split(begin, 1)
-    readme.write_text(head + begin + '\n' + '\n'.join(verdict_table(table)) + '\n' + end + rest.split(end, 1)[1])
-    return True
-
-
-def write_report(out: Path, rows: list[dict], jobs_info: list[dict], meta: dict, grid: dict) -> Path:
-    from . import plots
-
-    lines = ['# Claims report: aligned CFG training vs standard CFG',
-             '',
-             f'Produced by `{meta["command"]}` at commit `{meta["commit"]}` on {meta["date"]}; '
-             f'{meta["machine"]}; {meta["wall_text"]} ({meta["workers"]} worker processes x {meta["threads"]} '
-             f'thread; {meta["compute_minutes"]:.0f} worker-minutes of training and evaluation). Training seeds: {meta["seeds"]}. Evaluation noise seed 0 for every cell '
-             '(common random numbers). w is the paper\'s (w = 0: unguided conditional; cfg scale = 1 + w).',
-             '']
-    if meta['quick']:
-        lines += ['**--quick run: tiny models and grid, for tests only; these numbers mean nothing.**', '']
-    lines += ['## Verdicts', '',
-              'Rule (stated before looking at numbers, in `kdiff_align/claims.py`): lower metric is better. '
-              f'A comparison is *better* / *worse* when the difference of means over training seeds exceeds {Z:g} '
-              'standard errors (sqrt(s_a²/n + s_b²/n)), else a *tie*. **C1** compares, at steps '
-              f'{", ".join(map(str, [s for s in FEW_STEPS if s in grid["steps"]]))} and for each sampler, the '
-              'metric at each model\'s best w (min over the w grid, per seed). **C2** compares, for every '
-              '(sampler, steps), the worst metric over the w grid (max, per seed). Verdict: *held* = aligned '
-              'better in every comparison; *partly* = better in more comparisons than worse; *did not hold* = '
-              'otherwise.', '',
-              *verdict_table(verdicts(rows, grid))]
-    details: dict[str, list[str]] = {bench: [] for bench in grid['benches']}
-    for bench, claim, ref_name, cs in comparisons(rows, grid):
-        details[bench] += [f'| {claim} | {ref_name} | {c.label} | {_fmt(c.a)} | {_fmt(c.b)} | '
-                           f'{c.diff:+.3g} ± {Z * c.se:.2g} | {c.outcome} |' for c in cs]
-    lines += ['', 'C1 (matched effective w) compares aligned at w_sample = w_train + w (1 + w_train) with standard '
-              'CFG at w: by docs/design.md section 2 both then target the same guided distribution, so this asks '
-              'whether aligned reaches it with fewer steps, not whether it guides less. Every comparison behind each '
-              'verdict is listed in the benchmark sections below.', '']
-
-    # Per-benchmark tables.
-    for bench, info in grid['benches'].items():
-        metric = info['metric']
-        lines += [f'## {bench}', '', info['about'], '']
-        lines += [f'Metric `{metric}` at each model\'s best w / worst w over w ∈ {{{", ".join(f"{w:g}" for w in grid["ws"])}}}, '
-                  'mean ± sd over training seeds (lower is better). Floor: ' + info['floor_text'], '']
-        cols = [(smp, k) for smp in grid['samplers'] for k in grid['steps']]
-        for title, stat in (('best w (min over the grid)', best_over_w), ('worst w (max over the grid)', worst_over_w)):
-            lines += [f'At each model\'s {title}:', '',
-                      '| variant | train steps | train s/run | ' + ' | '.join(f'{smp} {k}' for smp, k in cols) + ' |',
-                      '|' + '---|' * (3 + len(cols))]
-            for v in grid['variants']:
-                infos = [j for j in jobs_info if j['job']['bench'] == bench and j['job']['variant'] == v]
-                if not infos:
-                    continue
-                cells = []
-                for smp, k in cols:
-                    try:
-                        cells.append(_fmt(stat(rows, bench, v, metric, smp, k, grid['ws'])))
-                    except KeyError:
-                        cells.append('–')
-                secs = np.mean([j['train_seconds'] for j in infos])
-                lines.append(f'| {v} | {infos[0]["train_steps"]} | {secs:.0f} | ' + ' | '.join(cells) + ' |')
-            lines.append('')
-        if 'secondary' in info:
-            sec = info['secondary']
-            lines += ['', f'Secondary metric `{sec}` (higher is better) at {grid["samplers"][0]}, '
-                      f'{max(grid["steps"])} steps, per w (mean ± sd over seeds); real held-out images: '
-                      f'{info["secondary_floor"]:.3f}.', '',
-                      '| variant | ' + ' | '.join(f'w={w:g}' for w in grid['ws']) + ' |',
-                      '|---|' + '---|' * len(grid['ws'])]
-            for v in grid['variants']:
-                if not any(r['bench'] == bench and r['variant'] == v for r in rows):
-                    continue
-                vals = [_fmt(at_w(rows, bench, v, sec, grid['samplers'][0], max(grid['steps']), w))
-                        for w in grid['ws']]
-                lines.append(f'| {v} | ' + ' | '.join(vals) + ' |')
-        main_rows = [r for r in rows if r['bench'] == bench and r['w'] in grid['ws']]
-        paths = plots.sweep_plots(main_rows, metric, out, group='variant',
-                                  groups=['baseline', 'aligned', 'baseline_equal_flops'], floor=info['floor'],
-                                  stem=f'{bench}_')
-        lines += [''] + [f'![{p.stem}]({p.name})' for p in paths]
-        grids = [p for p in out.glob(f'{bench}_samples_*.png')]
-        lines += [f'![{p.stem}]({p.name})' for p in sorted(grids)] + ['']
-        lines += [f'Comparisons behind the verdicts ({bench}): aligned vs reference, mean ± sd over seeds; '
-                  f'difference ± {Z:g} standard errors.', '',
-                  '| claim | reference | comparison | aligned | reference | difference | outcome |',
-                  '|---|---|---|---|---|---|---|', *details[bench], '']
-
-    lines += ['## Variants', '', '| variant | what |', '|---|---|']
-    lines += [f'| {v.name} | {v.description} |' for v in variants() if v.name in grid['variants']]
-    lines += ['', '## Defaults', '', grid['defaults_text'], '',
-              '## Notes and limits', '', *grid['notes'], '']
-    path = out / 'report.md'
-    path.write_text('\n'.join(lines))
-    return path
-
-
-def choose_default(rows, grid) -> tuple[str, str]:
-    """The aligned variant with the best mean rank over both benchmarks' C1 and C2 statistics (deterministic
-    sampler: best w at the few-step counts, worst w at every step count)."""
-    names = [v for v in grid['variants'] if v.startswith('aligned')]
-    ranks = {v: [] for v in names}
-    for bench, info in grid['benches'].items():
-        metric = info['metric']
-        s = grid['samplers'][0]
-        stats = [lambda v, k=k: best_over_w(rows, bench, v, metric, s, k, grid['ws']).mean()
-                 for k in grid['steps'] if k in FEW_STEPS]
-        stats += [lambda v, k=k: worst_over_w(rows, bench, v, metric, s, k, grid['ws']).mean() for k in grid['steps']]
-        for stat in stats:
-            values = {v: stat(v) for v in names}
-            for rank, v in enumerate(sorted(names, key=values.get)):
-                ranks[v].append(rank)
-    mean_rank = {v: float(np.mean(r)) for v, r in ranks.items()}
-    best = min(names, key=mean_rank.get)
-    table = ', '.join(f'{v} {mean_rank[v]:.2f}' for v in sorted(names, key=mean_rank.get))
-    return best, table
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# CLI.
-
-def _run_all(jobs: list[Job], workers: int, progress: bool) -> list[dict]:
-    from tqdm.auto import tqdm
-
-    results = []
-    bar = tqdm(total=len(jobs), desc='claims', unit='model', disable=not progress, file=sys.stderr)
-    if workers <= 1:
-        for job in jobs:
-            results.append(run_job(job))
-            bar.update()
-    else:
-        import multiprocessing as mp
-        with mp.get_context('spawn').Pool(workers) as pool:
-            for res in pool.imap_unordered(run_job, jobs):
-                results.append(res)
-                bar.update()
-                bar.set_postfix_str(f'{res["job"]["bench"]} {res["name"]}')
-    bar.close()
-    return results
+def make_grid(plan: Plan, chosen: Sequence[str], benchmarks: Sequence[str], quick: bool) -> dict[str, Any]:
+    """What kdiff_align.verdicts needs besides the rows (stored in results.json)."""
+    all_benches = benches(quick)
+    grid: dict[str, Any] = {'ws': list(plan.ws), 'steps': list(plan.steps), 'samplers': list(plan.samplers),
+                            'claims_samplers': list(plan.claims_samplers), 'nfe_steps': list(plan.nfe_steps),
+                            'repro_steps': plan.repro_steps, 'variants': list(chosen), 'benches': {}}
+    for b in benchmarks:
+        mg_w = plan.mg_w.get(b) if 'mg' in chosen else None
+        info = {'w_train': float(all_benches[b].config['align']['w_train']), 'compare_ws': list(plan.compare_ws),
+                'mg_w': mg_w}
+        if b == 'toy':
+            info.update(metric='energy', claims_metric='energy', target_metric='energy_w')
+        else:
+            info.update(metric='fd', claims_metric='fd', accuracy_levels=list(plan.accuracy_levels),
+                        fd_targets=sorted(set(plan.ws) | ({mg_w} if mg_w is not None else set())))
+        grid['benches'][b] = info
+    return grid
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from . import claims_report
+
     p = argparse.ArgumentParser(prog='python -m kdiff_align.bench claims', description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--quick', action='store_true', help='tiny models, 2 seeds and a small grid (for tests)')
@@ -525,6 +476,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument('--threads', type=int, default=1, help='torch threads per worker')
     p.add_argument('--benchmarks', nargs='+', choices=['toy', 'digits'], default=['toy', 'digits'])
     p.add_argument('--variants', nargs='+', default=None, help='subset of variants (default: all)')
+    p.add_argument('--readme', type=Path, default=None, help='the README whose verdict block to rewrite (default: '
+                   'README.md when --out is docs/claims and not --quick)')
     p.add_argument('--no-progress', action='store_true')
     args = p.parse_args(argv)
     all_variants = [v.name for v in variants()]
@@ -537,90 +490,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [v for v in chosen if v not in all_variants]
     if unknown:
         p.error(f'--variants: unknown {unknown}; allowed: {", ".join(all_variants)}')
-    for needed in ('baseline', 'aligned'):
-        if needed not in chosen:
-            p.error(f'--variants must include {needed!r} (the verdicts compare aligned with baseline)')
+    for v in chosen:
+        for needed in ('baseline',) + variant_by_name()[v].needs:
+            if needed not in chosen:
+                p.error(f'--variants must include {needed!r} (every verdict compares with standard CFG; {v} needs it)')
+    args.variants = [v for v in all_variants if v in chosen]
     work = args.work or Path('runs/claims-quick' if args.quick else 'runs/claims')
-    ws, steps = ((0., 2.), (2, 4)) if args.quick else (W_GRID, STEPS_GRID)   # quick: 0 and the shipped w_train
+    plan = make_plan(args.quick, args.benchmarks)
     start = time.time()
-    all_benches = benches(args.quick)
-    jobs = [Job(b, v, seed, args.quick, str(work), ws, steps, SAMPLERS, args.threads)
-            for b in args.benchmarks for v in chosen for seed in range(args.seeds)]
-    # Longest first (digits, aligned variants), so that two workers finish together.
-    cost = {'digits': 20., 'toy': 1.}
-    jobs.sort(key=lambda j: -cost[j.bench] * (2 if 'aligned' in j.variant or 'flops' in j.variant else 1))
-    results = _run_all(jobs, args.workers, not args.no_progress)
+    results = run_jobs(make_jobs(args, plan, work), args.workers, not args.no_progress)
     rows = [r for res in results for r in res['rows']]
-    rows.sort(key=lambda r: (r['bench'], all_variants.index(r['variant']), r['train_seed'], r['sampler'],
+    rows.sort(key=lambda r: (r['bench'], all_variants.index(r['variant']), r['train_seed'], r['kind'], r['sampler'],
                              r['steps'], r['w']))
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    evaluate.write_table(rows, out)
+    rows += reproduction_rows(work, rows, args.seeds)
+    grid = make_grid(plan, args.variants, args.benchmarks, args.quick)
 
-    # Sample grids of seed 0's baseline and aligned models.
-    from . import plots
-    cells = evaluate.make_cells(ws, steps, SAMPLERS)
-    for b in args.benchmarks:
-        names = [f'{v}-seed0' for v in ('baseline', 'aligned')]
-        for path in plots.sample_grids(work / b, names, cells, all_benches[b].config, dest=out):
-            path.rename(out / f'{b}_{path.name}')
-
-    from . import metrics
-    grid = {'ws': list(ws), 'steps': list(steps), 'samplers': list(SAMPLERS), 'variants': chosen, 'benches': {}}
-    if 'toy' in args.benchmarks:
-        toy_rows = [r for r in rows if r['bench'] == 'toy']
-        floor = float(np.mean([r['energy_floor'] for r in toy_rows]))
-        b = all_benches['toy']
-        grid['benches']['toy'] = {
-            'metric': 'energy', 'floor': floor, 'w_train': b.config['align']['w_train'],
-            'floor_text': f'{floor:.4g} (energy distance between two independent exact sample sets of the same size, '
-                          f'{b.n // 4} per class).',
-            'about': f'2-D mixture, 4 classes, each two Gaussians (std 0.25) opposite on a circle of radius 2; ToyMLP '
-                     f'width {b.config["model"]["width"]}, {b.steps} steps, batch {b.batch_size}, '
-                     f'{b.config["optimizer"]["type"]} lr '
-                     f'{b.config["optimizer"]["lr"]}, EMA. Metric: energy distance D² between {b.n // 4} samples of '
-                     'each class and as many exact samples of p(x|c), averaged over classes. Guidance sharpens '
-                     'p(x|c) toward p(x|c) p(c|x)^w, so this metric is smallest for the unguided conditional: it '
-                     'rewards accuracy to p(x|c), not a guided target.'}
-    if 'digits' in args.benchmarks:
-        ref = metrics.digits_reference(0)
-        b = all_benches['digits']
-        grid['benches']['digits'] = {
-            'metric': 'fd', 'floor': ref['fd_floor'], 'w_train': b.config['align']['w_train'], 'secondary': 'accuracy',
-            'secondary_floor': ref['accuracy_real'],
-            'floor_text': f'{ref["fd_floor"]:.4g} (FD of the {ref["n_test"]} real held-out images).',
-            'about': f'scikit-learn digits (8x8, 10 classes), the {ref["n_train"]}-image training split; image_v1 '
-                     f'channels {b.config["model"]["channels"]}, {b.steps} steps, batch {b.batch_size}, '
-                     f'{b.config["optimizer"]["type"]} lr '
-                     f'{b.config["optimizer"]["lr"]}, EMA. Metric: Fréchet distance in the 64-d feature space of an '
-                     f'MLP classifier trained deterministically on the training split (n = {ref["n_test"]} samples '
-                     f'with the held-out split\'s labels, vs the {ref["n_train"]} training images); accuracy = that '
-                     'classifier\'s accuracy on the samples w.r.t. their conditioning label.'}
-    default, table = choose_default(rows, grid)
-    grid['defaults_text'] = (f'Mean rank of each aligned variant over both benchmarks\' statistics (dpmpp_2m: best w '
-                             f'at few steps, worst w at every step count; lower is better): {table}. By this rule the '
-                             f'recommended default is **{default}** (the configs\' align section should follow it). Caveat: the worst-w '
-                             'statistics reward a larger w_train partly because it compresses the effective guidance '
-                             '(w - w_train)/(1 + w_train) of a fixed w grid; a larger w_train also needs a larger '
-                             'w_sample for the same guidance (see the accuracy table).')
-    w_t = next(iter(grid['benches'].values()))['w_train']
-    w_lo, w_hi = (min(ws) - w_t) / (1 + w_t), (max(ws) - w_t) / (1 + w_t)
-    grid['notes'] = [
-        '- Spread = sd over training seeds; the evaluation noise is shared by all models (seed 0), so the spread '
-        'measures training variability, not sampling noise; sampling noise is bounded by the floor.',
-        '- The aligned model\'s w_sample = w_train returns the unguided conditional denoiser at the optimum; its '
-        f'w grid therefore spans a smaller range of effective guidance, (w - w_train)/(1 + w_train) ∈ [{w_lo:g}, '
-        f'{w_hi:g}] for w_train = {w_t:g}, than the baseline\'s [{min(ws):g}, {max(ws):g}]. C2\'s "robustness" '
-        'partly reflects that compression; the matched '
-        'comparison above removes it.',
-        '- FLOPs: the aligned step runs both branches on the conditional rows (ratio 2 - uncond_prob = 1.9 at '
-        'equal batch); the equal-FLOPs baseline trains 1.9x the steps. The tables\' training seconds are wall '
-        'seconds of one worker on a machine that other processes may share: compare FLOPs, not those seconds.',
-        '- Small models, CPU budgets: these are statements about these benchmarks, not about CIFAR-10 or Stable '
-        'Diffusion. CIFAR-10 FID-50k runs through `python -m kdiff_align.evaluate` (see the README).',
-    ]
     wall = (time.time() - start) / 60
-    compute = (sum(r['train_seconds'] for r in results) + sum(r['seconds'] for r in rows)) / 60
+    compute = (sum(r['train_seconds'] for r in results) + sum(r.get('seconds', 0) for r in rows)) / 60
     wall_file = work / 'wall.json'
     if any(r['trained'] or r['computed'] for r in results) or not wall_file.exists():
         wall_file.parent.mkdir(parents=True, exist_ok=True)
@@ -634,13 +520,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             'machine': f'{platform.machine()} CPU, torch {torch.__version__}', 'wall_minutes': wall,
             'workers': args.workers, 'threads': args.threads, 'seeds': list(range(args.seeds)), 'quick': args.quick,
             'wall_text': wall_text, 'compute_minutes': compute}
-    report = write_report(out, rows, results, meta, grid)
-    readme = Path('README.md')
-    if not args.quick and out.resolve() == Path('docs/claims').resolve() and readme.is_file() \
-            and update_readme(readme, verdicts(rows, grid)):
+    jobs_info = [{k: v for k, v in r.items() if k != 'rows'} for r in results]
+    report = claims_report.write_all(args.out, work, rows, grid, meta, jobs_info, benches(args.quick),
+                                     variant_by_name())
+    readme = args.readme or (Path('README.md') if not args.quick and args.out.resolve() == Path('docs/claims').resolve()
+                             else None)
+    if readme is not None and readme.is_file() and claims_report.update_readme(readme, rows, grid):
         print(f'claims verdicts written into {readme}')
-    (out / 'run.json').write_text(json.dumps({**meta, 'jobs': [{k: v for k, v in r.items() if k != 'rows'}
-                                                               for r in results]}, indent=1))
     print(f'claims report: {report} ({len(rows)} rows, {wall:.1f} min; commit {meta["commit"]})')
     return 0
 

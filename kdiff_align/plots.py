@@ -129,3 +129,100 @@ def sample_grids(out_dir: str | Path, models: Sequence[str], cells: Sequence[Any
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+Series = dict[str, list[tuple[float, float, bool]]]   # name -> [(x, y, marked)]
+
+
+def line_panels(panels: Mapping[str, Series], path: str | Path, *, xlabel: str, ylabel: str,
+                floors: Mapping[str, float] | None = None, log_x: bool = False, log_y: bool = True,
+                title: str | None = None, mark_label: str = 'marked') -> Path:
+    """One panel per key of panels, one line per series (a fixed colour per series name across panels); marked
+    points get a large hollow ring; floors[panel] as a grey dotted line."""
+    plt = _plt()
+    names = list(dict.fromkeys(name for series in panels.values() for name in series))
+    colors = plt.rcParams['axes.prop_cycle'].by_key()['color']
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(3.4 * max(len(panels), 1), 3.3), squeeze=False)
+    for ax, (panel, series) in zip(axes[0], panels.items()):
+        for name, pts in series.items():
+            pts = sorted(p for p in pts if np.isfinite(p[1]))
+            if not pts:
+                continue
+            color = colors[names.index(name) % len(colors)]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], '-o', ms=3, color=color, label=name)
+            ring = [p for p in pts if p[2]]
+            if ring:
+                ax.scatter([p[0] for p in ring], [p[1] for p in ring], s=90, facecolors='none', edgecolors=color,
+                           linewidths=1.2)
+        if floors and panel in floors:
+            ax.axhline(floors[panel], color='grey', lw=1, ls=':', label='floor')
+        ax.set_title(panel, fontsize=9)
+        ax.set_xlabel(xlabel)
+        if log_x:
+            ax.set_xscale('log', base=2)
+        if log_y:
+            ax.set_yscale('log')
+    axes[0][0].set_ylabel(ylabel)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    for ax in axes[0][1:]:   # every series once, wherever it first appears
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    if any(p[2] for series in panels.values() for pts in series.values() for p in pts):
+        handles.append(plt.Line2D([], [], marker='o', ms=9, mfc='none', mec='k', ls=''))
+        labels.append(mark_label)
+    if labels:
+        fig.legend(handles, labels, loc='lower center', ncol=min(5, len(labels)), fontsize=7, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.06 + 0.035 * (max(len(labels) - 1, 0) // 5), 1, 1))
+    path = Path(path)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def sample_table(previews: Mapping[str, Mapping[str, Mapping[str, torch.Tensor]]], path: str | Path, *, toy: bool,
+                 title: str | None = None, per_class: int = 3) -> Path | None:
+    """A grid of saved previews: one row per model, one column per key (e.g. w), the same noise everywhere.
+    previews[row][column] = {'samples', 'labels'}; toy: scatter per class; images: per_class samples of each class."""
+    plt = _plt()
+    rows = [r for r in previews if previews[r]]
+    cols = list(dict.fromkeys(c for r in rows for c in previews[r]))
+    if not rows or not cols:
+        return None
+    width = 1.9 if toy else 3.2
+    fig, axes = plt.subplots(len(rows), len(cols), figsize=(width * len(cols), (1.9 if toy else 1.2) * len(rows) + 0.4),
+                             squeeze=False)
+    for i, r in enumerate(rows):
+        for j, c in enumerate(cols):
+            ax = axes[i][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            pv = previews[r].get(c)
+            if pv is not None:
+                x, labels = pv['samples'], pv['labels']
+                if toy:
+                    for k in labels.unique():
+                        pts = x[labels == k].numpy()
+                        ax.scatter(pts[:, 0], pts[:, 1], s=1)
+                    ax.set_xlim(-3.5, 3.5)
+                    ax.set_ylim(-3.5, 3.5)
+                else:
+                    classes = labels.unique()
+                    tiles = torch.stack([x[labels == k][:per_class] for k in classes])   # [K, per, C, H, W]
+                    k, per, ch, h, wd = tiles.shape   # classes across, samples down
+                    img = tiles.permute(1, 3, 0, 4, 2).reshape(per * h, k * wd, ch).clamp(-1, 1).add(1).div(2)
+                    ax.imshow(img.squeeze(-1).numpy(), cmap='gray', vmin=0, vmax=1, interpolation='nearest')
+            if i == 0:
+                ax.set_title(c, fontsize=8)
+            if j == 0:
+                ax.set_ylabel(r, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=7, wrap=True)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
