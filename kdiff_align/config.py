@@ -187,7 +187,7 @@ def make_denoiser_wrapper(config: Mapping[str, Any], *, teacher: nn.Module | Non
 
 TEACHER_OBJECTIVES = ('aligned',)   # distillation teachers: standard CFG (w_train 0) or aligned models
 _TRAINING_ONLY = {'sigma_sample_density', 'loss_weighting', 'loss_config', 'loss_scales', 'dropout_rate',
-                  'augment_prob', 'ema_sched'}
+                  'augment_prob'}
 
 
 def make_teacher(config: Mapping[str, Any], device: torch.device | str = 'cpu') -> nn.Module:
