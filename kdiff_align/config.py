@@ -8,7 +8,7 @@ what is allowed. Upstream's sections stay valid for upstream tools, which ignore
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from .schema import (ALIGN_DEFAULTS, ONE_PASS, SAMPLERS, TELLS_W, ConfigError, c
 from .sd import config as sd_config
 
 __all__ = ['ALIGN_DEFAULTS', 'SAMPLERS', 'ConfigError', 'load_config', 'align_section', 'null_condition',
-           'make_model', 'make_denoiser_wrapper', 'make_teacher', 'make_objective_teacher', 'make_guided_denoiser', 'get_sampler',
+           'make_model', 'make_denoiser_wrapper', 'make_guided_denoiser', 'get_sampler',
            'mg_effective_w', 'w_range']
 
 MODEL_TYPES = ('image_v1', 'image_transformer_v1', 'toy_mlp')
@@ -166,7 +166,7 @@ def make_denoiser_wrapper(config: Mapping[str, Any], *, teacher: nn.Module | Non
     """A partial of the config's objective taking the inner model, like upstream's make_denoiser_wrapper:
     AlignedDenoiser (aligned), GFTDenoiser (gft) or TeacherTargetDenoiser (mg, distill). teacher: mg's
     teacher network (None: the model's own current weights, "online"), distill's frozen teacher (None: a
-    wrapper that samples but cannot train; make_teacher loads align.teacher)."""
+    wrapper that samples but cannot train); kdiff_align.teachers builds both."""
     align = align_section(config)
     kind = align['objective']
     kwargs = dict(
@@ -183,58 +183,6 @@ def make_denoiser_wrapper(config: Mapping[str, Any], *, teacher: nn.Module | Non
         return partial(objective.GFTDenoiser, **{**kwargs, **overrides})
     kwargs.update(kind=kind, sigma_range=align['target_sigma_range'])
     return partial(objective.TeacherTargetDenoiser, teacher=teacher, **{**kwargs, **overrides})
-
-
-TEACHER_OBJECTIVES = ('aligned',)   # distillation teachers: standard CFG (w_train 0) or aligned models
-_TRAINING_ONLY = {'sigma_sample_density', 'loss_weighting', 'loss_config', 'loss_scales', 'dropout_rate',
-                  'augment_prob', 'ema_sched'}
-
-
-def make_teacher(config: Mapping[str, Any], device: torch.device | str = 'cpu') -> nn.Module:
-    """distill's teacher: the raw network F of align.teacher (a checkpoint, run folder or export), frozen and
-    in eval mode. A teacher of another architecture, data or objective is refused with a ConfigError."""
-    from .checkpoint import load_for_inference
-
-    path = config['align']['teacher']
-    teacher_config, state = load_for_inference(path)
-    teacher_config = load_config(teacher_config)
-    problems = [f'model.{k}' for k in sorted(set(config['model']) | set(teacher_config['model']))
-                if k not in _TRAINING_ONLY and config['model'].get(k) != teacher_config['model'].get(k)]
-    problems += [f'dataset.{k}' for k in ('type', 'num_classes', 'location')
-                 if config['dataset'].get(k) != teacher_config['dataset'].get(k)]
-    if teacher_config['align']['objective'] not in TEACHER_OBJECTIVES:
-        problems.append(f'align.objective ({teacher_config["align"]["objective"]!r}; a teacher samples with CFG: '
-                        'a standard or aligned model)')
-    if problems:
-        first = problems[0].split(' ')[0]
-        section, key = first.split('.', 1)
-        mine, theirs = config[section].get(key), teacher_config[section].get(key)
-        fail('align.teacher', path, f'a standard or aligned model of this config\'s architecture and data; the '
-             f'teacher differs in {", ".join(problems)} (e.g. {first}: teacher {theirs!r}, student {mine!r})')
-    teacher = make_model(teacher_config)
-    try:
-        teacher.load_state_dict(state)
-    except RuntimeError as err:
-        fail('align.teacher', path, f'weights that fit the model of its own config ({str(err).splitlines()[0]})')
-    return teacher.to(device).eval().requires_grad_(False)
-
-
-def make_objective_teacher(config: Mapping[str, Any], ema: Any, device: torch.device | str = 'cpu', *,
-                           wrap: Callable[[nn.Module], nn.Module] | None = None) -> nn.Module | None:
-    """The teacher of the config's objective for a training run: distill's frozen model (make_teacher), mg's EMA
-    of the model being trained (ema: the run's engine.EMA; a view that follows every update), or None (mg
-    "online": the current weights under no_grad). wrap turns a network into what the objective calls (Stable
-    Diffusion: its DDPM denoiser)."""
-    align = config['align']
-    teacher = None
-    if align['objective'] == 'distill':
-        teacher = make_teacher(config, device)
-    elif align['objective'] == 'mg' and align['teacher'] == 'ema':
-        if ema is None:
-            fail('align.teacher', 'ema', "'online' when the config has no ema_sched (the EMA teacher needs the EMA "
-                 'model)')
-        teacher = ema.view()
-    return teacher if teacher is None or wrap is None else wrap(teacher)
 
 
 def make_guided_denoiser(config: Mapping[str, Any], denoiser: nn.Module, *, w: float | None = None,

@@ -27,8 +27,8 @@ from . import checkpoint as ckpt_lib
 from . import data as data_lib
 from . import engine
 from .checkpoint import CheckpointError
-from .config import (ONE_PASS, ConfigError, align_section, load_config, make_denoiser_wrapper, make_model,
-                     make_objective_teacher)
+from .config import ONE_PASS, ConfigError, align_section, load_config, make_denoiser_wrapper, make_model
+from .teachers import make_objective_teacher
 from .data import DataError
 from .engine import TrainingError  # noqa: F401 (re-exported: one error type for every training path)
 from .sample import data_shape, grid_image, sample, sample_grid

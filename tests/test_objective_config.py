@@ -11,7 +11,8 @@ import torch
 from kdiff_align import checkpoint as ckpt_lib
 from kdiff_align import objective
 from kdiff_align.config import (ConfigError, load_config, make_denoiser_wrapper, make_guided_denoiser, make_model,
-                                make_teacher, mg_effective_w)
+                                mg_effective_w)
+from kdiff_align.teachers import make_teacher
 from kdiff_align.engine import EMA
 from kdiff_align.guidance import GuidedDenoiser, OnePassDenoiser
 from kdiff_align.train import TrainOptions, train
@@ -297,3 +298,10 @@ def test_one_pass_objective_on_an_unconditional_model_is_refused():
     with pytest.raises(ConfigError, match="config key 'align.objective': got 'gft'; allowed: \"aligned\" for an "
                                           r'unconditional model \(dataset.num_classes 0\)'):
         load_config(config)
+
+
+@pytest.mark.parametrize('kind', ['gft', 'mg'])
+def test_image_transformer_trains_with_one_pass_objectives(tmp_path, kind):
+    config = tiny_config('image_transformer_v1', objective=kind, sample_steps=2)
+    result = train(config, opts(tmp_path, kind, end_step=2, sample_n=2))
+    assert result.step == 2 and result.demo.is_file() and torch.isfinite(torch.tensor(result.loss))

@@ -31,7 +31,8 @@ import torch
 
 from .. import engine
 from ..checkpoint import CheckpointError, atomic_write
-from ..config import TELLS_W, ConfigError, load_config, make_denoiser_wrapper, make_objective_teacher
+from ..config import TELLS_W, ConfigError, load_config, make_denoiser_wrapper
+from ..teachers import make_objective_teacher
 from ..engine import TrainingError
 
 
