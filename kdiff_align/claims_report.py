@@ -128,7 +128,7 @@ def _mean_point(rows, bench, variant, sampler, steps, w_target, metric) -> tuple
 def nfe_plot(rows, grid, bench, variants_, out: Path) -> Path | None:
     """Metric vs counted NFE per objective, one panel per compared point; the equal-NFE pairs ringed."""
     info = grid['benches'][bench]
-    sampler = grid['samplers'][0]
+    sampler = grid['benches'][bench]['samplers'][0]
     pairs = set(grid['nfe_steps'])
     panels: dict[str, plots.Series] = {}
     floors = {}
@@ -174,7 +174,7 @@ def nfe_plot(rows, grid, bench, variants_, out: Path) -> Path | None:
 
 def fd_accuracy_plot(rows, grid, bench, variants_, out: Path) -> Path:
     """Digits: FD against class accuracy across w, one curve per objective, one panel per step count."""
-    sampler = grid['samplers'][0]
+    sampler = grid['benches'][bench]['samplers'][0]
     panels: dict[str, plots.Series] = {}
     for steps in grid['steps']:
         panel = panels.setdefault(f'{steps} steps', {})
@@ -196,7 +196,7 @@ def fd_accuracy_plot(rows, grid, bench, variants_, out: Path) -> Path:
 
 def sample_plot(rows, grid, bench, variants_, work: Path, out: Path) -> Path | None:
     """Samples of seed 0 of each variant at every compared w, the same noise for all (evaluation seed 0)."""
-    sampler, steps = grid['samplers'][0], max(grid['steps'])
+    sampler, steps = grid['benches'][bench]['samplers'][0], max(grid['steps'])
     previews: dict[str, dict[str, Any]] = {}
     for v in variants_:
         for r in rows:
@@ -248,7 +248,7 @@ def toy_target_separation(bench_config: Mapping[str, Any], ws: Sequence[float], 
 
 def _toy_section(rows, grid, bench, variants_, jobs_info, bench_obj) -> list[str]:
     info = grid['benches'][bench]
-    sampler = grid['samplers'][0]
+    sampler = grid['benches'][bench]['samplers'][0]
     cells = [r for r in rows if r.get('kind') == 'cell' and r['bench'] == bench]
     n = cells[0]['n'] if cells else 0
     per_class = n // bench_obj.config['dataset']['num_classes']
@@ -293,7 +293,7 @@ def _digits_section(rows, grid, bench, variants_, bench_obj) -> list[str]:
     from . import metrics
 
     info = grid['benches'][bench]
-    sampler = grid['samplers'][0]
+    sampler = grid['benches'][bench]['samplers'][0]
     ref = metrics.digits_reference(0)
     c = bench_obj.config
     lines = [f'scikit-learn digits (8x8, 10 classes), the {ref["n_train"]}-image training split; image_v1 channels '
@@ -332,7 +332,7 @@ def _digits_section(rows, grid, bench, variants_, bench_obj) -> list[str]:
 
 
 def _nfe_table(rows, grid, bench, variants_) -> list[str]:
-    sampler = grid['samplers'][0]
+    sampler = grid['benches'][bench]['samplers'][0]
     lines = [f'Network evaluations per sample, counted while sampling ({sampler}; guided cells, w_target > 0; '
              'min–max over w):', '', '| variant | ' + ' | '.join(f'{k} steps' for k in grid['steps']) + ' |',
              '|---|' + '---|' * len(grid['steps'])]

@@ -220,7 +220,7 @@ def equal_steps(rows: Rows, grid: Mapping[str, Any], bench: str, variant: str, r
     """variant against reference at the same sampler and step count, at every compared point."""
     points, name = _points(grid, bench, variant)
     out = []
-    for sampler in grid['samplers']:
+    for sampler in grid['benches'][bench]['samplers']:
         for steps in grid['steps']:
             for p in points:
                 a = _statistic(rows, grid, bench, variant, sampler, steps, p)
@@ -241,7 +241,7 @@ def equal_nfe(rows: Rows, grid: Mapping[str, Any], bench: str, variant: str, ref
     """A one-pass variant at 2N steps (its cells with counted NFE <= 2N) against the reference at N steps."""
     points, name = _points(grid, bench, variant)
     out = []
-    for sampler in grid['samplers']:
+    for sampler in grid['benches'][bench]['samplers']:
         for n in grid['nfe_steps']:
             budget = 2 * n
             ref_nfe = _mean_nfe(rows, bench, reference, sampler, n)
@@ -332,11 +332,11 @@ def claims_families(rows: Rows, grid: Mapping[str, Any]) -> list[tuple[str, str,
             if ref not in present:
                 continue
             comps = claim_comparisons(rows, bench, metric, 'aligned', ref, steps_grid=grid['steps'],
-                                      samplers=grid['claims_samplers'], ws=grid['ws'])
+                                      samplers=info['samplers'], ws=info['ws'])
             if ref == 'baseline':
                 comps['C1 (matched effective w)'] = matched_comparisons(
-                    rows, bench, metric, info['w_train'], steps_grid=grid['steps'], samplers=grid['claims_samplers'],
-                    ws=grid['ws'])
+                    rows, bench, metric, info['w_train'], steps_grid=grid['steps'], samplers=info['samplers'],
+                    ws=info['ws'])
             out += [(bench, claim, REFERENCES[ref], cs) for claim, cs in comps.items()]
     return out
 
