@@ -500,7 +500,13 @@ def write_all(out: Path, work: Path, rows: list[dict], grid: dict, meta: dict, j
     shown = [v for v in variants_ if v != 'aligned_w1']
     for old in out.glob('*.png'):
         old.unlink()
-    for bench in grid['benches']:
+    for bench, info in grid['benches'].items():
+        # The first round's plots (metric vs w, metric vs steps) of standard CFG, aligned and CFG at equal FLOPs.
+        cells = [r for r in rows if r.get('kind') == 'cell' and r['bench'] == bench and r['w'] in info['ws']]
+        floor = [r[f'{info["claims_metric"]}_floor'] for r in cells if f'{info["claims_metric"]}_floor' in r]
+        plots.sweep_plots(cells, info['claims_metric'], out, group='variant', floor=float(np.mean(floor)) if floor
+                          else None, groups=[v for v in ('baseline', 'aligned', 'baseline_equal_flops') if v in shown],
+                          stem=f'{bench}_')
         nfe_plot(rows, grid, bench, shown, out)
         if grid['benches'][bench]['metric'] == 'fd':
             fd_accuracy_plot(rows, grid, bench, shown, out)
