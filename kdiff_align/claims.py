@@ -286,6 +286,7 @@ def train_model(config: Mapping[str, Any], steps: int, batch_size: int, seed: in
 
 def run_job(job: Job) -> dict[str, Any]:
     """Trains (or reloads) one model and evaluates it on its cells; returns its rows and timings."""
+    started = time.time()
     torch.set_num_threads(job.threads)
     bench = benches(job.quick)[job.bench]
     variant = variant_by_name()[job.variant]
@@ -316,7 +317,8 @@ def run_job(job: Job) -> dict[str, Any]:
     return {'job': {**asdict(job), 'plan': None}, 'rows': result.rows + kept.rows, 'train_seconds': train_seconds,
             'train_steps': steps, 'flop_ratio': flop_ratio(config), 'eval_seconds': time.perf_counter() - start,
             'computed': len(result.computed) + len(kept.computed), 'trained': trained,
-            'skipped': len(result.skipped) + len(kept.skipped), 'name': job.name}
+            'skipped': len(result.skipped) + len(kept.skipped), 'name': job.name, 'started': started,
+            'finished': time.time()}
 
 
 def make_jobs(args: argparse.Namespace, plan: Plan, work: Path) -> list[Job]:

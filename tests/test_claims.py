@@ -193,6 +193,20 @@ def test_quick_claims_end_to_end_and_resume(tmp_path):
     assert all(j['computed'] == 0 and not j['trained'] for j in again['jobs'])
 
 
+def test_two_workers_run_a_job_only_after_the_jobs_it_needs(tmp_path):
+    # distill trains against the baseline of its seed: with two worker processes, both baselines run first (the
+    # teacher exists when distill starts; train() refuses a missing teacher), then both distill jobs.
+    out, work = tmp_path / 'claims', tmp_path / 'work'
+    bench.main(['claims', '--quick', '--benchmarks', 'toy', '--variants', 'baseline', 'distill', '--out', str(out),
+                '--work', str(work), '--workers', '2', '--no-progress'])
+    rows, grid = claims_report.load_results(out / 'results.json')
+    assert {(r['variant'], r['train_seed']) for r in rows} == {(v, s) for v in ('baseline', 'distill') for s in (0, 1)}
+    jobs = {j['name']: j for j in json.loads((out / 'run.json').read_text())['jobs']}
+    for seed in (0, 1):
+        assert jobs[f'distill-seed{seed}']['started'] >= jobs[f'baseline-seed{seed}']['finished']
+    assert [t['need'] for t in verdicts.verdicts(rows, grid)['needs']] == ['equal_steps', 'equal_nfe', 'reproduction']
+
+
 def test_committed_results_reproduce_the_report_and_the_readme():
     results = ROOT / 'docs' / 'claims' / 'results.json'
     if not isinstance(json.loads(results.read_text()), dict):
