@@ -357,7 +357,8 @@ def _variants_table(grid, jobs_info, variant_info) -> list[str]:
             t = _train_info(jobs_info, b, name)
             cells.append('–' if t is None else ('no training (samples the baseline\'s models)' if v.model_of else
                                                  f'{t[0]}, {t[2]:.2f}x, {t[1]:.0f} s'))
-        overrides = ', '.join(f'`{k}` = {json.dumps(val)}' for k, val in v.overrides.items()) or '–'
+        overrides = ', '.join(f'`{k}` = ' + ('the baseline export of the same bench and seed' if val == '{teacher}'
+                                             else json.dumps(val)) for k, val in v.overrides.items()) or '–'
         lines.append(f'| {name} | configs/&lt;bench&gt;_{v.config}.json | {overrides} | {v.description} | '
                      + ' | '.join(cells) + ' |')
     return lines
