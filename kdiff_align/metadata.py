@@ -85,32 +85,48 @@ def host_cfg_scale(objective: str, w_sample: float, w_range: tuple[float, float]
     return w_to_cfg_scale(w_sample)
 
 
+# This module reads configs without importing kdiff_align.config (config -> checkpoint -> metadata would be a cycle);
+# the two rules it shares with config (mg's effective w, w_sample's default) are tested equal to config's.
+def _mg_effective_w(w: float) -> float:
+    return w / (1 - w)   # kdiff_align.config.mg_effective_w (docs/design.md section 6(b))
+
+
 def trained_w_range(objective: str, w_train: Any) -> list[float]:
     """[lo, hi] of the w a model was trained for, from its w_train (mg: the effective w; standard-cfg: [0, 0])."""
-    from .config import mg_effective_w
     from .objective import ScaleDistribution, make_guidance_scale
 
     if objective == 'standard-cfg':
         return [0.0, 0.0]
     w = make_guidance_scale(w_train)
     lo, hi = (w.min_value, w.max_value) if isinstance(w, ScaleDistribution) else (float(w), float(w))
-    return [mg_effective_w(lo), mg_effective_w(hi)] if objective == 'mg' else [lo, hi]
+    return [_mg_effective_w(lo), _mg_effective_w(hi)] if objective == 'mg' else [lo, hi]
+
+
+def default_w_sample(kind: str, w_train: Any) -> float:
+    """align.w_sample's default (kdiff_align.config.align_section): the trained w, a distribution's mean, mg's
+    effective w."""
+    from .objective import ScaleDistribution, make_guidance_scale
+
+    w = make_guidance_scale(w_train)
+    w = w.mean if isinstance(w, ScaleDistribution) else float(w)
+    return _mg_effective_w(w) if kind == 'mg' else w
 
 
 def guidance_metadata(config: Mapping[str, Any], *, w_sample: float | None = None) -> dict[str, Any]:
     """The sampling metadata of a loaded config (load_config's output): typed values, not strings yet."""
-    from .config import align_section
     from .objective import make_guidance_scale
     from .sd.config import is_sd_config
 
-    align = align_section(config)
+    align = config['align']
     kind = align['objective']
     if kind == 'aligned':
         aligned = align['mix'] > 0 and make_guidance_scale(align['w_train']) != 0
         objective = 'aligned-cfg' if aligned else 'standard-cfg'
     else:
         objective = kind
-    w = float(align['w_sample'] if w_sample is None else w_sample)
+    if w_sample is None:
+        w_sample = default_w_sample(kind, align['w_train']) if align['w_sample'] is None else align['w_sample']
+    w = float(w_sample)
     if not math.isfinite(w):
         raise MetadataError(f'w_sample must be a finite number (the paper\'s w), got {w_sample!r}')
     w_range = trained_w_range(objective, align['w_train'])

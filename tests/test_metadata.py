@@ -208,3 +208,13 @@ def test_inconsistent_one_pass_metadata_says_which_key():
         parse_metadata({**gft, 'kdiff_align.format_version': '3'})
     # A one-pass model's host CFG scale is 1 whatever the file says: the host adds no guidance on top.
     assert parse_metadata({**gft, 'kdiff_align.cfg_scale': '3.0'})['cfg_scale'] == 1.0
+
+
+@pytest.mark.parametrize('name', list(OBJECTIVE_CASES) + ['toy_aligned', 'cifar_mg'])
+def test_metadata_resolves_w_like_the_config(name):
+    """metadata reads configs without importing kdiff_align.config (no import cycle); its defaults are config's."""
+    config = config_of(name)
+    meta = guidance_metadata(config)
+    assert meta['w_sample'] == kconfig.align_section(config)['w_sample']
+    if meta['objective'] in ('gft', 'mg', 'distill'):
+        assert meta['w_range'] == list(kconfig.w_range(config))

@@ -44,7 +44,7 @@ def _read(path_or_meta: str | Path | dict[str, Any]) -> tuple[dict[str, Any], st
     if meta.get('w_input') is not None and meta['sigma_interval'] is not None:
         raise ValueError(f'{name} is a {meta["objective"]} model told w with the guidance interval '
                          f'{meta["sigma_interval"]}, but diffusers pipelines pass one timestep_cond per call; sample '
-                         'it with kdiff_align.sd.sample, which tells it w = 0 outside the interval')
+                         'it with kdiff-align (make_guided_denoiser), which tells it w = 0 outside the interval')
     return meta, name
 
 
