@@ -22,6 +22,7 @@ import torch
 from k_diffusion import sampling as K_sampling
 from safetensors.torch import save_file
 
+import sd_tiny
 from conftest import tiny_config
 from kdiff_align.config import load_config
 from kdiff_align.guidance import GuidedDenoiser
@@ -358,13 +359,7 @@ def process_images(a1111, p, args):
 
 
 def sd_export(tmp_path, objective, **align):
-    from kdiff_align.sd.config import load_config as load_sd_config
-    lora = {'lora': None} if objective in ('gft', 'distill') else {}   # told w: a full fine-tune
-    config = load_sd_config({'model': {'type': 'stable_diffusion', 'pretrained': 'sd15', **lora},
-                             'dataset': {'location': 'images'}, 'align': {'objective': objective, **align}})
-    path = tmp_path / f'{objective}_lora.safetensors'
-    save_file({'x': torch.zeros(1)}, path, metadata=export_metadata(config))
-    return path
+    return sd_tiny.objective_export(tmp_path / f'{objective}_lora.safetensors', objective, **align)
 
 
 def test_mg_export_is_one_conditional_pass_per_step_in_a1111(a1111, tmp_path):
@@ -390,7 +385,7 @@ def test_mg_export_in_an_a1111_without_the_skip_option_still_samples_the_conditi
 @pytest.mark.parametrize('objective', ['gft', 'distill'])
 def test_w_conditioned_export_is_refused_in_one_line(a1111, tmp_path, objective):
     from kdiff_align.integrations.exports import HostCannotPassW
-    path = sd_export(tmp_path, objective, **({'teacher': 'base'} if objective == 'distill' else {}))
+    path = sd_export(tmp_path, objective)
     with pytest.raises(HostCannotPassW) as err:
         process_images(a1111, make_p(cfg_scale=7.0), ['metadata file', 1.0, 0.0, 0.0, 'constant', 0.0, str(path)])
     message = str(err.value)

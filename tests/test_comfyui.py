@@ -21,6 +21,7 @@ import torch
 from k_diffusion import sampling as K_sampling
 from safetensors.torch import save_file
 
+import sd_tiny
 from conftest import tiny_config
 from kdiff_align.config import load_config
 from kdiff_align.guidance import GuidedDenoiser
@@ -328,13 +329,6 @@ def save_export(comfy, name, config, **kwargs):
     return f'loras/{name}'
 
 
-def sd_config(objective):
-    from kdiff_align.sd.config import load_config as load_sd_config
-    lora = {'lora': None} if objective in ('gft', 'distill') else {}   # told w: a full fine-tune
-    return load_sd_config({'model': {'type': 'stable_diffusion', 'pretrained': 'sd15', **lora},
-                           'dataset': {'location': 'images'}, 'align': {'objective': objective}})
-
-
 def run_ksampler(patched, cfg, pos, neg):
     guider = CFGGuider(patched)   # what KSampler builds, at KSampler's cfg
     guider.set_conds(pos, neg)
@@ -343,7 +337,7 @@ def run_ksampler(patched, cfg, pos, neg):
 
 
 def test_mg_export_is_one_conditional_pass_per_step_in_both_nodes(comfy):
-    file = save_export(comfy, 'mg.safetensors', sd_config('mg'))
+    file = save_export(comfy, 'mg.safetensors', sd_tiny.objective_config('mg'))
     assert comfy.nodes['KDiffAlignMetadata']().read(file)[:2] == (0.0, 1.0)   # ComfyUI adds no guidance
     pos, neg = conditioning(1), conditioning(2)
     conditional = reference(TinyModel(), pos, neg, 0.0, None, NOISE, SIGMAS)   # the plain conditional model
@@ -377,7 +371,7 @@ def test_mg_export_at_another_w_is_cfg_on_top_at_the_exports_cfg_scale(comfy):
 @pytest.mark.parametrize('objective', ['gft', 'distill'])
 def test_w_conditioned_export_is_refused_in_one_line_naming_the_file(comfy, objective):
     from kdiff_align.integrations.exports import HostCannotPassW
-    config = sd_config(objective) if objective == 'gft' else load_config(
+    config = sd_tiny.objective_config(objective) if objective == 'gft' else load_config(
         {**tiny_config(objective='distill', teacher='teacher.pth')})
     file = save_export(comfy, f'{objective}.safetensors', config)
     model, pos, neg = TinyModel(), conditioning(1), conditioning(2)

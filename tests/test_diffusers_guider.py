@@ -20,6 +20,7 @@ from k_diffusion import external as K_external  # noqa: E402
 from k_diffusion import sampling as K_sampling  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
+import sd_tiny  # noqa: E402
 from conftest import tiny_config  # noqa: E402
 from kdiff_align.config import load_config  # noqa: E402
 from kdiff_align.guidance import GuidedDenoiser  # noqa: E402
@@ -247,15 +248,7 @@ def test_flow_schedulers_use_the_flow_familys_sigma():
 
 def export(tmp_path, objective, **align):
     """A Stable Diffusion export's metadata (a gft / distill UNet is told w through timestep_cond)."""
-    from kdiff_align.sd.config import load_config as load_sd_config
-    if objective == 'distill':
-        align.setdefault('teacher', 'base')
-    lora = {'lora': None} if objective in ('gft', 'distill') else {}   # told w: a full fine-tune
-    config = load_sd_config({'model': {'type': 'stable_diffusion', 'pretrained': 'sd15', **lora},
-                             'dataset': {'location': 'images'}, 'align': {'objective': objective, **align}})
-    path = tmp_path / f'{objective}.safetensors'
-    save_file({'x': torch.zeros(1)}, path, metadata=export_metadata(config))
-    return path
+    return sd_tiny.objective_export(tmp_path / f'{objective}.safetensors', objective, **align)
 
 
 class UNetCalls:

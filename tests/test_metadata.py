@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import sd_tiny
 from conftest import tiny_config
 from kdiff_align import config as kconfig
 from kdiff_align.config import load_config, make_guided_denoiser
@@ -98,13 +99,6 @@ def test_sigma_convention_is_carried_and_defaults_for_older_exports():
         parse_metadata({**strings, 'kdiff_align.sigma_convention': '"edm"'})
 
 
-def sd_config_of(**align):
-    """A Stable Diffusion config (schema only; nothing is loaded)."""
-    lora = {'lora': None} if align.get('objective') in ('gft', 'distill') else {}   # told w: full fine-tune
-    return sd_config.load_config({'model': {'type': 'stable_diffusion', 'pretrained': 'sd15', **lora},
-                                  'dataset': {'location': 'images'}, 'align': align})
-
-
 MG_W = 0.45 / (1 - 0.45)   # the effective w of the MG paper's w_train 0.45
 # config -> (objective, passes, cfg_scale, w_input, w_range, w_sample)
 OBJECTIVE_CASES = {
@@ -122,7 +116,7 @@ OBJECTIVE_CASES = {
 def config_of(name):
     if name.startswith('sd '):
         kind = name[3:]
-        return sd_config_of(objective=kind, **({'teacher': 'base'} if kind == 'distill' else {}))
+        return sd_tiny.objective_config(kind)
     return load_config(name)   # a shipped config
 
 

@@ -15,21 +15,7 @@ from kdiff_align.config import ConfigError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EMA = {'type': 'inverse', 'power': 0.75, 'max_value': 0.999}
-
-
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope='module')
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp('sd_objectives')
-    return {'root': root, 'pipe': sd_tiny.save_pipeline(root / 'pipe'),
-            'data': sd_tiny.make_captioned_folder(root / 'data')}
+pytestmark = pytest.mark.usefixtures('one_thread')   # the fixtures one_thread and tiny: conftest.py
 
 
 def run(config, root, name, steps=3):

@@ -132,16 +132,9 @@ def export(path, sigma_interval, sigma_convention='k-diffusion'):
 
 
 def export_objective(path, objective):
-    """A Stable Diffusion export of an align.objective (gft and distill UNets are told w through timestep_cond)."""
-    from safetensors.torch import save_file
+    from kdiff_align.sd.tiny import objective_export
 
-    from kdiff_align.metadata import export_metadata
-    from kdiff_align.sd.config import load_config
-    align = {'objective': objective, **({'teacher': 'base'} if objective == 'distill' else {})}
-    lora = {'lora': None} if objective in ('gft', 'distill') else {}   # told w: a full fine-tune
-    config = load_config({'model': {'type': 'stable_diffusion', 'pretrained': 'sd15', **lora},
-                          'dataset': {'location': 'images'}, 'align': align})
-    save_file({'x': torch.zeros(1)}, str(path), metadata=export_metadata(config))
+    return str(objective_export(path, objective))
 
 
 def test_one_sigma_convention_per_model_family(tiny_sd15, conds, tmp_path):

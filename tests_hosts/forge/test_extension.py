@@ -195,16 +195,9 @@ def test_forge_denoiser_unguided_where_forge_asks(extension, monkeypatch, case):
 
 
 def sd_export(path, objective):
-    from safetensors.torch import save_file
+    from kdiff_align.sd.tiny import objective_export
 
-    from kdiff_align.metadata import export_metadata
-    from kdiff_align.sd.config import load_config
-    align = {'objective': objective, **({'teacher': 'base'} if objective == 'distill' else {})}
-    lora = {'lora': None} if objective in ('gft', 'distill') else {}   # told w: a full fine-tune
-    config = load_config({'model': {'type': 'stable_diffusion', 'pretrained': 'sd15', **lora},
-                          'dataset': {'location': 'images'}, 'align': align})
-    save_file({'x': torch.zeros(1)}, str(path), metadata=export_metadata(config))
-    return str(path)
+    return str(objective_export(path, objective))
 
 
 def test_mg_export_is_one_conditional_pass_in_forge(extension, monkeypatch, tmp_path):
