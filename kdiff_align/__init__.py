@@ -16,6 +16,8 @@ _EXPORTS = {
     'GuidanceEmbedding': 'models',
     'ScaleDistribution': 'objective',
     'GuidedDenoiser': 'guidance',
+    'guided_denoiser': 'guidance',
+    'GuidanceToldTransformer': 'models',
     'guide': 'guidance',
     'w_to_cfg_scale': 'guidance',
     'cfg_scale_to_w': 'guidance',
@@ -24,6 +26,7 @@ _EXPORTS = {
     'make_model': 'config',
     'make_denoiser_wrapper': 'config',
     'make_guided_denoiser': 'config',
+    'make_teacher': 'teachers',
 }
 
 __all__ = sorted(_EXPORTS)

@@ -105,27 +105,18 @@ def align_section(config: Mapping[str, Any]) -> dict[str, Any]:
     if align['uncond_prob'] is None:
         align['uncond_prob'] = config['dataset']['cond_dropout_rate']
     if align['w_sample'] is None:
-        w = objective.make_guidance_scale(align['w_train'])
-        if align['objective'] == 'mg':
-            align['w_sample'] = mg_effective_w(w)
-        else:
-            align['w_sample'] = w.mean if isinstance(w, objective.ScaleDistribution) else w
+        align['w_sample'] = objective.default_w_sample(align['objective'], align['w_train'])
     if align['class_embed_dim'] is None:
         align['class_embed_dim'] = config['model'].get('mapping_out', 256)
     return align
 
 
-def mg_effective_w(w_train: float) -> float:
-    """The CFG w that a model-guidance model trained at w samples in one pass: w / (1 - w) (docs/design.md 6(b))."""
-    return w_train / (1 - w_train)
-
-
 def w_range(config: Mapping[str, Any]) -> tuple[float, float]:
     """The w range a one-pass model was trained for ([w, w] for a fixed w; mg: its effective w)."""
-    w = objective.make_guidance_scale(config['align']['w_train'])
-    if config['align']['objective'] == 'mg':
-        w = mg_effective_w(w)
-    return (w.min_value, w.max_value) if isinstance(w, objective.ScaleDistribution) else (w, w)
+    return objective.trained_w_range(config['align']['objective'], config['align']['w_train'])
+
+
+mg_effective_w = objective.mg_effective_w
 
 
 def null_condition(config: Mapping[str, Any]) -> dict[str, Any]:

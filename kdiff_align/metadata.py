@@ -1,20 +1,30 @@
 """Sampling metadata carried by exported weights (LoRA, full weights, k-diffusion safetensors).
 
-A model trained with the aligned objective must be sampled the way it was trained. Exports carry, as
-safetensors metadata (a flat dict of strings, keys prefixed "kdiff_align."):
+A model must be sampled the way it was trained. Exports carry, as safetensors metadata (a flat dict of
+strings, keys prefixed "kdiff_align."):
 
-    objective       'aligned-cfg' or 'standard-cfg'
+    objective       'aligned-cfg' or 'standard-cfg' (align.objective "aligned"; two passes per step), or 'gft',
+                    'mg', 'distill' (trained to be guided in one pass; docs/design.md section 6)
+    passes          network evaluations per sampling step: 1 (guidance is in the network; the host adds no CFG)
+                    or 2 (the host's CFG). An mg model is 1 at its trained effective w, 2 at any other w_sample
     w_train         the paper's w used in training: a number, or {"type", "min_value", "max_value"}
-    w_sample        the recommended sampling w (the paper's w; w = 0 is unguided conditional sampling)
-    cfg_scale       the same recommendation in the hosts' convention, s = 1 + w (w_to_cfg_scale)
+    w_range         [lo, hi]: the w the model was trained for (mg: its effective w / (1 - w); standard: [0, 0]);
+                    a w-conditioned model samples only inside it
+    w_sample        the recommended sampling w: the paper's w of the result (w = 0 is unguided conditional sampling)
+    cfg_scale       the host's CFG scale s = 1 + w_host, w_host the w its own CFG adds: 1 + w_sample for two-pass
+                    models, 1.0 for one-pass ones, (1 + w_sample) / (1 + w_mg) for CFG on top of an mg model
+    w_input         how the network is told w: 'guidance_cond' (k-diffusion models' keyword argument),
+                    'timestep_cond' (a diffusers UNet with time_cond_proj_dim), or null (not told w)
     sigma_interval  [sigma_lo, sigma_hi] in the family's noise levels (sigma_convention), or null: guide only there
+                    (a w-conditioned model is told w = 0 outside)
     sigma_convention  'k-diffusion' (sigma of x = x0 + sigma eps; for VP models sqrt((1 - abar) / abar)) or
-                    'flow' (t in [0, 1] of x_t = (1 - t) x0 + t eps, ComfyUI's sigma for flow models); missing
-                    in older exports, which are all 'k-diffusion'
+                    'flow' (t in [0, 1] of x_t = (1 - t) x0 + t eps, ComfyUI's sigma for flow models)
     convention      a sentence saying which number is which
 
 Values are JSON text, so numbers, null and lists read back exactly. Writers call
-`export_metadata(config)`; readers call `read_metadata(path)` or `parse_metadata(header_strings)`.
+`export_metadata(config)`; readers call `read_metadata(path)` or `parse_metadata(header_strings)`. Older
+exports (format_version 1) lack passes, w_range, w_input and sigma_convention: they read as two-pass models
+not told w, w_range from w_train, in k-diffusion sigma.
 """
 
 from __future__ import annotations
@@ -28,16 +38,23 @@ from typing import Any
 from .guidance import check_sigma_interval, w_to_cfg_scale
 
 PREFIX = 'kdiff_align.'
-FORMAT_VERSION = 1
-OBJECTIVES = ('aligned-cfg', 'standard-cfg')
-CONVENTION = ("w_train and w_sample are the paper's guidance weight w (Ho & Salimans 2022; w = 0 is unguided "
-              "conditional sampling). cfg_scale is the hosts' CFG scale s = 1 + w (ComfyUI cfg, A1111/Forge CFG "
-              "scale, diffusers guidance_scale, k-diffusion cfg_scale). sigma_interval is in k-diffusion noise "
-              "levels sigma (for Stable Diffusion sigma = sqrt((1 - alphas_cumprod) / alphas_cumprod)); outside "
-              "it sample without guidance. sigma_convention names the family: 'k-diffusion' as above, 'flow' "
-              "for flow models (sigma = t in [0, 1]).")
-KEYS = ('format_version', 'objective', 'w_train', 'w_sample', 'cfg_scale', 'sigma_interval', 'sigma_convention',
-        'convention')
+FORMAT_VERSION = 2  # 2: one-pass objectives (gft, mg, distill), passes, w_range, w_input; cfg_scale is the host's
+TWO_PASS = ('aligned-cfg', 'standard-cfg')
+ONE_PASS = ('gft', 'mg', 'distill')
+OBJECTIVES = TWO_PASS + ONE_PASS
+TELLS_W = ('gft', 'distill')
+W_INPUTS = ('guidance_cond', 'timestep_cond')
+CONVENTION = ("w_train, w_range and w_sample are the paper's guidance weight w (Ho & Salimans 2022; w = 0 is "
+              "unguided conditional sampling); w_sample is the w of the result. cfg_scale is the hosts' CFG scale "
+              "s = 1 + w for the guidance the host itself adds (ComfyUI cfg, A1111/Forge CFG scale, diffusers "
+              "guidance_scale, k-diffusion cfg_scale): 1 for one-pass models (passes 1), whose guidance is in the "
+              "network. w_input says how a w-conditioned model is told w (guidance_cond: k-diffusion keyword; "
+              "timestep_cond: diffusers' guidance embedding of w, as latent-consistency pipelines pass it). "
+              "sigma_interval is in k-diffusion noise levels sigma (for Stable Diffusion sigma = sqrt((1 - "
+              "alphas_cumprod) / alphas_cumprod)); outside it sample without guidance. sigma_convention names the "
+              "family: 'k-diffusion' as above, 'flow' for flow models (sigma = t in [0, 1]).")
+KEYS = ('format_version', 'objective', 'passes', 'w_train', 'w_range', 'w_sample', 'cfg_scale', 'w_input',
+        'sigma_interval', 'sigma_convention', 'convention')
 # One noise-level convention per model family; every integration maps its host's step to it.
 SIGMA_CONVENTIONS = ('k-diffusion', 'flow')
 
@@ -46,24 +63,72 @@ class MetadataError(ValueError):
     """kdiff_align metadata that is present but malformed."""
 
 
+def _same_w(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)   # as kdiff_align.config.make_guided_denoiser
+
+
+def sampling_passes(objective: str, w_sample: float, w_range: tuple[float, float] | list[float]) -> int:
+    """Network evaluations per step of the recommended sampling: 1 for gft and distill, and for mg at its trained
+    effective w (w_range's); 2 otherwise (the host's CFG, on top of an mg model at any other w)."""
+    if objective in TELLS_W or (objective == 'mg' and _same_w(w_sample, w_range[1])):
+        return 1
+    return 2
+
+
+def host_cfg_scale(objective: str, w_sample: float, w_range: tuple[float, float] | list[float]) -> float:
+    """The host's CFG scale for the recommended sampling: 1 + w_sample for two-pass models, 1.0 for one-pass ones,
+    and (1 + w_sample) / (1 + w_mg) for CFG on top of an mg model (docs/design.md section 6)."""
+    if sampling_passes(objective, w_sample, w_range) == 1:
+        return 1.0
+    if objective == 'mg':
+        return (1 + w_sample) / (1 + w_range[1])
+    return w_to_cfg_scale(w_sample)
+
+
+def trained_w_range(objective: str, w_train: Any) -> list[float]:
+    """[lo, hi] of the w a model was trained for, from its w_train (mg: the effective w; standard-cfg: [0, 0])."""
+    from .objective import trained_w_range as w_range
+
+    return [0.0, 0.0] if objective == 'standard-cfg' else [float(v) for v in w_range(objective, w_train)]
+
+
 def guidance_metadata(config: Mapping[str, Any], *, w_sample: float | None = None) -> dict[str, Any]:
     """The sampling metadata of a loaded config (load_config's output): typed values, not strings yet."""
-    from .config import align_section
-    from .objective import make_guidance_scale
+    from .objective import default_w_sample, make_guidance_scale
+    from .sd.config import is_sd_config
 
-    align = align_section(config)
-    w_train = make_guidance_scale(align['w_train'])
-    aligned = align['mix'] > 0 and w_train != 0
-    w = float(align['w_sample'] if w_sample is None else w_sample)
+    align = config['align']
+    kind = align['objective']
+    if kind == 'aligned':
+        aligned = align['mix'] > 0 and make_guidance_scale(align['w_train']) != 0
+        objective = 'aligned-cfg' if aligned else 'standard-cfg'
+    else:
+        objective = kind
+    if w_sample is None:
+        w_sample = default_w_sample(kind, align['w_train']) if align['w_sample'] is None else align['w_sample']
+    w = float(w_sample)
     if not math.isfinite(w):
         raise MetadataError(f'w_sample must be a finite number (the paper\'s w), got {w_sample!r}')
+    w_range = trained_w_range(objective, align['w_train'])
+    if objective in TELLS_W and not w_range[0] <= w <= w_range[1]:
+        raise MetadataError(f'w_sample {w:g} is outside the range [{w_range[0]:g}, {w_range[1]:g}] that this '
+                            f'{objective} model was trained for (align.w_train)')
+    passes = sampling_passes(objective, w, w_range)
     interval = check_sigma_interval(align['sigma_interval'])
+    if objective == 'mg' and passes == 1:
+        interval = None   # the plain conditional model's one pass has no interval (OnePassDenoiser)
+    w_input = None
+    if objective in TELLS_W:   # Stable Diffusion UNets get diffusers' time_cond_proj_dim (kdiff_align.sd.model)
+        w_input = 'timestep_cond' if is_sd_config(config) else 'guidance_cond'
     return {
         'format_version': FORMAT_VERSION,
-        'objective': 'aligned-cfg' if aligned else 'standard-cfg',
+        'objective': objective,
+        'passes': passes,
         'w_train': align['w_train'] if isinstance(align['w_train'], Mapping) else float(align['w_train']),
+        'w_range': w_range,
         'w_sample': w,
-        'cfg_scale': w_to_cfg_scale(w),
+        'cfg_scale': host_cfg_scale(objective, w, w_range),
+        'w_input': w_input,
         'sigma_interval': list(interval) if interval is not None else None,
         'sigma_convention': 'k-diffusion',  # every model kdiff-align trains (k-diffusion and Stable Diffusion)
         'convention': CONVENTION,
@@ -86,18 +151,23 @@ def export_metadata(config: Mapping[str, Any], *, w_sample: float | None = None)
     return to_safetensors_metadata(guidance_metadata(config, w_sample=w_sample))
 
 
+# Keys an older export may lack, filled by _complete; every other key is required.
+_OPTIONAL = ('passes', 'w_range', 'w_input', 'cfg_scale', 'sigma_convention')
+
+
+def _finite(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def parse_metadata(header: Mapping[str, str] | None) -> dict[str, Any] | None:
     """Typed metadata from safetensors metadata strings; None when the file carries none of ours."""
     if not header or not any(k.startswith(PREFIX) for k in header):
         return None
-    meta = {}
+    meta: dict[str, Any] = {}
     for key in KEYS:
         raw = header.get(PREFIX + key)
         if raw is None:
-            if key == 'cfg_scale' and 'w_sample' in meta:
-                continue
-            if key == 'sigma_convention':  # exports before the key: all k-diffusion sigma
-                meta[key] = 'k-diffusion'
+            if key in _OPTIONAL:
                 continue
             raise MetadataError(f'safetensors metadata has kdiff_align keys but lacks {PREFIX + key!r}')
         if key == 'convention':
@@ -107,14 +177,18 @@ def parse_metadata(header: Mapping[str, str] | None) -> dict[str, Any] | None:
             meta[key] = json.loads(raw)
         except json.JSONDecodeError:
             raise MetadataError(f'safetensors metadata {PREFIX + key!r} is not JSON: {raw!r}') from None
+    version = meta['format_version']
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise MetadataError(f'{PREFIX}format_version must be a positive integer, got {version!r}')
+    if version > FORMAT_VERSION:
+        raise MetadataError(f'{PREFIX}format_version is {version}: written by a newer kdiff-align than this one '
+                            f'(which reads up to {FORMAT_VERSION}); update kdiff-align to sample this model')
     if meta['objective'] not in OBJECTIVES:
         raise MetadataError(f'{PREFIX}objective is {meta["objective"]!r}; expected one of {OBJECTIVES}')
-    w = meta['w_sample']
-    if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
-        raise MetadataError(f'{PREFIX}w_sample must be a finite number (the paper\'s w), got {w!r}')
-    meta['w_sample'] = float(w)
-    # cfg_scale is derived; the paper's w is the source of truth (docs/design.md section 3).
-    meta['cfg_scale'] = w_to_cfg_scale(meta['w_sample'])
+    if not _finite(meta['w_sample']):
+        raise MetadataError(f'{PREFIX}w_sample must be a finite number (the paper\'s w), got {meta["w_sample"]!r}')
+    meta['w_sample'] = float(meta['w_sample'])
+    _complete(meta)
     try:
         interval = check_sigma_interval(meta['sigma_interval'])
     except ValueError as err:
@@ -123,7 +197,39 @@ def parse_metadata(header: Mapping[str, str] | None) -> dict[str, Any] | None:
     if meta['sigma_convention'] not in SIGMA_CONVENTIONS:
         raise MetadataError(f'{PREFIX}sigma_convention is {meta["sigma_convention"]!r}; expected one of '
                             f'{SIGMA_CONVENTIONS}')
-    return meta
+    return {key: meta[key] for key in KEYS}
+
+
+def _complete(meta: dict[str, Any]) -> None:
+    """Fills and checks w_range, w_input, passes and cfg_scale; missing ones take the older two-pass meaning."""
+    objective, w = meta['objective'], meta['w_sample']
+    if 'w_range' not in meta:
+        try:
+            meta['w_range'] = trained_w_range(objective, meta['w_train'])
+        except (TypeError, ValueError) as err:
+            raise MetadataError(f'{PREFIX}w_train {meta["w_train"]!r} is not a w or w distribution: {err}') from None
+    w_range = meta['w_range']
+    if not (isinstance(w_range, list) and len(w_range) == 2 and all(_finite(v) for v in w_range)
+            and 0 <= w_range[0] <= w_range[1]):
+        raise MetadataError(f'{PREFIX}w_range must be [lo, hi] with 0 <= lo <= hi, got {w_range!r}')
+    meta['w_range'] = [float(v) for v in w_range]
+    w_input = meta.setdefault('w_input', None)
+    if objective in TELLS_W:
+        if w_input not in W_INPUTS:
+            raise MetadataError(f'{PREFIX}w_input is {w_input!r}; a {objective} model is told w, so it must be one '
+                                f'of {W_INPUTS}')
+        lo, hi = meta['w_range']
+        if not lo <= w <= hi:
+            raise MetadataError(f'{PREFIX}w_sample {w:g} is outside the trained w_range [{lo:g}, {hi:g}]')
+    elif w_input is not None:
+        raise MetadataError(f'{PREFIX}w_input is {w_input!r}, but a {objective} model is not told w (expected null)')
+    passes = sampling_passes(objective, w, meta['w_range'])
+    if meta.setdefault('passes', passes) != passes:
+        raise MetadataError(f'{PREFIX}passes is {meta["passes"]!r}, but a {objective} model at w_sample {w:g} '
+                            f'samples in {passes} network evaluation(s) per step')
+    # cfg_scale is derived; the paper's w is the source of truth (docs/design.md section 3).
+    meta['cfg_scale'] = host_cfg_scale(objective, w, meta['w_range'])
+    meta.setdefault('sigma_convention', 'k-diffusion')   # exports before the key: all k-diffusion sigma
 
 
 def read_header(path: str | Path) -> dict[str, str]:

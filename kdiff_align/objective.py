@@ -84,6 +84,25 @@ def make_guidance_scale(spec: GuidanceScale) -> float | ScaleDistribution:
     return float(spec)
 
 
+def mg_effective_w(w_train: float) -> float:
+    """The CFG w that a model-guidance model trained at w samples in one pass: w / (1 - w) (docs/design.md 6(b))."""
+    return w_train / (1 - w_train)
+
+
+def trained_w_range(kind: str, w_train: GuidanceScale) -> tuple[float, float]:
+    """[lo, hi] of the w a model of objective kind was trained for ([w, w] for a fixed w; mg: its effective w)."""
+    w = make_guidance_scale(w_train)
+    lo, hi = (w.min_value, w.max_value) if isinstance(w, ScaleDistribution) else (w, w)
+    return (mg_effective_w(lo), mg_effective_w(hi)) if kind == 'mg' else (lo, hi)
+
+
+def default_w_sample(kind: str, w_train: GuidanceScale) -> float:
+    """align.w_sample's default: the trained w (a distribution's mean; mg: its effective w)."""
+    w = make_guidance_scale(w_train)
+    w = w.mean if isinstance(w, ScaleDistribution) else w
+    return mg_effective_w(w) if kind == 'mg' else w
+
+
 def parameterization(inner_model: nn.Module) -> str:
     """'eps' or 'v' for k-diffusion's DDPM wrappers, 'karras' for a network F(c_in x, sigma, **cond)."""
     if hasattr(inner_model, 'get_eps') and hasattr(inner_model, 'sigma_to_t'):

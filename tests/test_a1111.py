@@ -4,8 +4,11 @@ A1111 is not installable from a registry, so modules.scripts, modules.script_cal
 CFGDenoiser are stand-ins written to A1111's source (AUTOMATIC1111/stable-diffusion-webui:
 modules/script_callbacks.py at 0411eced (CFGDenoiserParams, CFGDenoisedParams, AfterCFGCallbackParams and the
 on_cfg_* registries), modules/sd_samplers_cfg_denoiser.py at 029adbe5 (CFGDenoiser.forward: x_in = [x, x],
-the callbacks' order, the s_min_uncond skip with its fake uncond rows, combine_denoised), modules/scripts.py
-(Script, AlwaysVisible, process / postprocess, infotext_fields) and script_loading.load_module). Forge's path
+the callbacks' order, the s_min_uncond skip with its fake uncond rows, combine_denoised; the skip_early_cond skip
+as at 72632242),
+modules/processing.py's process_images (before_process, then p.override_settings applied to shared.opts and
+restored afterwards), modules/scripts.py (Script, AlwaysVisible, before_process / process / postprocess,
+infotext_fields) and script_loading.load_module). Forge's path
 (UnetPatcher, sampling function, script loader, infotext paste) runs in the real Forge: tests_hosts/forge.
 """
 
@@ -19,6 +22,7 @@ import torch
 from k_diffusion import sampling as K_sampling
 from safetensors.torch import save_file
 
+import sd_tiny
 from conftest import tiny_config
 from kdiff_align.config import load_config
 from kdiff_align.guidance import GuidedDenoiser
@@ -77,9 +81,10 @@ def make_script_callbacks():
 class CFGDenoiser(torch.nn.Module):
     """A1111's CFGDenoiser.forward for one prompt per image (no AND), batch_cond_uncond on."""
 
-    def __init__(self, inner_model, callbacks):
+    def __init__(self, inner_model, callbacks, opts=None):
         super().__init__()
         self.inner_model, self.cb, self.step, self.total_steps = inner_model, callbacks, 0, 8
+        self.opts = opts or types.SimpleNamespace(skip_early_cond=0.0)
 
     def combine_denoised(self, x_out, conds_list, uncond, cond_scale):
         denoised_uncond = x_out[-uncond.shape[0]:]
@@ -99,8 +104,11 @@ class CFGDenoiser(torch.nn.Module):
         x_in, image_cond_in, sigma_in = params.x, params.image_cond, params.sigma
         tensor, uncond = params.text_cond, params.text_uncond
         skip_uncond = False
-        if self.step % 2 and s_min_uncond > 0 and sigma[0] < s_min_uncond:
+        if self.opts.skip_early_cond != 0 and self.step / self.total_steps <= self.opts.skip_early_cond:
+            skip_uncond = True   # (72632242's form; 029adbe5 lacked the != 0 test and skipped step 0 always)
+        elif self.step % 2 and s_min_uncond > 0 and sigma[0] < s_min_uncond:
             skip_uncond = True
+        if skip_uncond:
             x_in, sigma_in = x_in[:-batch_size], sigma_in[:-batch_size]
         cond_in = tensor if skip_uncond else torch.cat([tensor, uncond])
         x_out = self.inner_model(x_in, sigma_in, cond={'c_crossattn': [cond_in], 'c_concat': [image_cond_in]})
@@ -151,14 +159,17 @@ def a1111(monkeypatch):
     for name in ('Accordion', 'Row', 'Checkbox', 'Radio', 'Number', 'Textbox'):
         setattr(gradio, name, type(name, (Component,), {}))
     gradio.update = lambda **kw: kw
-    for name, module in (('modules', modules), ('modules.scripts', scripts),
+    shared = types.ModuleType('modules.shared')   # A1111's options: skip_early_cond (default 0) among them
+    shared.opts = types.SimpleNamespace(skip_early_cond=0.0, data_labels={'skip_early_cond': 0.0})
+    modules.shared = shared
+    for name, module in (('modules', modules), ('modules.scripts', scripts), ('modules.shared', shared),
                          ('modules.script_callbacks', callbacks), ('gradio', gradio)):
         monkeypatch.setitem(sys.modules, name, module)
     # modules/script_loading.load_module(path)
     spec = importlib.util.spec_from_file_location(SCRIPT.name, SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return types.SimpleNamespace(module=module, callbacks=callbacks, scripts=scripts)
+    return types.SimpleNamespace(module=module, callbacks=callbacks, scripts=scripts, opts=shared.opts)
 
 
 def make_p(cfg_scale=7.0, checkpoint=None):
@@ -172,9 +183,9 @@ GEN = torch.Generator().manual_seed(5)
 COND, UNCOND = torch.randn(2, 4, EMB, generator=GEN), torch.randn(2, 4, EMB, generator=GEN)
 
 
-def sample_a1111(a1111, p, s_min_uncond=0.0):
-    unet = TinyUNet()
-    denoiser = CFGDenoiser(unet, a1111.callbacks)
+def sample_a1111(a1111, p, s_min_uncond=0.0, unet=None):
+    unet = unet or TinyUNet()
+    denoiser = CFGDenoiser(unet, a1111.callbacks, a1111.opts)
     extra = {'cond': COND, 'uncond': UNCOND, 'cond_scale': p.cfg_scale, 's_min_uncond': s_min_uncond,
              'image_cond': torch.zeros(2, 1, 4, 4)}
     return K_sampling.sample_euler(denoiser, NOISE * SIGMAS[0], SIGMAS, extra_args=extra, disable=True)
@@ -314,3 +325,70 @@ def test_timestep_samplers_map_t_to_sigma(a1111):
     script.postprocess(p, None)
     combined = x_out[2:] + p.cfg_scale * (c - x_out[2:])  # A1111's combine_denoised
     torch.testing.assert_close(combined, c + 2.0 * (c - u), rtol=1e-5, atol=1e-5)
+
+
+# --- one-pass exports (objectives gft, mg, distill) ----------------------------------------------------------
+
+class CountingUNet(TinyUNet):
+    def __init__(self):
+        super().__init__()
+        self.rows = []
+
+    def forward(self, x, sigma, cond):
+        self.rows.append(x.shape[0])
+        return super().forward(x, sigma, cond)
+
+
+def process_images(a1111, p, args):
+    """modules/processing.py process_images: scripts' before_process, p.override_settings applied to shared.opts
+    (and restored afterwards), process, the sampling, postprocess. Returns the samples and the UNet's rows."""
+    p.override_settings = getattr(p, 'override_settings', {})
+    script, unet = a1111.module.Script(), CountingUNet()
+    script.before_process(p, True, *args)
+    stored = {k: getattr(a1111.opts, k) for k in p.override_settings}
+    try:
+        for k, v in p.override_settings.items():
+            setattr(a1111.opts, k, v)
+        script.process(p, True, *args)
+        out = sample_a1111(a1111, p, unet=unet)
+        script.postprocess(p, None)
+    finally:
+        for k, v in stored.items():
+            setattr(a1111.opts, k, v)
+    return out, unet.rows
+
+
+def sd_export(tmp_path, objective, **align):
+    return sd_tiny.objective_export(tmp_path / f'{objective}_lora.safetensors', objective, **align)
+
+
+def test_mg_export_is_one_conditional_pass_per_step_in_a1111(a1111, tmp_path):
+    path = sd_export(tmp_path, 'mg')
+    p = make_p(cfg_scale=7.0)
+    args = ['metadata file', 1.0, 0.0, 0.0, 'constant', 0.0, str(path)]
+    out, rows = process_images(a1111, p, args)
+    assert p.cfg_scale == 1.0 and p.extra_generation_params['Aligned CFG w'] == 0.0
+    assert rows == [NOISE.shape[0]] * (len(SIGMAS) - 1)   # A1111's skip: no unconditional rows at any step
+    torch.testing.assert_close(out, sample_core(0.0, None), rtol=1e-5, atol=1e-5)   # the plain conditional model
+    assert a1111.opts.skip_early_cond == 0.0   # restored after the generation
+
+
+def test_mg_export_in_an_a1111_without_the_skip_option_still_samples_the_conditional(a1111, tmp_path, capsys):
+    a1111.opts.data_labels = {}   # an A1111 before skip_early_cond
+    out, rows = process_images(a1111, make_p(cfg_scale=7.0), ['metadata file', 1.0, 0.0, 0.0, 'constant', 0.0,
+                                                               str(sd_export(tmp_path, 'mg'))])
+    assert rows == [2 * NOISE.shape[0]] * (len(SIGMAS) - 1) and 'cannot skip the unconditional pass' in \
+        capsys.readouterr().err
+    torch.testing.assert_close(out, sample_core(0.0, None), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('objective', ['gft', 'distill'])
+def test_w_conditioned_export_is_refused_in_one_line(a1111, tmp_path, objective):
+    from kdiff_align.integrations.exports import HostCannotPassW
+    path = sd_export(tmp_path, objective)
+    with pytest.raises(HostCannotPassW) as err:
+        process_images(a1111, make_p(cfg_scale=7.0), ['metadata file', 1.0, 0.0, 0.0, 'constant', 0.0, str(path)])
+    message = str(err.value)
+    assert '\n' not in message and 'which A1111 cannot pass' in message
+    assert f"'{path.name}' is a {objective} model told w through its UNet's guidance embedding" in message
+    assert 'diffusers' in message and 'guidance_scale 3' in message

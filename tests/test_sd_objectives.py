@@ -15,21 +15,7 @@ from kdiff_align.config import ConfigError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EMA = {'type': 'inverse', 'power': 0.75, 'max_value': 0.999}
-
-
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope='module')
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp('sd_objectives')
-    return {'root': root, 'pipe': sd_tiny.save_pipeline(root / 'pipe'),
-            'data': sd_tiny.make_captioned_folder(root / 'data')}
+pytestmark = pytest.mark.usefixtures('one_thread')   # the fixtures one_thread and tiny: conftest.py
 
 
 def run(config, root, name, steps=3):
@@ -115,9 +101,39 @@ def test_gft_full_finetune_is_told_w_through_time_cond_proj_dim_and_loads_in_dif
                         '--out', str(tmp_path / 'x.png'), '--device', 'cpu']) == 2
 
 
+def test_distill_full_finetune_learns_from_the_frozen_base_unet(tiny, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from kdiff_align.objective import TeacherTargetDenoiser
+
+    config = sd_tiny.sd_config(tiny['pipe'], tiny['data'], lora=False, objective='distill', teacher='base',
+                               w_train={'type': 'uniform', 'min_value': 0.0, 'max_value': 4.0})
+    config['model']['gradient_checkpointing'] = False
+    seen, original = [], TeacherTargetDenoiser.loss
+
+    def spy(self, *args, **kwargs):
+        teacher_unet = self.teacher.inner_model.unet
+        student_unet = self.inner_model.inner_model.unet
+        seen.append((teacher_unet is not student_unet, teacher_unet.config.time_cond_proj_dim,
+                     any(p.requires_grad for p in teacher_unet.parameters())))
+        return original(self, *args, **kwargs)
+    TeacherTargetDenoiser.loss = spy
+    try:
+        result = run(config, tmp_path, 'distill', steps=2)
+    finally:
+        TeacherTargetDenoiser.loss = original
+    assert seen == [(True, None, False)] * 2   # a separate, frozen base UNet without the embedding
+    tuned = UNet2DConditionModel.from_pretrained(str(result.unet_dir), local_files_only=True)
+    assert tuned.config.time_cond_proj_dim == 256
+    ckpt = torch.load(result.checkpoint, weights_only=True)
+    assert set(ckpt['model']) == set(tuned.state_dict())   # the student alone
+
+
 @pytest.mark.parametrize('align, lora, message', [
+    ({'objective': 'distill', 'teacher': 'runs/x'}, False, "config key 'align.teacher': got 'runs/x'; allowed: "
+                                                          '"base" for Stable Diffusion'),
     ({'objective': 'distill', 'teacher': 'base'}, True, "config key 'align.objective': got 'distill'; allowed: "
-                                                       "'aligned', 'gft' or 'mg' for Stable Diffusion"),
+                                                        "'aligned' or 'mg' with a LoRA"),
     ({'objective': 'gft'}, True, "config key 'align.objective': got 'gft'; allowed: 'aligned' or 'mg' with a LoRA"),
     ({'objective': 'mg', 'w_train': 1.5}, True, "config key 'align.w_train': got 1.5; allowed: a number in [0, 1)"),
 ])

@@ -5,13 +5,14 @@ module is the one place that turns them into kdiff-align's guided prediction, by
 GuidedDenoiser on them, so every host gets exactly its semantics: the paper's w (w = 0 is unguided), a
 guidance interval in k-diffusion sigma (outside it: the conditional prediction, and no unconditional pass
 needed), and an optional w schedule. Host glue translates host arguments into one call of HostGuidance;
-nothing here imports a host, and the core never imports this package.
+exports.py holds the rules for one-pass exports (gft, mg, distill). Nothing here imports a host, and the core
+never imports this package.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -84,11 +85,33 @@ class HostGuidance:
         return cls(cfg_scale_to_w(_number('cfg_scale', cfg_scale)), **kwargs)
 
     @classmethod
-    def from_metadata(cls, meta: Mapping[str, Any], *, w: float | None = None,
-                      w_end: float | None = None) -> HostGuidance:
-        """The recommended sampling of an export (kdiff_align.metadata): its w_sample and sigma_interval."""
-        return cls(meta['w_sample'] if w is None else w, sigma_interval=meta.get('sigma_interval'), w_end=w_end,
+    def from_metadata(cls, meta: Mapping[str, Any], *, w: float | None = None, w_end: float | None = None,
+                      host: str = 'this host', model: str = 'this model', w_inputs: Collection[str] = ()
+                      ) -> HostGuidance:
+        """The host's own CFG for an export's recommended sampling (kdiff_align.metadata), by its passes:
+
+        - two passes: CFG at the export's cfg_scale (w = cfg_scale - 1; `w` overrides it) with its sigma_interval;
+        - one pass: no host CFG (w = 0: cfg 1, the unconditional pass skipped), since the guidance is in the
+          network. A model told w whose w_input the host cannot pass (not in w_inputs) raises HostCannotPassW
+          naming `model` and what to do; a host that can pass it does so itself (diffusers: guidance_scale).
+        """
+        from .exports import check_w_input
+
+        check_w_input(meta, host=host, model=model, w_inputs=w_inputs)
+        if meta.get('passes', 2) == 1:
+            if w is not None or w_end is not None:
+                raise ValueError(f'{model} is a one-pass {meta["objective"]} model (its guidance is in the network, '
+                                 'sampled at cfg 1): a host w or w schedule cannot apply; use a constant schedule')
+            return cls(0.0, sigma_convention=meta.get('sigma_convention', 'k-diffusion'))
+        host_w = cfg_scale_to_w(meta.get('cfg_scale', w_to_cfg_scale(meta['w_sample']))) if w is None else w
+        return cls(host_w, sigma_interval=meta.get('sigma_interval'), w_end=w_end,
                    sigma_convention=meta.get('sigma_convention', 'k-diffusion'))
+
+    @property
+    def unguided(self) -> bool:
+        """Whether this guidance never needs the unconditional prediction (w = 0 at every sigma): the host's step
+        is one conditional pass."""
+        return self.w == 0 and (self.w_end is None or self.w_end == 0)
 
     @property
     def uses_sigma(self) -> bool:

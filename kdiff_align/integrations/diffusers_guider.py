@@ -8,6 +8,11 @@ guidance_scale is diffusers' convention, s = 1 + w; w is the paper's (w = 0: ung
 sigma_interval (in the model family's noise levels: k-diffusion sigma, or t in [0, 1] for flow models) or w
 schedule needs the scheduler, to turn the loop's timestep into sigma: set_scheduler(scheduler). Outside the
 interval the guider asks for the conditional batch only.
+
+One-pass exports (kdiff_align.metadata passes 1): an mg model samples at guidance_scale 1 (one conditional
+batch). A gft / distill Stable Diffusion UNet is told w through diffusers' own guidance embedding
+(time_cond_proj_dim): diffusers' pipelines then compute timestep_cond from guidance_scale - 1 (the paper's w)
+and run one pass, as for latent-consistency models, so its guidance_scale is 1 + w and no CFG is added.
 """
 
 from __future__ import annotations
@@ -24,18 +29,48 @@ from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput
 from ..guidance import cfg_scale_to_w, w_to_cfg_scale
 from ..metadata import read_metadata
 from . import HostGuidance
+from .exports import check_w_input
+
+HOST = 'diffusers'
+W_INPUTS = ('timestep_cond',)   # what diffusers passes: UNet2DConditionModel's timestep_cond
 
 
-def recommended_guidance_scale(path: str | Path) -> float:
-    """diffusers' guidance_scale (s = 1 + w) recommended by a kdiff-align export, for pipelines without guiders.
-
-    Such pipelines guide at every step: an export with a sigma_interval needs AlignedGuidance to honour it.
-    """
-    meta = read_metadata(path)
+def _read(path_or_meta: str | Path | dict[str, Any]) -> tuple[dict[str, Any], str]:
+    meta = path_or_meta if isinstance(path_or_meta, dict) else read_metadata(path_or_meta)
+    name = 'this export' if isinstance(path_or_meta, dict) else repr(str(path_or_meta))
     if meta is None:
-        raise ValueError(f'{str(path)!r} carries no kdiff_align metadata (keys "kdiff_align.*")')
+        raise ValueError(f'{name} carries no kdiff_align metadata (keys "kdiff_align.*")')
+    check_w_input(meta, host=HOST, model=name, w_inputs=W_INPUTS)
+    if meta.get('w_input') is not None and meta['sigma_interval'] is not None:
+        raise ValueError(f'{name} is a {meta["objective"]} model told w with the guidance interval '
+                         f'{meta["sigma_interval"]}, but diffusers pipelines pass one timestep_cond per call; sample '
+                         'it with kdiff-align (make_guided_denoiser), which tells it w = 0 outside the interval')
+    return meta, name
+
+
+def check_unet(unet: Any, name: str = 'this model') -> None:
+    """Refuses a UNet without a guidance embedding (time_cond_proj_dim) for a model told w through timestep_cond."""
+    if getattr(unet, 'config', {}).get('time_cond_proj_dim') is None:
+        raise ValueError(f'{name} is told w through timestep_cond, but this UNet has no guidance embedding '
+                         '(config time_cond_proj_dim is None), so the pipeline would not pass w; load the exported '
+                         'UNet (its config has time_cond_proj_dim)')
+
+
+def recommended_guidance_scale(path: str | Path, unet: Any | None = None) -> float:
+    """diffusers' guidance_scale for a kdiff-align export, for pipelines without guiders (StableDiffusionPipeline).
+
+    Two-pass models: s = 1 + w of the host's CFG (an export with a sigma_interval needs AlignedGuidance, since such
+    pipelines guide at every step). One-pass mg models: 1.0 (one conditional batch). Models told w through
+    timestep_cond (gft, distill): 1 + w, which the pipeline passes to a UNet with time_cond_proj_dim as
+    timestep_cond while running one pass; give unet (pipe.unet) to check that it has one.
+    """
+    meta, name = _read(path)
+    if meta.get('w_input') is not None:
+        if unet is not None:
+            check_unet(unet, name)
+        return w_to_cfg_scale(meta['w_sample'])
     if meta['sigma_interval'] is not None:
-        raise ValueError(f'{str(path)!r} recommends the guidance interval {meta["sigma_interval"]}, which a '
+        raise ValueError(f'{name} recommends the guidance interval {meta["sigma_interval"]}, which a '
                          'guidance_scale alone cannot express; use AlignedGuidance.from_metadata with a modular '
                          'pipeline, or sample with kdiff_align.GuidedDenoiser')
     return meta['cfg_scale']
@@ -51,6 +86,8 @@ class AlignedGuidance(BaseGuidance):
         w_end: with sigma_interval, w ramps from w at sigma_hi to w_end at sigma_lo (linear in log sigma).
         sigma_convention: the family whose noise levels the interval is in: 'k-diffusion' (VP schedulers) or
             'flow' (flow-matching schedulers, sigma = t in [0, 1]); from_metadata reads it from the export.
+        told_w: the UNet is told w (a gft / distill export; time_cond_proj_dim): the pipeline passes guidance_scale
+            - 1 = w as timestep_cond, and the guider asks for the conditional batch only (no CFG on top).
         start, stop, enabled: as BaseGuidance (fractions of the steps).
     """
 
@@ -59,12 +96,17 @@ class AlignedGuidance(BaseGuidance):
     @register_to_config
     def __init__(self, guidance_scale: float | None = None, w: float | None = None,
                  sigma_interval: Sequence[float] | None = None, w_end: float | None = None,
-                 sigma_convention: str = 'k-diffusion', start: float = 0.0, stop: float = 1.0, enabled: bool = True):
+                 sigma_convention: str = 'k-diffusion', told_w: bool = False, start: float = 0.0,
+                 stop: float = 1.0, enabled: bool = True):
         super().__init__(start, stop, enabled)
         if (guidance_scale is None) == (w is None):
             raise ValueError(f'pass exactly one of guidance_scale (diffusers\' s = 1 + w) or w (the paper\'s w); '
                              f'got guidance_scale={guidance_scale!r}, w={w!r}')
         w = cfg_scale_to_w(guidance_scale) if w is None else w
+        if told_w and (sigma_interval is not None or w_end is not None):
+            raise ValueError('told_w: diffusers pipelines pass one timestep_cond per call, so a model told w cannot '
+                             'take a sigma_interval or w schedule here')
+        self.told_w = told_w
         self.guidance = HostGuidance(w, sigma_interval=sigma_interval, w_end=w_end, sigma_convention=sigma_convention)
         self.guidance_scale = w_to_cfg_scale(self.guidance.w)
         self._sigma_table: torch.Tensor | None = None
@@ -72,12 +114,15 @@ class AlignedGuidance(BaseGuidance):
 
     @classmethod
     def from_metadata(cls, path_or_meta: str | Path | dict[str, Any], **kwargs: Any) -> AlignedGuidance:
-        """The recommended guidance of a kdiff-align export (a .safetensors path or parsed metadata)."""
-        meta = path_or_meta if isinstance(path_or_meta, dict) else read_metadata(path_or_meta)
-        if meta is None:
-            raise ValueError(f'{str(path_or_meta)!r} carries no kdiff_align metadata (keys "kdiff_align.*")')
-        return cls(w=meta['w_sample'], sigma_interval=meta['sigma_interval'],
-                   sigma_convention=meta.get('sigma_convention', 'k-diffusion'), **kwargs)
+        """The recommended guidance of a kdiff-align export (a .safetensors path or parsed metadata): CFG at its
+        host scale and interval for two-pass models; one conditional batch for one-pass ones, a model told w
+        through timestep_cond getting guidance_scale 1 + w (told_w). A model told w otherwise (a k-diffusion
+        guidance_cond) is refused (HostCannotPassW)."""
+        meta, name = _read(path_or_meta)
+        if meta.get('w_input') is not None:
+            return cls(w=meta['w_sample'], told_w=True, **kwargs)
+        host = HostGuidance.from_metadata(meta, host=HOST, model=name, w_inputs=W_INPUTS)
+        return cls(w=host.w, sigma_interval=host.sigma_interval, sigma_convention=host.sigma_convention, **kwargs)
 
     def set_scheduler(self, scheduler: Any) -> AlignedGuidance:
         """Lets the guider turn timesteps into sigma: VP schedulers (alphas_cumprod: k-diffusion's sigma) or flow
@@ -111,8 +156,13 @@ class AlignedGuidance(BaseGuidance):
             return torch.ones(1)  # no interval and no schedule: any sigma gives the same w
         raise RuntimeError('sigma_interval / w_end need set_scheduler(pipe.scheduler) to know each step\'s sigma')
 
+    def prepare_models(self, denoiser: torch.nn.Module) -> None:
+        if self.told_w:
+            check_unet(denoiser, "this guider's model (told_w)")
+        super().prepare_models(denoiser)
+
     def _is_cfg_enabled(self) -> bool:
-        if not self._enabled:
+        if not self._enabled or self.told_w:
             return False
         if self._num_inference_steps is not None:
             start = int(self._start * self._num_inference_steps)

@@ -162,13 +162,13 @@ def _validate(config: Mapping[str, Any]) -> None:
         number('ema_sched.max_value', ema['max_value'], lo=0, hi=1)
     validate_align(config['align'])
     kind = config['align']['objective']
-    if kind == 'distill':
-        fail('align.objective', kind, "'aligned', 'gft' or 'mg' for Stable Diffusion (distillation from a Stable "
-             'Diffusion teacher is not built yet)')
-    if kind == 'gft' and lora is not None:
+    if kind == 'distill' and config['align']['teacher'] != 'base':
+        fail('align.teacher', config['align']['teacher'], '"base" for Stable Diffusion: the frozen UNet of '
+             'model.pretrained, the standard CFG model its student learns to guide in one pass')
+    if kind in ('gft', 'distill') and lora is not None:
         fail('align.objective', kind, "'aligned' or 'mg' with a LoRA: a w-conditioned UNet trains a new "
              'time_cond_proj_dim projection, which a LoRA export cannot carry; set model.lora to null (full '
-             'fine-tune, exported in diffusers\' layout)')
+             "fine-tune, exported in diffusers' layout)")
 
 
 # ---------------------------------------------------------------------------------------------------------

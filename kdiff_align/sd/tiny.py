@@ -117,3 +117,24 @@ def sd_config(pretrained: Path, data: Path, *, lora: bool = True, prediction: st
         'ema_sched': None,
         'align': {'w_train': 1.0, 'uncond_prob': 0.2, 'sample_steps': 4, **align},
     }
+
+
+def objective_config(objective: str, **align) -> dict:
+    """A loaded Stable Diffusion config of align.objective (schema only, nothing loads): gft and distill are full
+    fine-tunes, distill's teacher the frozen base UNet."""
+    from .config import load_config
+
+    defaults = {'teacher': 'base'} if objective == 'distill' else {}
+    lora = {'lora': None} if objective in ('gft', 'distill') else {}
+    return load_config({'model': {'type': 'stable_diffusion', 'pretrained': 'sd15', **lora},
+                        'dataset': {'location': 'images'}, 'align': {'objective': objective, **defaults, **align}})
+
+
+def objective_export(path: str | Path, objective: str, **align) -> Path:
+    """A placeholder export (one tensor) carrying the kdiff_align metadata of objective_config: what hosts read."""
+    from safetensors.torch import save_file
+
+    from ..metadata import export_metadata
+
+    save_file({'x': torch.zeros(1)}, str(path), metadata=export_metadata(objective_config(objective, **align)))
+    return Path(path)

@@ -19,6 +19,7 @@ hosts' cfg scale s = 1 + w).
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import sys
@@ -207,6 +208,8 @@ def train(config: str | Path | Mapping[str, Any] | None, options: SDTrainOptions
 
     # The trainable UNet: LoRA on a frozen base (stored in the mixed-precision dtype), or all weights.
     unet = components.unet
+    # distill's teacher: the frozen pretrained UNet, copied before the student gets its guidance embedding.
+    base = copy.deepcopy(unet).requires_grad_(False).eval() if config['align']['objective'] == 'distill' else None
     if config['align']['objective'] in TELLS_W and unet.config.get('time_cond_proj_dim') is None:
         unet = add_guidance_embedding(unet)   # diffusers' time_cond_proj_dim, zero-initialised
     if model_cfg['lora'] is not None:
@@ -221,7 +224,7 @@ def train(config: str | Path | Mapping[str, Any] | None, options: SDTrainOptions
                         per_epoch=len(cache) // (options.batch_size * world))
     wrap = partial(make_denoiser, alphas_cumprod=components.alphas_cumprod, prediction=components.prediction)
     denoiser = wrap(run.model).to(device)
-    teacher = make_objective_teacher(config, run.ema, device, wrap=wrap)
+    teacher = wrap(base).to(device) if base is not None else make_objective_teacher(config, run.ema, device, wrap=wrap)
     loss = LatentLoss(make_denoiser_wrapper(config, uncond=uncond, teacher=teacher)(denoiser), cache,
                       denoiser.sigmas, device, run=run, warmup_steps=config['align']['warmup_steps'])
     batches = batch_indices(len(cache), options.batch_size, seed=options.seed, start_step=run.batches_seen,

@@ -121,12 +121,20 @@ def test_guider_interval_skips_the_unconditional_pass_outside(tiny_sd15, conds):
 
 
 def export(path, sigma_interval, sigma_convention='k-diffusion'):
-    from safetensors.torch import save_file
+    """An aligned export as format_version 1 wrote it (before one-pass objectives): still read as two-pass."""
+    import json
 
-    from kdiff_align.metadata import CONVENTION, to_safetensors_metadata
+    from safetensors.torch import save_file
     meta = {'format_version': 1, 'objective': 'aligned-cfg', 'w_train': 2.0, 'w_sample': 1.5, 'cfg_scale': 2.5,
-            'sigma_interval': sigma_interval, 'sigma_convention': sigma_convention, 'convention': CONVENTION}
-    save_file({'x': torch.zeros(1)}, str(path), metadata=to_safetensors_metadata(meta))
+            'sigma_interval': sigma_interval, 'sigma_convention': sigma_convention}
+    strings = {f'kdiff_align.{k}': json.dumps(v) for k, v in meta.items()}
+    save_file({'x': torch.zeros(1)}, str(path), metadata={**strings, 'kdiff_align.convention': 'w is the paper\'s'})
+
+
+def export_objective(path, objective):
+    from kdiff_align.sd.tiny import objective_export
+
+    return str(objective_export(path, objective))
 
 
 def test_one_sigma_convention_per_model_family(tiny_sd15, conds, tmp_path):
@@ -156,3 +164,57 @@ def test_guider_refuses_a_model_through_the_ksampler_patch(tiny_sd15, conds):
     patched = KDiffAlignCFGPatch().patch(tiny_sd15, 'node', 1.5, 0.0, 0.0, 'constant', 0.0, '(none)')[0]
     with pytest.raises(ValueError, match=r'already went through Aligned CFG for KSampler \(KDiffAlignCFGPatch\)'):
         aligned_guider(patched, *conds, 1.5)
+
+
+def counting(model):
+    """A clone of model whose UNet calls append their batch size to the returned list."""
+    batches = []
+    model = model.clone()
+    model.set_model_unet_function_wrapper(lambda f, a: batches.append(a['input'].shape[0]) or f(a['input'],
+                                                                                              a['timestep'], **a['c']))
+    return model, batches
+
+
+@pytest.fixture
+def lora_folder(tmp_path):
+    import folder_paths
+    folder_paths.add_model_folder_path('loras', str(tmp_path))
+    return tmp_path
+
+
+def test_mg_export_samples_at_cfg_1_without_the_unconditional_pass(tiny_sd15, conds, lora_folder):
+    from kdiff_align.integrations.comfyui.nodes import KDiffAlignCFGPatch, KDiffAlignGuider, KDiffAlignMetadata
+    export_objective(lora_folder / 'mg.safetensors', 'mg')
+    file = 'loras/mg.safetensors'
+    assert KDiffAlignMetadata().read(file)[:2] == (0.0, 1.0)
+    # ComfyUI's own sampling at cfg 1 (sampling_function's cfg-1 shortcut) is what one-pass means.
+    model, batches = counting(tiny_sd15)
+    ref = ksampler(model, 1.0, *conds)
+    assert batches == [1] * STEPS
+    torch.testing.assert_close(custom_advanced(cfg_guider(tiny_sd15, *conds, 1.0), tiny_sd15), ref,
+                               rtol=1e-5, atol=1e-5)
+
+    model, batches = counting(tiny_sd15)
+    guider = KDiffAlignGuider().get_guider(model, *conds, 'metadata', 3.0, 0.0, 0.0, 'constant', 0.0, file)[0]
+    torch.testing.assert_close(custom_advanced(guider, model), ref, rtol=1e-5, atol=1e-5)
+    assert batches == [1] * STEPS
+
+    model, batches = counting(tiny_sd15)
+    patched = KDiffAlignCFGPatch().patch(model, 'metadata', 3.0, 0.0, 0.0, 'constant', 0.0, file)[0]
+    torch.testing.assert_close(ksampler(patched, 7.0, *conds), ref, rtol=1e-5, atol=1e-5)   # cfg 7 overridden
+    assert batches == [1] * STEPS
+
+
+@pytest.mark.parametrize('objective', ['gft', 'distill'])
+def test_w_conditioned_export_is_refused_naming_the_file(tiny_sd15, conds, lora_folder, objective):
+    from kdiff_align.integrations.comfyui.nodes import KDiffAlignCFGPatch, KDiffAlignGuider, KDiffAlignMetadata
+    from kdiff_align.integrations.exports import HostCannotPassW
+    export_objective(lora_folder / f'{objective}.safetensors', objective)
+    file = f'loras/{objective}.safetensors'
+    for call in (lambda: KDiffAlignCFGPatch().patch(tiny_sd15, 'metadata', 1.0, 0.0, 0.0, 'constant', 0.0, file),
+                 lambda: KDiffAlignGuider().get_guider(tiny_sd15, *conds, 'metadata', 1.0, 0.0, 0.0, 'constant', 0.0,
+                                                       file),
+                 lambda: KDiffAlignMetadata().read(file)):
+        with pytest.raises(HostCannotPassW, match=rf"'{file}' is a {objective} model told w through its UNet's "
+                                                  r"guidance embedding .*, which ComfyUI cannot pass"):
+            call()

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from hosts import PACKAGE, host_source
-from test_nodes import export
+from test_nodes import export, export_objective
 
 START_S, POLL_S = 180, 0.5
 COMFYUI = host_source('comfyui', 'ComfyUI')
@@ -44,6 +44,8 @@ def server(tmp_path_factory):
     loras = base / 'models' / 'loras'
     loras.mkdir(parents=True)
     export(loras / 'aligned.safetensors', [0.3, 5.0])
+    export_objective(loras / 'mg.safetensors', 'mg')
+    export_objective(loras / 'gft.safetensors', 'gft')
     save_file({'x': torch.zeros(1)}, str(loras / 'plain.safetensors'))
     port = free_port()
     log = open(base / 'server.log', 'w')
@@ -115,3 +117,13 @@ def test_graph_errors_name_the_problem(server):
     assert 'carries no kdiff_align metadata' in messages
     status, body = run_graph(server, metadata_graph('loras/missing.safetensors'))
     assert status == 400 and 'metadata_file' in json.dumps(body)
+
+
+def test_graph_reads_one_pass_exports(server):
+    status, entry = run_graph(server, metadata_graph('loras/mg.safetensors'))
+    assert status == 200 and entry['status']['status_str'] == 'success'
+    assert 'in one pass per step (host cfg 1, no unconditional pass)' in entry['outputs']['2']['text'][0]
+    assert float(entry['outputs']['3']['text'][0]) == 1.0
+    status, entry = run_graph(server, metadata_graph('loras/gft.safetensors'))
+    assert status == 200 and entry['status']['status_str'] == 'error'
+    assert 'which ComfyUI cannot pass' in json.dumps(entry['status']['messages'])

@@ -132,19 +132,36 @@ class KDiffusionCFGDenoiser:
         return den
 
 
+class CountingUNet(TinyUNet):
+    def __init__(self):
+        super().__init__()
+        self.batches = []
+
+    def apply_model(self, x, t, c_crossattn=None, **kwargs):
+        self.batches.append(x.shape[0])
+        return super().apply_model(x, t, c_crossattn=c_crossattn, **kwargs)
+
+
 def forge_forward(extension, monkeypatch, *, step=0, uncond=True, is_hr_pass=False, hr_cfg=7.0, skip_early_cond=0.0,
-                  s_min_uncond=0.0, w=1.5):
-    """One call of Forge's real CFGDenoiser.forward on the script-patched UNet: (denoised, cond pred, uncond pred)."""
+                  s_min_uncond=0.0, w=1.5, source='this panel', metadata_path='', unet=None, p=None):
+    """One call of Forge's real CFGDenoiser.forward on the script-patched UNet: (denoised, cond pred, uncond pred).
+    p: a p the script has already processed (the hires pass of the same generation)."""
     from modules import prompt_parser, shared
 
     cpu = torch.device('cpu')
-    unet = TinyUNet()
-    p = SimpleNamespace(cfg_scale=7.0, extra_generation_params={}, is_hr_pass=is_hr_pass, hr_cfg=hr_cfg, seeds=[0],
-                        scripts=None, refiner_switch_at=None, refiner_checkpoint_info=None,
-                        sd_model=SimpleNamespace(forge_objects=SimpleNamespace(unet=UnetPatcher(unet, cpu, cpu))))
-    script = extension.Script()
-    script.process(p, True, 'this panel', w, 0.0, 0.0, 'constant', 0.0, '')
-    script.process_before_every_sampling(p, True, 'this panel', w, 0.0, 0.0, 'constant', 0.0, '')
+    unet = unet or TinyUNet()
+    if p is None:
+        p = SimpleNamespace(cfg_scale=7.0, extra_generation_params={}, is_hr_pass=is_hr_pass, hr_cfg=hr_cfg,
+                            seeds=[0], scripts=None, refiner_switch_at=None, refiner_checkpoint_info=None,
+                            override_settings={}, sd_model=SimpleNamespace(
+                                forge_objects=SimpleNamespace(unet=UnetPatcher(unet, cpu, cpu))))
+        script = extension.Script()
+        args = (True, source, w, 0.0, 0.0, 'constant', 0.0, metadata_path)
+        script.before_process(p, *args)
+        script.process(p, *args)
+        script.process_before_every_sampling(p, *args)
+    else:
+        p.is_hr_pass, script = is_hr_pass, extension.Script()
     monkeypatch.setitem(shared.opts.data, 'skip_early_cond', skip_early_cond)
     den = KDiffusionCFGDenoiser(p)
     den.step = step
@@ -157,13 +174,14 @@ def forge_forward(extension, monkeypatch, *, step=0, uncond=True, is_hr_pass=Fal
     unconds = [[prompt_parser.ScheduledPromptConditioning(10, ui)] for ui in u] if uncond else None
     with torch.no_grad():
         out = den(x, sigma, unconds, cond, p.cfg_scale, s_min_uncond, None)
-        pred_c, pred_u = unet.apply_model(x, sigma, c_crossattn=c), unet.apply_model(x, sigma, c_crossattn=u)
+        # the predictions themselves, not counted as UNet calls of the step
+        pred_c, pred_u = (TinyUNet.apply_model(unet, x, sigma, c_crossattn=e) for e in (c, u))
     script.postprocess(p, None)
-    return out, pred_c, pred_u
+    return out, pred_c, pred_u, p
 
 
 def test_forge_denoiser_guides_with_w(extension, monkeypatch):
-    out, c, u = forge_forward(extension, monkeypatch)
+    out, c, u, _ = forge_forward(extension, monkeypatch)
     torch.testing.assert_close(out, c + 1.5 * (c - u))
 
 
@@ -172,5 +190,34 @@ def test_forge_denoiser_unguided_where_forge_asks(extension, monkeypatch, case):
     kwargs = {'hires CFG 1': dict(is_hr_pass=True, hr_cfg=1.0, uncond=False),
               'skip early CFG': dict(skip_early_cond=0.5),
               'NGMS': dict(step=1, s_min_uncond=100.0)}[case]
-    out, c, u = forge_forward(extension, monkeypatch, **kwargs)
+    out, c, u, _ = forge_forward(extension, monkeypatch, **kwargs)
     torch.testing.assert_close(out, c, rtol=0, atol=1e-6)
+
+
+def sd_export(path, objective):
+    from kdiff_align.sd.tiny import objective_export
+
+    return str(objective_export(path, objective))
+
+
+def test_mg_export_is_one_conditional_pass_in_forge(extension, monkeypatch, tmp_path):
+    path, unet = sd_export(tmp_path / 'mg.safetensors', 'mg'), CountingUNet()
+    out, c, u, p = forge_forward(extension, monkeypatch, source='metadata file', metadata_path=path, unet=unet)
+    assert p.cfg_scale == 1.0 and p.hr_cfg == 1.0 and p.override_settings == {}
+    assert not p.sd_model.forge_objects.unet.model_options.get('sampler_cfg_function')   # not patched
+    # Forge's own CFGDenoiser at CFG scale 1: one UNet call on the conditional rows, even with an uncond given.
+    assert unet.batches == [2] and not torch.allclose(c, u)
+    torch.testing.assert_close(out, c, rtol=0, atol=1e-6)
+    unet.batches.clear()
+    out, c, _, _ = forge_forward(extension, monkeypatch, is_hr_pass=True, uncond=False, unet=unet, p=p)
+    assert unet.batches == [2]   # the hires pass (Hires CFG Scale set to 1: Forge gives no uncond)
+    torch.testing.assert_close(out, c, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize('objective', ['gft', 'distill'])
+def test_w_conditioned_export_is_refused_in_forge(extension, monkeypatch, tmp_path, objective):
+    from kdiff_align.integrations.exports import HostCannotPassW
+    path = sd_export(tmp_path / f'{objective}.safetensors', objective)
+    with pytest.raises(HostCannotPassW, match=rf"'{objective}.safetensors' is a {objective} model told w through its "
+                                              r"UNet's guidance embedding .*, which Forge cannot pass"):
+        forge_forward(extension, monkeypatch, source='metadata file', metadata_path=path)

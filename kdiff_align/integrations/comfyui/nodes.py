@@ -4,7 +4,12 @@ Glue only: each node turns its widgets into a kdiff_align.integrations.HostGuida
 two predictions to it. ComfyUI conventions (comfy/samplers.py): the sigma ComfyUI passes is the sampler's
 noise level; cfg is the scale s = 1 + w; a `sampler_cfg_function` receives args with 'cond' = x - D_c and
 'uncond' = x - D_u (and 'cond_denoised', 'uncond_denoised', 'input', 'sigma', 'cond_scale') and returns
-x - D; a guider's predict_noise returns D.
+x - D; a guider's predict_noise returns D; sampling_function skips the unconditional pass at cfg 1 (unless a
+patch sets disable_cfg1_optimization) and lets a `sampler_calc_cond_batch_function` run the step's batches.
+
+One-pass exports (kdiff_align.integrations.exports): an mg model samples at cfg 1 with no unconditional pass;
+ComfyUI cannot tell a gft / distill model w (its UNets have no timestep_cond), so the nodes refuse those, naming
+the file.
 """
 
 from __future__ import annotations
@@ -16,9 +21,11 @@ import torch
 
 from kdiff_align.guidance import w_to_cfg_scale
 from kdiff_align.integrations import HostGuidance, make_cfg_function
+from kdiff_align.integrations.exports import describe
 from kdiff_align.metadata import read_metadata
 
 CATEGORY = 'sampling/kdiff_align'
+HOST = 'ComfyUI'
 NO_FILE = '(none)'
 FOLDERS = ('checkpoints', 'loras', 'diffusion_models')
 
@@ -76,7 +83,8 @@ def make_guidance(w_source: str, w: float, sigma_lo: float, sigma_hi: float, sch
     """
     end = w_end if schedule == 'log-linear' else None
     if w_source == 'metadata':
-        guidance = HostGuidance.from_metadata(file_metadata(metadata_file), w_end=end)
+        guidance = HostGuidance.from_metadata(file_metadata(metadata_file), w_end=end, host=HOST,
+                                              model=repr(metadata_file))
         guidance.check_convention(convention, 'this model')
         return guidance
     interval = [sigma_lo, sigma_hi] if sigma_hi > 0 else None
@@ -86,6 +94,23 @@ def make_guidance(w_source: str, w: float, sigma_lo: float, sigma_hi: float, sch
         HostGuidance(0.0, sigma_interval=interval, w_end=end)  # validates the widgets now, not mid-sampling
         return None
     raise ValueError(f"w_source must be 'node', 'metadata' or 'ksampler cfg', got {w_source!r}")
+
+
+def conditional_only(previous=None):
+    """A `sampler_calc_cond_batch_function` for guidance that needs no unconditional prediction (w = 0 everywhere:
+    a one-pass mg export): the step runs the conditional batch only, and reports it in the unconditional's place,
+    so that ComfyUI's combination at any cfg, u + cfg (c - u), is c. previous: a calc function already on the model."""
+
+    def calc(args):
+        conds = [args['conds'][0], None]
+        if previous is not None:
+            out = previous({**args, 'conds': conds})
+        else:
+            out = comfy.samplers.calc_cond_batch(args['model'], conds, args['input'], args['sigma'],
+                                                 args['model_options'])
+        return [out[0], out[0]]
+
+    return calc
 
 
 def _guidance_inputs(sources: list[str]) -> dict[str, Any]:
@@ -165,7 +190,7 @@ class KDiffAlignCFGPatch:
     DESCRIPTION = ("Makes KSampler guide with kdiff-align's semantics. w_source 'ksampler cfg' uses KSampler's cfg "
                    "(w = cfg - 1); 'node' and 'metadata' override it. ComfyUI computes both passes before a cfg "
                    "function runs, so the interval changes the result but does not save the unconditional pass; "
-                   "the guider node does.")
+                   "the guider node does. A one-pass (mg) export, or w = 0, makes every step one conditional pass.")
     RETURN_TYPES = ('MODEL',)
     FUNCTION = 'patch'
     CATEGORY = CATEGORY
@@ -184,8 +209,14 @@ class KDiffAlignCFGPatch:
             else (lambda scale: HostGuidance.from_cfg_scale(scale, sigma_interval=interval, w_end=end,
                                                             sigma_convention=convention)))
         patched = model.clone()
-        # With w from the node or metadata, KSampler's cfg may be 1: keep ComfyUI from skipping the uncond pass.
-        patched.set_model_sampler_cfg_function(cfg_function, disable_cfg1_optimization=fixed is not None)
+        if fixed is not None and fixed.unguided:
+            # No unconditional prediction is needed (a one-pass mg export, or w = 0): one conditional pass per step,
+            # whatever KSampler's cfg.
+            previous = patched.model_options.get('sampler_calc_cond_batch_function')
+            patched.set_model_sampler_calc_cond_batch_function(conditional_only(previous))
+        else:
+            # With w from the node or metadata, KSampler's cfg may be 1: keep ComfyUI from skipping the uncond pass.
+            patched.set_model_sampler_cfg_function(cfg_function, disable_cfg1_optimization=fixed is not None)
         patched.model_options['kdiff_align'] = fixed.describe() if fixed is not None else {'w': 'ksampler cfg - 1'}
         return (patched,)
 
@@ -193,7 +224,8 @@ class KDiffAlignCFGPatch:
 class KDiffAlignMetadata:
     """Reads a kdiff-align export's recommended sampling: w (paper's), cfg (= 1 + w, for KSampler), a summary."""
 
-    DESCRIPTION = 'The recommended w and cfg of a checkpoint or LoRA exported by kdiff-align.'
+    DESCRIPTION = ('The recommended w and cfg of a checkpoint or LoRA exported by kdiff-align: the guidance ComfyUI '
+                   'adds (w = cfg - 1; 0 and 1 for one-pass models, whose guidance is in the network).')
     RETURN_TYPES = ('FLOAT', 'FLOAT', 'STRING')
     RETURN_NAMES = ('w', 'cfg', 'info')
     FUNCTION = 'read'
@@ -205,9 +237,9 @@ class KDiffAlignMetadata:
 
     def read(self, metadata_file):
         meta = file_metadata(metadata_file)
-        info = (f"{meta['objective']}: w_train {meta['w_train']}, recommended w {meta['w_sample']} "
-                f"(cfg {meta['cfg_scale']}), sigma_interval {meta['sigma_interval']}")
-        return (meta['w_sample'], meta['cfg_scale'], info)
+        guidance = HostGuidance.from_metadata(meta, host=HOST, model=repr(metadata_file))
+        # w and cfg are what ComfyUI's CFG adds (w = cfg - 1): a one-pass model's guidance is in the network.
+        return (guidance.w, w_to_cfg_scale(guidance.w), describe(meta))
 
 
 NODE_CLASS_MAPPINGS = {

@@ -5,9 +5,14 @@ unconditional rows of x_out so that A1111's own combine, u + s (c - u) with s = 
 kdiff-align's D_w = c + w(sigma) (c - u) (w = 0 outside the interval). Forge path: Forge's UNet patcher
 takes a ComfyUI-style sampler_cfg_function, set in process_before_every_sampling. The settings go into the
 image's infotext (p.extra_generation_params) and paste back through infotext_fields.
+
+Guidance that needs no unconditional prediction (a one-pass mg export, or w = 0) runs one conditional pass per
+step: CFG scale 1, in Forge also Hires CFG Scale 1 (Forge then leaves the unconditional out), in A1111 its own
+"skip early CFG" option for the whole generation (A1111 has no cfg-1 shortcut), set through p.override_settings,
+which A1111 restores afterwards. Neither host can tell a gft / distill model w: those exports are refused, in
+one line naming the file.
 """
 
-import math
 import re
 import sys
 from pathlib import Path
@@ -48,8 +53,16 @@ class _Active:
     warned = False
 
 
+def is_forge(p):
+    """Whether p comes from Forge (its model carries forge_objects) rather than A1111."""
+    return hasattr(p.sd_model, 'forge_objects')
+
+
 def resolve_guidance(p, source, w, sigma_lo, sigma_hi, schedule, w_end, metadata_path):
-    """HostGuidance from the panel, A1111's CFG scale or metadata; sets p.cfg_scale to 1 + w when w is ours."""
+    """HostGuidance from the panel, A1111's CFG scale or metadata; sets p.cfg_scale to 1 + w when w is ours.
+
+    From metadata: the export's host CFG (kdiff_align.integrations.HostGuidance.from_metadata), so a one-pass
+    model gets w = 0 (CFG scale 1) and a model told w (gft, distill) is refused (HostCannotPassW)."""
     end = float(w_end) if schedule == 'log-linear' else None
     interval = [float(sigma_lo), float(sigma_hi)] if float(sigma_hi) > 0 else None
     if source == 'CFG scale':
@@ -67,7 +80,8 @@ def resolve_guidance(p, source, w, sigma_lo, sigma_hi, schedule, w_end, metadata
         meta = read_metadata(path)
         if meta is None:
             raise ValueError(f'kdiff-align: {path} carries no kdiff_align metadata; choose "this panel" and set w')
-        guidance = HostGuidance.from_metadata(meta, w_end=end)
+        guidance = HostGuidance.from_metadata(meta, w_end=end, host='Forge' if is_forge(p) else 'A1111',
+                                              model=repr(Path(path).name))
     else:
         raise ValueError(f'kdiff-align: source must be one of {SOURCES}, got {source!r}')
     p.cfg_scale = w_to_cfg_scale(guidance.peak_w)
@@ -181,6 +195,23 @@ class Script(scripts.Script):
         self.paste_field_names = [KEY_W, KEY_INTERVAL, KEY_W_END]
         return [enabled, source, w, sigma_lo, sigma_hi, schedule, w_end, metadata_path]
 
+    def before_process(self, p, enabled, source, w, sigma_lo, sigma_hi, schedule, w_end, metadata_path):
+        """A1111: guidance without an unconditional prediction skips A1111's unconditional pass, through its own
+        skip_early_cond option for this generation (p.override_settings, restored by A1111 afterwards)."""
+        if not enabled or is_forge(p):
+            return
+        guidance = resolve_guidance(p, source, w, sigma_lo, sigma_hi, schedule, w_end, metadata_path)
+        if not guidance.unguided:
+            return
+        from modules import shared
+        if 'skip_early_cond' in getattr(shared.opts, 'data_labels', {}) and \
+                getattr(p, 'override_settings_restore_afterwards', True):
+            p.override_settings['skip_early_cond'] = 1.0
+        else:
+            print('kdiff-align: this A1111 cannot skip the unconditional pass for this generation (no skip_early_cond '
+                  'option, or override settings kept afterwards); each step computes it, and the result is the same',
+                  file=sys.stderr)
+
     def process(self, p, enabled, source, w, sigma_lo, sigma_hi, schedule, w_end, metadata_path):
         _Active.guidance = _Active.step = None
         if not enabled:
@@ -192,8 +223,12 @@ class Script(scripts.Script):
             p.extra_generation_params[KEY_INTERVAL] = format_interval(guidance.sigma_interval)
         if guidance.w_end is not None:
             p.extra_generation_params[KEY_W_END] = guidance.w_end
-        if hasattr(p.sd_model, 'forge_objects'):  # Forge: patch its UNet instead of the A1111 callbacks
-            self.forge_guidance = guidance
+        if is_forge(p):  # Forge: patch its UNet instead of the A1111 callbacks
+            if guidance.unguided and hasattr(p, 'hr_cfg'):
+                p.hr_cfg = 1.0  # the hires pass is one conditional pass too (Forge gives it no unconditional)
+            self.forge_guidance = None if guidance.unguided else guidance  # at CFG scale 1 Forge runs one pass
+            return
+        if guidance.unguided:  # A1111 at scale 1 returns the conditional; before_process skipped the uncond pass
             return
         _Active.guidance, _Active.cfg_scale = guidance, float(p.cfg_scale)
 
@@ -204,10 +239,10 @@ class Script(scripts.Script):
         unet = p.sd_model.forge_objects.unet.clone()
         # Where Forge asks for CFG scale 1 (its skip-early-CFG / NGMS skips) it leaves the unconditional pass
         # out, and where it gives no unconditional (hires pass at Hires CFG Scale 1) so does the step: both are
-        # sampled unguided, as Forge means. Only a panel w of 0 (scale 1 is then ours) keeps every pass.
+        # sampled unguided, as Forge means. Guidance that is w = 0 everywhere (a one-pass export) is not patched
+        # at all (process): at CFG scale 1 Forge's own step is one conditional pass.
         unet.add_sampler_pre_cfg_function(mark_missing_uncond)
-        unet.set_model_sampler_cfg_function(forge_cfg_function(guidance),
-                                            disable_cfg1_optimization=math.isclose(float(p.cfg_scale), 1.0))
+        unet.set_model_sampler_cfg_function(forge_cfg_function(guidance))
         p.sd_model.forge_objects.unet = unet
 
     def postprocess(self, p, processed, *args):
