@@ -475,7 +475,13 @@ def write_report(out: Path, work: Path, rows, grid, meta, jobs_info, benches_, v
                 label = 'standard CFG seed k vs seed k + 1' if name == 'baseline' else f'{name} vs standard CFG'
                 lines.append(f'| {label} | ' + ' | '.join(vals) + ' |')
             lines.append('')
+    bench_overrides = '; '.join(f'{b}: ' + ', '.join(f'`{k}` = {json.dumps(v)}' for k, v in
+                                                      benches_[b].overrides.items())
+                                for b in grid['benches'] if benches_[b].overrides)
     lines += ['## Variants', '', *_variants_table(grid, jobs_info, variant_info), '',
+              *([f'Every variant of a benchmark also has its benchmark\'s named overrides ({bench_overrides}). '
+                 'The toy\'s std 0.5: its classes overlap more than the shipped mixture\'s, so that the guided target '
+                 'p_w(x | c) differs from p(x | c) beyond the floor.', ''] if bench_overrides else []),
               'FLOPs per step from docs/design.md sections 4 and 6 at uncond_prob 0.1. Training seconds are wall '
               'seconds of one worker on a machine that other processes may share: compare FLOPs, not seconds.', '',
               '## Notes and limits', '',

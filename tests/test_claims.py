@@ -88,7 +88,7 @@ def test_variants_are_the_shipped_configs_up_to_their_named_overrides(quick):
     for b in claims.benches(quick).values():
         for variant in claims.variants():
             shipped = load_config(ROOT / 'configs' / f'{b.name}_{variant.config}.json')
-            named = set(variant.overrides) | (set(claims.QUICK[b.name]) if quick else set())
+            named = set(variant.overrides) | set(b.overrides)
             extra = claims.differences(claims.variant_config(b, variant, teacher='some/teacher'), shipped) - named
             assert not extra, f'{b.name} {variant.name} differs from configs/{b.name}_{variant.config}.json ' \
                 f'in {sorted(extra)}, which are not its named overrides'
