@@ -226,9 +226,11 @@ def _train_info(jobs_info, bench, variant) -> tuple[int, float, float] | None:
     return infos[0]['train_steps'], float(np.mean([j['train_seconds'] for j in infos])), infos[0]['flop_ratio']
 
 
-def toy_target_separation(bench_config: Mapping[str, Any], ws: Sequence[float], per_class: int) -> dict[float, float]:
-    """Energy distance between exact samples of p_w and of p(x | c) at the benchmark's n per class, mean over classes
-    and 5 pairs: how far guidance's target moves from the unguided conditional on this mixture."""
+def toy_target_separation(bench_config: Mapping[str, Any], ws: Sequence[float], per_class: int
+                          ) -> tuple[dict[float, float], float]:
+    """(energy distance between exact samples of p_w and of p(x | c) at the benchmark's n per class, mean over
+    classes and 5 pairs: how far guidance's target moves from the unguided conditional on this mixture; the grid
+    cell of the exact sampler)."""
     from .metrics import energy_distance
     from .tilted import ToyTarget
     from .toy import ToyMixture
@@ -243,7 +245,7 @@ def toy_target_separation(bench_config: Mapping[str, Any], ws: Sequence[float], 
             pw, p0 = target.distribution(c, w), target.distribution(c, 0.)
             values += [energy_distance(pw.sample(per_class, gen), p0.sample(per_class, gen)) for _ in range(5)]
         out[w] = float(np.mean(values))
-    return out
+    return out, target.grid.cell
 
 
 def _toy_section(rows, grid, bench, variants_, jobs_info, bench_obj) -> list[str]:
@@ -256,23 +258,26 @@ def _toy_section(rows, grid, bench, variants_, jobs_info, bench_obj) -> list[str
     floors_w = {w: float(np.mean([r['energy_w_floor'] for r in cells if verdicts.wkey(r['w_target']) == verdicts.wkey(w)]
                                  or [math.nan])) for w in ws}
     floor0 = float(np.mean([r['energy_floor'] for r in cells])) if cells else math.nan
-    sep = toy_target_separation(bench_obj.config, ws, per_class)
+    sep, cell = toy_target_separation(bench_obj.config, ws, per_class)
     c = bench_obj.config
+    d = c['dataset']
+    apart = 2 * d['radius'] * math.sin(math.pi / (2 * d['num_classes'])) / d['std']   # neighbouring components
+    above = [w for w in ws if sep[w] > floors_w[w]]
     lines = [f'2-D mixture, {c["dataset"]["num_classes"]} classes, each two Gaussians (std {c["dataset"]["std"]}) '
              f'opposite on a circle of radius {c["dataset"]["radius"]}; ToyMLP width {c["model"]["width"]}, '
              f'{bench_obj.steps} steps (x the variant\'s factor), batch {bench_obj.batch_size}. n = {n} samples per '
              f'cell ({per_class} per class), evaluation noise seed 0.', '',
              '**Metric that rewards guidance:** the energy distance between each class\'s samples and as many exact '
              'samples of the guided target p_w(x | c) ∝ p(x | c)^(1+w) p(x)^(-w) (kdiff_align.tilted: exact up to a '
-             'grid cell of 0.0078, 0.03 standard deviations), at the cell\'s effective guidance w (an aligned model '
+             f'grid cell of {cell:.2g}, {cell / d["std"]:.2g} standard deviations), at the cell\'s effective guidance w (an aligned model '
              'sampled at w_train + w (1 + w_train)), next to the first round\'s distance to p(x | c).', '',
              '| w | floor of p_w (two exact sets, n per class) | distance between exact p_w and exact p(x \\| c) | '
              f'floor of p(x \\| c): {floor0:.3g} |', '|---|---|---|---|']
     lines += [f'| {w:.3g} | {floors_w[w]:.3g} | {sep[w]:.3g} | |' for w in ws]
-    lines += ['', 'On this mixture the classes barely overlap (neighbouring components are 6 standard deviations '
-              'apart), so p_w hardly differs from p(x | c): where the second column is within the floor, guidance\'s '
-              'own target is the unguided conditional at this n, and a sampler that moves away from p(x | c) also moves '
-              'away from p_w.', '']
+    lines += ['', f'Neighbouring components of this mixture are {apart:.1f} standard deviations apart. p_w differs '
+              'from p(x | c) beyond its floor at w = ' + (', '.join(f'{w:.3g}' for w in above) or 'no w of the grid')
+              + '; where the second column is within the floor, guidance\'s own target is the unguided conditional at '
+              'this n, and a sampler that moves away from p(x | c) also moves away from p_w.', '']
     for steps in grid['steps']:
         lines += [f'Energy distance to p_w (mean ± sd over seeds) and, in brackets, to p(x | c), {sampler}, '
                   f'{steps} steps:', '', '| variant | ' + ' | '.join(f'w = {w:.3g}' for w in ws) + ' |',
