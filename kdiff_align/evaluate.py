@@ -368,14 +368,34 @@ def describe(row: Mapping[str, Any], primary: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # CLI.
 
+DEFAULT_WS = (0., 0.5, 1., 2., 4., 8.)
+
+
+def default_ws(models: Iterable[tuple[Mapping[str, Any], nn.Module]]) -> list[float]:
+    """DEFAULT_WS without the values outside a gft or distill model's trained w range (said on stderr)."""
+    from .config import w_range
+
+    ws = list(DEFAULT_WS)
+    for config, _ in models:
+        if config['align']['objective'] in ('gft', 'distill'):
+            lo, hi = w_range(config)
+            ws = [w for w in ws if lo <= w <= hi]
+    dropped = [w for w in DEFAULT_WS if w not in ws]
+    if dropped:
+        print(f'note: w {", ".join(f"{w:g}" for w in dropped)} left out of the default grid: outside the w range '
+              'a one-pass model here was trained for (pass --w to choose)', file=sys.stderr)
+    return ws
+
+
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog='python -m kdiff_align.evaluate', description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('checkpoints', nargs='*', help='.safetensors exports (config in metadata) or .pth files with '
                    '"config" and "model_ema"/"model"')
     p.add_argument('--out', type=Path, default=Path('eval'), help='output folder (resumable: finished cells are kept)')
-    p.add_argument('--w', type=float, nargs='+', default=[0., 0.5, 1., 2., 4., 8.],
-                   help="guidance w, the paper's (cfg scale = 1 + w)")
+    p.add_argument('--w', type=float, nargs='+', default=None,
+                   help="guidance w, the paper's (cfg scale = 1 + w); default: 0 0.5 1 2 4 8, without the values a "
+                        'one-pass model (gft, distill) was not trained for')
     p.add_argument('--steps', type=int, nargs='+', default=[4, 8, 16, 32])
     p.add_argument('--samplers', nargs='+', default=[DETERMINISTIC_SAMPLER, STOCHASTIC_SAMPLER])
     p.add_argument('--n', type=int, default=None, help='samples per cell (toy default 4000, images 50000; digits: '
@@ -412,7 +432,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(metrics.compare_inception(*args.compare_inception), indent=1))
         return 0
     try:
-        cells = make_cells(args.w, args.steps, args.samplers)
         models, names = {}, []
         for path in args.checkpoints:
             name = Path(path).stem
@@ -422,8 +441,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = load_config(config)
             models[name] = (config, build_denoiser(config, state, args.device))
             names.append(name)
-            for w in args.w:   # a one-pass model refuses a w outside its trained range before any sampling
-                make_guided_denoiser(config, models[name][1], w=w)
+        ws = args.w if args.w is not None else default_ws(models.values())
+        for config, denoiser in models.values():   # a one-pass model refuses a w outside its trained range
+            for w in ws:
+                make_guided_denoiser(config, denoiser, w=w)
+        cells = make_cells(ws, args.steps, args.samplers)
         kinds = {c['dataset']['type'] for c, _ in models.values()}
         if len(kinds) > 1:
             raise EvaluationError(f'checkpoints of different datasets cannot share one sweep: {sorted(kinds)}')

@@ -305,3 +305,18 @@ def test_image_transformer_trains_with_one_pass_objectives(tmp_path, kind):
     config = tiny_config('image_transformer_v1', objective=kind, sample_steps=2)
     result = train(config, opts(tmp_path, kind, end_step=2, sample_n=2))
     assert result.step == 2 and result.demo.is_file() and torch.isfinite(torch.tensor(result.loss))
+
+
+def test_evaluate_cli_keeps_one_pass_models_in_their_trained_range(tmp_path, capsys):
+    import json as json_lib
+
+    from kdiff_align import evaluate
+
+    run = train(toy('gft'), opts(tmp_path, 'gft', end_step=1)).run_dir
+    args = [str(run / 'gft.safetensors'), '--n', '40', '--steps', '2', '--samplers', 'euler', '--no-progress']
+    assert evaluate.main(args + ['--out', str(tmp_path / 'a'), '--w', '8']) == 2
+    assert 'w 8 is outside the range [0, 4]' in capsys.readouterr().err
+    assert evaluate.main(args + ['--out', str(tmp_path / 'b')]) == 0
+    assert 'note: w 8 left out of the default grid' in capsys.readouterr().err
+    rows = json_lib.loads((tmp_path / 'b' / 'results.json').read_text())
+    assert sorted({r['w'] for r in rows}) == [0., 0.5, 1., 2., 4.] and {r['nfe'] for r in rows} == {2.}
