@@ -8,7 +8,7 @@ what is allowed. Upstream's sections stay valid for upstream tools, which ignore
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -152,12 +152,13 @@ def make_model(config: Mapping[str, Any]) -> nn.Module:
     return ClassConditionedModel(K_config.make_model(inner_config), num_classes, embed_dim, guidance_embed=told)
 
 
-def make_denoiser_wrapper(config: Mapping[str, Any], *, teacher: nn.Module | None = None, **overrides: Any
-                          ) -> partial:
+def make_denoiser_wrapper(config: Mapping[str, Any], *, teacher: nn.Module | None = None,
+                          steps_done: Callable[[], int] | None = None, **overrides: Any) -> partial:
     """A partial of the config's objective taking the inner model, like upstream's make_denoiser_wrapper:
     AlignedDenoiser (aligned), GFTDenoiser (gft) or TeacherTargetDenoiser (mg, distill). teacher: mg's
     teacher network (None: the model's own current weights, "online"), distill's frozen teacher (None: a
-    wrapper that samples but cannot train); kdiff_align.teachers builds both."""
+    wrapper that samples but cannot train); kdiff_align.teachers builds both. steps_done: the training loop's
+    optimizer steps, which end mg's warm-up (align.warmup_steps; without them, a wrapper for sampling, none)."""
     align = align_section(config)
     kind = align['objective']
     kwargs = dict(
@@ -172,7 +173,8 @@ def make_denoiser_wrapper(config: Mapping[str, Any], *, teacher: nn.Module | Non
         return partial(objective.AlignedDenoiser, **{**kwargs, **overrides})
     if kind == 'gft':
         return partial(objective.GFTDenoiser, **{**kwargs, **overrides})
-    kwargs.update(kind=kind, sigma_range=align['target_sigma_range'])
+    kwargs.update(kind=kind, sigma_range=align['target_sigma_range'], steps_done=steps_done,
+                  warmup_steps=align['warmup_steps'] if steps_done is not None else 0)   # no loop, no warm-up
     return partial(objective.TeacherTargetDenoiser, teacher=teacher, **{**kwargs, **overrides})
 
 

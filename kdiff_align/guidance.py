@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from . import conditioning
+from .objective import OBJECTIVES, TELLS_W, check_sigma_interval, zero_outside  # noqa: F401 (re-exported)
 
 GuidanceSchedule = Union[float, Callable[[torch.Tensor], Union[torch.Tensor, float]]]
 
@@ -35,19 +36,6 @@ def guide(denoised_cond: torch.Tensor, denoised_uncond: torch.Tensor, w: torch.T
     if isinstance(w, torch.Tensor) and w.ndim:
         w = w.view(-1, *[1] * (denoised_cond.ndim - 1)).to(denoised_cond.dtype)
     return denoised_uncond + (1 + w) * (denoised_cond - denoised_uncond)
-
-
-def check_sigma_interval(sigma_interval: Sequence[float] | None) -> tuple[float, float] | None:
-    """Validates a guidance interval [sigma_lo, sigma_hi]."""
-    if sigma_interval is None:
-        return None
-    try:
-        lo, hi = (float(s) for s in sigma_interval)
-    except (TypeError, ValueError):
-        raise ValueError(f'sigma_interval must be two noise levels [sigma_lo, sigma_hi], got {sigma_interval!r}')
-    if not 0 <= lo <= hi:
-        raise ValueError(f'sigma_interval must satisfy 0 <= sigma_lo <= sigma_hi, got [{lo}, {hi}]')
-    return lo, hi
 
 
 class GuidedDenoiser(nn.Module):
@@ -78,11 +66,8 @@ class GuidedDenoiser(nn.Module):
     def scale_at(self, sigma: torch.Tensor) -> torch.Tensor:
         """The paper's w for each row, 0 where sigma lies outside the guidance interval."""
         w = self.guidance_scale(sigma) if callable(self.guidance_scale) else self.guidance_scale
-        w = torch.as_tensor(w, dtype=sigma.dtype, device=sigma.device).expand(sigma.shape)
-        if self.sigma_interval is not None:
-            lo, hi = self.sigma_interval
-            w = torch.where((sigma >= lo) & (sigma <= hi), w, torch.zeros_like(w))
-        return w
+        return zero_outside(torch.as_tensor(w, dtype=sigma.dtype, device=sigma.device).expand(sigma.shape), sigma,
+                            self.sigma_interval)
 
     def forward(self, input: torch.Tensor, sigma: torch.Tensor, **extra_args: Any) -> torch.Tensor:
         batch_size = input.shape[0]
@@ -123,14 +108,38 @@ class OnePassDenoiser(nn.Module):
         if self.w is not None:
             sigma_rows = torch.as_tensor(sigma, device=input.device).expand(input.shape[0])
             w = torch.full_like(sigma_rows, float(self.w), dtype=torch.float32)
-            if self.sigma_interval is not None:
-                lo, hi = self.sigma_interval
-                w = torch.where((sigma_rows >= lo) & (sigma_rows <= hi), w, torch.zeros_like(w))
-            extra_args['guidance_cond'] = w
+            extra_args['guidance_cond'] = zero_outside(w, sigma_rows, self.sigma_interval)
         return self.inner_model(input, sigma, **extra_args)
 
 
-ONE_PASS_OBJECTIVES = ('gft', 'mg', 'distill')
+def same_w(a: float, b: float) -> bool:
+    """Whether two w are the same up to floating point (an MG model's trained w_mg, computed as w / (1 - w))."""
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+
+
+def sampling_passes(objective: str, w: float, w_range: Sequence[float] | None) -> int:
+    """Network evaluations per sampling step at w: 1 for gft and distill, and for mg at its trained w_mg
+    (w_range's); 2 otherwise (CFG, also on top of an mg model at any other w)."""
+    if objective in TELLS_W or (objective == 'mg' and same_w(w, w_range[1])):
+        return 1
+    return 2
+
+
+def w_on_top_of_mg(w: float, w_mg: float) -> float:
+    """The CFG w' that samples an MG model (trained guidance w_mg) at effective guidance w:
+    (1 + w')(1 + w_mg) - 1 = w."""
+    return (1 + w) / (1 + w_mg) - 1
+
+
+def check_w(objective: str, w: float, w_range: Sequence[float] | None) -> None:
+    """Raises ValueError for a w a model of this objective cannot be sampled at (gft, distill: outside w_range)."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f'objective must be one of {", ".join(map(repr, OBJECTIVES))}; got {objective!r}')
+    if objective != 'aligned' and w_range is None:
+        raise ValueError(f'a {objective} model needs the w range it was trained for (w_range)')
+    if objective in TELLS_W and not w_range[0] <= w <= w_range[1]:
+        raise ValueError(f'w {w:g} is outside the range [{w_range[0]:g}, {w_range[1]:g}] that this {objective} model '
+                         'was trained for (align.w_train); sample it at a w in that range')
 
 
 def guided_denoiser(denoiser: nn.Module, objective: str, w: float, *, w_range: Sequence[float] | None = None,
@@ -141,23 +150,14 @@ def guided_denoiser(denoiser: nn.Module, objective: str, w: float, *, w_range: S
 
     - 'aligned' (and standard CFG): two-pass CFG, GuidedDenoiser, with the guidance interval;
     - 'gft', 'distill': ONE network evaluation per step, the network told w (OnePassDenoiser), for w in
-      w_range (a ValueError otherwise); the guidance interval tells it w = 0 outside;
+      w_range (check_w's ValueError otherwise); the guidance interval tells it w = 0 outside;
     - 'mg': one pass of the plain conditional model at w = w_mg; any other w is two-pass CFG on top of it at
-      w' = (1 + w) / (1 + w_mg) - 1, since (1 + w')(1 + w_mg) - 1 = w.
+      w_on_top_of_mg(w, w_mg).
     """
-    if objective not in ('aligned',) + ONE_PASS_OBJECTIVES:
-        raise ValueError(f"objective must be one of 'aligned', {', '.join(map(repr, ONE_PASS_OBJECTIVES))}; "
-                         f'got {objective!r}')
-    if objective == 'aligned':
-        return GuidedDenoiser(denoiser, w, uncond=uncond, sigma_interval=sigma_interval)
-    if w_range is None:
-        raise ValueError(f'a {objective} model needs the w range it was trained for (w_range)')
-    lo, hi = (float(v) for v in w_range)
-    if objective == 'mg':
-        if math.isclose(w, hi, rel_tol=1e-9, abs_tol=1e-12):
-            return OnePassDenoiser(denoiser)
-        return GuidedDenoiser(denoiser, (1 + w) / (1 + hi) - 1, uncond=uncond, sigma_interval=sigma_interval)
-    if not lo <= w <= hi:
-        raise ValueError(f'w {w:g} is outside the range [{lo:g}, {hi:g}] that this {objective} model was trained '
-                         'for (align.w_train); sample it at a w in that range')
-    return OnePassDenoiser(denoiser, w, sigma_interval=sigma_interval)
+    check_w(objective, w, w_range)
+    if objective in TELLS_W:
+        return OnePassDenoiser(denoiser, w, sigma_interval=sigma_interval)
+    if objective == 'mg' and sampling_passes(objective, w, w_range) == 1:
+        return OnePassDenoiser(denoiser)
+    cfg_w = w_on_top_of_mg(w, w_range[1]) if objective == 'mg' else w
+    return GuidedDenoiser(denoiser, cfg_w, uncond=uncond, sigma_interval=sigma_interval)

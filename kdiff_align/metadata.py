@@ -35,14 +35,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .guidance import check_sigma_interval, w_to_cfg_scale
+from .guidance import check_sigma_interval, check_w, sampling_passes, w_on_top_of_mg, w_to_cfg_scale
+from .objective import ONE_PASS, TELLS_W
 
 PREFIX = 'kdiff_align.'
 FORMAT_VERSION = 2  # 2: one-pass objectives (gft, mg, distill), passes, w_range, w_input; cfg_scale is the host's
 TWO_PASS = ('aligned-cfg', 'standard-cfg')
-ONE_PASS = ('gft', 'mg', 'distill')
 OBJECTIVES = TWO_PASS + ONE_PASS
-TELLS_W = ('gft', 'distill')
 W_INPUTS = ('guidance_cond', 'timestep_cond')
 CONVENTION = ("w_train, w_range and w_sample are the paper's guidance weight w (Ho & Salimans 2022; w = 0 is "
               "unguided conditional sampling); w_sample is the w of the result. cfg_scale is the hosts' CFG scale "
@@ -63,26 +62,12 @@ class MetadataError(ValueError):
     """kdiff_align metadata that is present but malformed."""
 
 
-def _same_w(a: float, b: float) -> bool:
-    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)   # as kdiff_align.config.make_guided_denoiser
-
-
-def sampling_passes(objective: str, w_sample: float, w_range: tuple[float, float] | list[float]) -> int:
-    """Network evaluations per step of the recommended sampling: 1 for gft and distill, and for mg at its trained
-    effective w (w_range's); 2 otherwise (the host's CFG, on top of an mg model at any other w)."""
-    if objective in TELLS_W or (objective == 'mg' and _same_w(w_sample, w_range[1])):
-        return 1
-    return 2
-
-
 def host_cfg_scale(objective: str, w_sample: float, w_range: tuple[float, float] | list[float]) -> float:
     """The host's CFG scale for the recommended sampling: 1 + w_sample for two-pass models, 1.0 for one-pass ones,
     and (1 + w_sample) / (1 + w_mg) for CFG on top of an mg model (docs/design.md section 6)."""
     if sampling_passes(objective, w_sample, w_range) == 1:
         return 1.0
-    if objective == 'mg':
-        return (1 + w_sample) / (1 + w_range[1])
-    return w_to_cfg_scale(w_sample)
+    return w_to_cfg_scale(w_on_top_of_mg(w_sample, w_range[1]) if objective == 'mg' else w_sample)
 
 
 def trained_w_range(objective: str, w_train: Any) -> list[float]:
@@ -110,9 +95,10 @@ def guidance_metadata(config: Mapping[str, Any], *, w_sample: float | None = Non
     if not math.isfinite(w):
         raise MetadataError(f'w_sample must be a finite number (the paper\'s w), got {w_sample!r}')
     w_range = trained_w_range(objective, align['w_train'])
-    if objective in TELLS_W and not w_range[0] <= w <= w_range[1]:
-        raise MetadataError(f'w_sample {w:g} is outside the range [{w_range[0]:g}, {w_range[1]:g}] that this '
-                            f'{objective} model was trained for (align.w_train)')
+    try:
+        check_w(kind, w, w_range)
+    except ValueError as err:
+        raise MetadataError(f'w_sample: {err}') from None
     passes = sampling_passes(objective, w, w_range)
     interval = check_sigma_interval(align['sigma_interval'])
     if objective == 'mg' and passes == 1:

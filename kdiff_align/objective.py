@@ -17,7 +17,7 @@ and distillation models sample guided in one network evaluation per step (guidan
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Union
 
 import torch
@@ -26,12 +26,37 @@ from torch import nn
 from . import conditioning
 
 WEIGHTINGS = ('karras', 'soft-min-snr', 'snr')
+# The family (docs/design.md section 6): gft, mg and distill sample guided in one network evaluation per step.
+OBJECTIVES = ('aligned', 'gft', 'mg', 'distill')
+ONE_PASS = ('gft', 'mg', 'distill')
+TELLS_W = ('gft', 'distill')     # the network is told w (a guidance embedding)
 SCALE_DISTRIBUTIONS = ('uniform', 'log-uniform')
 
 
 def append_dims(x: torch.Tensor, target_dims: int) -> torch.Tensor:
     """Appends singleton dimensions to x until it has target_dims dimensions."""
     return x[(...,) + (None,) * (target_dims - x.ndim)]
+
+
+def check_sigma_interval(sigma_interval: Sequence[float] | None) -> tuple[float, float] | None:
+    """Validates a guidance interval [sigma_lo, sigma_hi]."""
+    if sigma_interval is None:
+        return None
+    try:
+        lo, hi = (float(s) for s in sigma_interval)
+    except (TypeError, ValueError):
+        raise ValueError(f'sigma_interval must be two noise levels [sigma_lo, sigma_hi], got {sigma_interval!r}')
+    if not 0 <= lo <= hi:
+        raise ValueError(f'sigma_interval must satisfy 0 <= sigma_lo <= sigma_hi, got [{lo}, {hi}]')
+    return lo, hi
+
+
+def zero_outside(w: torch.Tensor, sigma: torch.Tensor, sigma_interval: tuple[float, float] | None) -> torch.Tensor:
+    """w per row, 0 where sigma lies outside sigma_interval (None: everywhere inside)."""
+    if sigma_interval is None:
+        return w
+    lo, hi = sigma_interval
+    return torch.where((sigma >= lo) & (sigma <= hi), w, torch.zeros_like(w))
 
 
 class ScaleDistribution:
@@ -329,7 +354,8 @@ class TeacherTargetDenoiser(GuidanceObjective):
 
     - kind 'mg' (model-guidance, Tang et al. 2025): base = T, teacher = the EMA of the model itself (None:
       the model's current weights), w fixed in [0, 1); rows with sigma outside sigma_range, and every row
-      while `active` is False (the training loop's warm-up), get the standard loss. The fixed point is CFG at
+      during the first warmup_steps optimizer steps (counted by the training loop's steps_done), get the
+      standard loss. The fixed point is CFG at
       w / (1 - w) with no w input: one-pass sampling of the plain conditional model.
     - kind 'distill' (guidance distillation, Meng et al. 2023, stage 1): base = F^t_c, a frozen teacher
       trained with CFG, w drawn per row and told to the student (guidance_cond).
@@ -341,7 +367,8 @@ class TeacherTargetDenoiser(GuidanceObjective):
     def __init__(self, inner_model: nn.Module, teacher: nn.Module | None, sigma_data: float = 1.,
                  weighting: str | Callable = 'karras', *, kind: str, guidance_scale: GuidanceScale = 0.45,
                  uncond: Mapping[str, Any] | None = None, uncond_prob: float = 0.1,
-                 sigma_range: tuple[float, float] | None = None, fixed_rows: bool | None = None):
+                 sigma_range: Sequence[float] | None = None, warmup_steps: int = 0,
+                 steps_done: Callable[[], int] | None = None, fixed_rows: bool | None = None):
         super().__init__(inner_model, sigma_data, weighting, guidance_scale=guidance_scale, uncond=uncond,
                          uncond_prob=uncond_prob, fixed_rows=fixed_rows)
         if kind not in TEACHER_KINDS:
@@ -352,14 +379,20 @@ class TeacherTargetDenoiser(GuidanceObjective):
         if teacher is not None and parameterization(teacher) != self.parameterization:
             raise ValueError(f'the teacher predicts {parameterization(teacher)!r}, the student '
                              f'{self.parameterization!r}; both must be the same kind of model')
-        if sigma_range is not None:
-            lo, hi = (float(v) for v in sigma_range)
-            if not 0 <= lo <= hi:
-                raise ValueError(f'sigma_range must satisfy 0 <= sigma_lo <= sigma_hi, got {sigma_range!r}')
-            sigma_range = lo, hi
-        self.kind, self.sigma_range, self.tells_w, self.active = kind, sigma_range, kind == 'distill', True
+        if not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f'warmup_steps must be an integer >= 0, got {warmup_steps!r}')
+        if warmup_steps and steps_done is None:
+            raise ValueError('warmup_steps needs steps_done, the training loop\'s count of optimizer steps')
+        self.kind, self.tells_w = kind, kind == 'distill'
+        self.sigma_range = check_sigma_interval(sigma_range)
+        self.warmup_steps, self.steps_done = warmup_steps, steps_done
         self._teacher = [teacher]   # a list: not a submodule, so no parameters, gradient or state_dict entries
         self._require_null(True)
+
+    @property
+    def active(self) -> bool:
+        """Whether the guided target applies: after warmup_steps optimizer steps (steps_done())."""
+        return not self.warmup_steps or self.steps_done() >= self.warmup_steps
 
     @property
     def teacher(self) -> nn.Module:
@@ -377,9 +410,7 @@ class TeacherTargetDenoiser(GuidanceObjective):
         w = self.sample_guidance_scale(batch_size, device)
         if not self.active:
             w = torch.zeros_like(w)
-        if self.sigma_range is not None:
-            lo, hi = self.sigma_range
-            w = torch.where((sigma >= lo) & (sigma <= hi), w, torch.zeros_like(w))
+        w = zero_outside(w, sigma, self.sigma_range)
         # MG changes the target of rows with w != 0; distillation replaces the target of every conditional row.
         targeted = conditional & (w != 0) if self.kind == 'mg' else conditional
         teacher_kwargs = dict(main_kwargs)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import objective
+from .objective import OBJECTIVES, ONE_PASS, TELLS_W  # noqa: F401 (re-exported)
 from .guidance import check_sigma_interval
 
 SAMPLERS = ('euler', 'euler_ancestral', 'heun', 'dpm_2', 'dpm_2_ancestral', 'lms', 'dpmpp_2s_ancestral',
@@ -39,10 +40,6 @@ ALIGN_DEFAULTS: dict[str, Any] = {
 }
 
 
-# The objectives: gft, mg and distill sample guided in one network evaluation per step.
-OBJECTIVES = ('aligned', 'gft', 'mg', 'distill')
-ONE_PASS = ('gft', 'mg', 'distill')
-TELLS_W = ('gft', 'distill')     # the network is told w (a guidance embedding)
 W_TRAIN_DEFAULTS: dict[str, Any] = {
     'aligned': 2.0,
     'gft': {'type': 'uniform', 'min_value': 0.0, 'max_value': 4.0},

@@ -77,12 +77,8 @@ class ImageLoss:
     class_cond: bool
     aug_cond: bool
     device: torch.device
-    run: engine.Engine | None = None    # with warmup_steps: the standard loss until run.step reaches them (mg)
-    warmup_steps: int = 0
 
     def __call__(self, batch: Sequence[torch.Tensor]) -> torch.Tensor:
-        if self.warmup_steps:
-            self.model.active = self.run.step >= self.warmup_steps
         x, labels, aug_cond = batch
         x = x.to(self.device, non_blocking=True)
         kwargs = {}
@@ -188,10 +184,11 @@ def train(config: Mapping[str, Any] | None, options: TrainOptions | None = None,
         inner_model.compile()
     run = engine.Engine(accelerator, inner_model, config, run_dir, args=dataclasses.asdict(options), ckpt=ckpt,
                         per_epoch=per_epoch)
-    objective = make_denoiser_wrapper(config, teacher=make_objective_teacher(config, run.ema, device))
+    objective = make_denoiser_wrapper(config, teacher=make_objective_teacher(config, run.ema, device),
+                                      steps_done=partial(getattr, run, 'step'))
     loss = ImageLoss(objective(run.model), K.config.make_sample_density(config['model']),
                      class_cond=dataset_config['num_classes'] > 0, aug_cond=data_lib.uses_aug_cond(config),
-                     device=device, run=run, warmup_steps=align['warmup_steps'])
+                     device=device)
     batches = data_lib.batches(dataset, options.batch_size, options.seed, run.batches_seen, num_workers=num_workers,
                                rank=rank, world_size=world, seeded_items=data_lib.needs_item_rng(config))
     if is_main:

@@ -158,7 +158,7 @@ def test_mg_at_another_w_is_cfg_on_top_with_the_cores_mapping():
 
 
 def test_w_conditioned_export_refuses_a_w_outside_its_range():
-    with pytest.raises(MetadataError, match=r'w_sample 5 is outside the range \[0, 4\]'):
+    with pytest.raises(MetadataError, match=r'w_sample: w 5 is outside the range \[0, 4\]'):
         guidance_metadata(load_config('toy_gft'), w_sample=5.0)
 
 

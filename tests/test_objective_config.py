@@ -14,7 +14,7 @@ from kdiff_align.config import (ConfigError, load_config, make_denoiser_wrapper,
                                 mg_effective_w)
 from kdiff_align.teachers import make_teacher
 from kdiff_align.engine import EMA
-from kdiff_align.guidance import GuidedDenoiser, OnePassDenoiser
+from kdiff_align.guidance import GuidedDenoiser, OnePassDenoiser, guided_denoiser
 from kdiff_align.train import TrainOptions, train
 
 from conftest import randomize_, tiny_config
@@ -56,7 +56,7 @@ def test_each_objective_is_built_from_its_config(kind, cls, told):
     denoiser = make_denoiser_wrapper(config)(model)
     assert type(denoiser) is cls
     assert (model.guidance_embed is not None) == told
-    assert denoiser.kind == kind if kind in ('mg', 'distill') else True
+    assert getattr(denoiser, 'kind', 'aligned' if cls is objective.AlignedDenoiser else 'gft') == kind
 
 
 def test_default_objective_is_aligned_unchanged():
@@ -320,3 +320,32 @@ def test_evaluate_cli_keeps_one_pass_models_in_their_trained_range(tmp_path, cap
     assert 'note: w 8 left out of the default grid' in capsys.readouterr().err
     rows = json_lib.loads((tmp_path / 'b' / 'results.json').read_text())
     assert sorted({r['w'] for r in rows}) == [0., 0.5, 1., 2., 4.] and {r['nfe'] for r in rows} == {2.}
+
+
+def test_distill_refuses_a_teacher_whose_weights_do_not_fit_its_config(tmp_path, teacher_run):
+    config = load_config(toy('baseline'))
+    wider = load_config(toy('baseline'))
+    wider['model']['width'] = 32
+    path = ckpt_lib.save_export(tmp_path / 'bad.safetensors', make_model(wider).state_dict(), config)
+    with pytest.raises(ConfigError, match=r"config key 'align.teacher'.*allowed: weights that fit the model of its own "
+                                          r'config \(Error\(s\) in loading state_dict'):
+        make_teacher(load_config(toy('distill', teacher=str(path))))
+
+
+@pytest.mark.parametrize('call, message', [
+    (lambda d: OnePassDenoiser(d, None, sigma_interval=[0.1, 1.]), 'a guidance interval needs a model told w'),
+    (lambda d: guided_denoiser(d, 'cfg', 1.), "objective must be one of 'aligned', 'gft', 'mg', 'distill'; got 'cfg'"),
+    (lambda d: guided_denoiser(d, 'gft', 1.), 'a gft model needs the w range it was trained for'),
+])
+def test_sampling_refuses_what_it_cannot_do(call, message):
+    with pytest.raises(ValueError, match=message):
+        call(torch.nn.Identity())
+
+
+def test_a_transformer_without_classes_cannot_be_told_w():
+    from kdiff_align.models import GuidanceToldTransformer
+
+    config = tiny_config('image_transformer_v1')
+    config['dataset']['num_classes'] = 0
+    with pytest.raises(ValueError, match=r'a transformer told w needs its class embedding \(dataset.num_classes > 0\)'):
+        GuidanceToldTransformer(make_model(load_config(config)))

@@ -216,7 +216,9 @@ def test_distillation_target_is_the_teachers_cfg_at_the_students_w(toy_batch):
     (dict(kind='mg', guidance_scale=1.), r'fixed w in \[0, 1\)'),
     (dict(kind='mg', guidance_scale={'type': 'uniform', 'min_value': 0., 'max_value': 0.5}), r'fixed w'),
     (dict(kind='cfg'), "kind must be one of"),
-    (dict(kind='mg', sigma_range=(2., 1.)), 'sigma_range must satisfy'),
+    (dict(kind='mg', sigma_range=(2., 1.)), r'must satisfy 0 <= sigma_lo <= sigma_hi'),
+    (dict(kind='mg', warmup_steps=-1), r'warmup_steps must be an integer >= 0, got -1'),
+    (dict(kind='mg', warmup_steps=5), r"warmup_steps needs steps_done, the training loop's count"),
 ])
 def test_teacher_target_refuses_bad_settings(kwargs, message):
     plain, _ = toy_models()

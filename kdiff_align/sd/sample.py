@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..config import SAMPLERS, ConfigError, get_sampler
-from ..guidance import cfg_scale_to_w, guided_denoiser, w_to_cfg_scale
+from ..guidance import cfg_scale_to_w, check_w, guided_denoiser, w_to_cfg_scale
 
 SCHEDULES = ('karras', 'discrete')
 
@@ -187,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not math.isfinite(w) or w < 0:
             raise ConfigError(f"guidance: got w = {w} (cfg scale {w_to_cfg_scale(w)}); allowed: w >= 0")
         try:   # a one-pass model refuses a w outside its trained range before any model loads
-            guided_denoiser(torch.nn.Identity(), objective, w, w_range=trained_w, uncond={'cond': torch.zeros(1)})
+            check_w(objective, w, trained_w)
         except ValueError as err:
             raise ConfigError(str(err)) from None
         sigma_interval = (meta or {}).get('sigma_interval', align.get('sigma_interval'))

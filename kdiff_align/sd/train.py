@@ -80,14 +80,9 @@ class LatentLoss:
     cache: Any                          # data.LatentCache
     sigmas: torch.Tensor                # the DDPM schedule's noise levels, one per timestep
     device: torch.device
-    run: Any = None                     # with warmup_steps: the standard loss until run.step reaches them (mg)
-    warmup_steps: int = 0
 
     def __call__(self, batch: tuple[int, torch.Tensor]) -> torch.Tensor:
         from .model import COND_KEY
-
-        if self.warmup_steps:
-            self.model.active = self.run.step >= self.warmup_steps
 
         _, rows = batch
         latents, cond = self.cache.batch(rows, None, self.device)
@@ -225,8 +220,9 @@ def train(config: str | Path | Mapping[str, Any] | None, options: SDTrainOptions
     wrap = partial(make_denoiser, alphas_cumprod=components.alphas_cumprod, prediction=components.prediction)
     denoiser = wrap(run.model).to(device)
     teacher = wrap(base).to(device) if base is not None else make_objective_teacher(config, run.ema, device, wrap=wrap)
-    loss = LatentLoss(make_denoiser_wrapper(config, uncond=uncond, teacher=teacher)(denoiser), cache,
-                      denoiser.sigmas, device, run=run, warmup_steps=config['align']['warmup_steps'])
+    objective = make_denoiser_wrapper(config, uncond=uncond, teacher=teacher,
+                                      steps_done=partial(getattr, run, 'step'))
+    loss = LatentLoss(objective(denoiser), cache, denoiser.sigmas, device)
     batches = batch_indices(len(cache), options.batch_size, seed=options.seed, start_step=run.batches_seen,
                             rank=rank, world_size=world)
     if ckpt is not None and accelerator.is_main_process:
