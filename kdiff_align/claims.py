@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .env import cli_defaults
+from .env import HelpFormatter, cli_defaults
 cli_defaults()  # before k-diffusion is imported
 
 import numpy as np  # noqa: E402
@@ -485,7 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from . import claims_report
 
     p = argparse.ArgumentParser(prog='python -m kdiff_align.bench claims', description=__doc__.split('\n\n')[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument('--quick', action='store_true', help='tiny models, 2 seeds and a small grid (for tests)')
     p.add_argument('--out', type=Path, default=Path('docs/claims'), help='report, results and plots')
     p.add_argument('--work', type=Path, default=None, help='checkpoints and finished cells (resumable); default '

@@ -15,10 +15,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from .env import HelpFormatter
+
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog='python -m kdiff_align.demo', description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument('--steps', type=int, default=1500, help='training steps per run')
     p.add_argument('--batch-size', type=int, default=64, help='the batch size')
     p.add_argument('--w', type=float, nargs='+', default=[0., 1., 2., 4.],

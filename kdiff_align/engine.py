@@ -34,6 +34,7 @@ from torch import nn
 from . import checkpoint as ckpt_lib
 from .checkpoint import CheckpointError
 from .config import ConfigError
+from .env import HelpFormatter
 from .schedulers import make_ema_sched, make_lr_scheduler, make_optimizer, param_groups
 
 METRICS_COLUMNS = ('step', 'epoch', 'loss', 'lr', 'ema_decay', 'grad_norm', 'it_per_s', 'elapsed_s')
@@ -84,7 +85,7 @@ nonnegative_float, positive_float = bounded(float, 0), bounded(float, 0, strict=
 def make_parser(prog: str, description: str, config_help: str, d: RunOptions) -> argparse.ArgumentParser:
     """A training CLI's parser with --config and RunOptions' flags (d's defaults); callers add their own."""
     p = argparse.ArgumentParser(prog=prog, description=description,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument('--config', help=config_help)
     p.add_argument('--name', default=d.name, help='the name of the run (its folder under --out-dir)')
     p.add_argument('--out-dir', default=d.out_dir, help='the parent folder of run folders')

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import warnings
 
@@ -19,3 +20,14 @@ def cli_defaults() -> None:
     """Applies the defaults above; call it before k-diffusion is imported."""
     os.environ.setdefault(COMPILE_ENV, '0')
     warnings.filterwarnings('ignore', message=PKG_RESOURCES_WARNING, category=UserWarning)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's help with '(default: X)' added only where the text says no default itself and X is not None or
+    False (never "(default: all) (default: None)")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ''
+        if 'default' in text or action.default is None or action.default is False:
+            return text
+        return super()._get_help_string(action)

@@ -13,7 +13,8 @@ cell, not from the noise) and computes the metrics of the checkpoint's dataset:
   training set (or clean-fid's CIFAR-10 statistics, FID only); every printed FID states n and the reference.
 
 Every row also states w_target, the effective guidance of the cell (`effective_guidance`: w itself except for an
-aligned model), and nfe, the network evaluations per sample counted while sampling (kdiff_align.nfe).
+aligned model), nfe, the network evaluations per sample counted while sampling (kdiff_align.nfe), and passes, the
+network evaluations per sampling step (1: a one-pass model at its trained w; 2: CFG).
 
 Each finished cell is written atomically to OUT/cells/<model>/<cell>.json, so an interrupted sweep resumes where
 it stopped. Outputs: OUT/results.csv, OUT/results.json, plots (metric vs w per step count, metric vs steps per w)
@@ -34,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .env import cli_defaults
+from .env import HelpFormatter, cli_defaults
 cli_defaults()  # before k-diffusion is imported
 
 import torch  # noqa: E402
@@ -42,7 +43,7 @@ from torch import nn  # noqa: E402
 
 from .checkpoint import CheckpointError, atomic_write, load_for_inference  # noqa: E402
 from .config import ConfigError, load_config, make_guided_denoiser  # noqa: E402
-from .sample import build_denoiser, data_shape, sample  # noqa: E402,F401 (build_denoiser: re-exported for claims)
+from .sample import build_denoiser, data_shape, passes_per_step, sample, trained_w  # noqa: E402,F401 (build_denoiser: re-exported for claims)
 
 DETERMINISTIC_SAMPLER = 'dpmpp_2m'
 STOCHASTIC_SAMPLER = 'euler_ancestral'
@@ -295,8 +296,8 @@ def run_sweep(models: Mapping[str, tuple[Mapping[str, Any], nn.Module]], cells: 
     """Samples and scores every (model, cell) whose cell file does not exist yet; returns every row.
 
     task is a Task or a callable config -> Task. A cell's row holds the metrics, n, the reference set, the seed,
-    seconds, w_target (effective_guidance), nfe (network evaluations per sample, counted), and the first
-    `preview` samples of each class (default 8 images, 200 points) are saved beside it (.pt) for sample grids.
+    seconds, w_target (effective_guidance), nfe (network evaluations per sample, counted), passes (per step), and
+    the first `preview` samples of each class (default 8 images, 200 points) are saved beside it (.pt) for sample grids.
     """
     from tqdm.auto import tqdm
 
@@ -328,7 +329,8 @@ def run_sweep(models: Mapping[str, tuple[Mapping[str, Any], nn.Module]], cells: 
         if t.at_target is not None:
             scores.update(t.at_target(x, w_target))
         row = {'model': name, 'sampler': cell.sampler, 'steps': cell.steps, 'w': cell.w, 'w_target': w_target,
-               **scores, 'nfe': counter.nfe(x.shape[0]), 'n': int(x.shape[0]), 'reference': t.reference,
+               **scores, 'nfe': counter.nfe(x.shape[0]), 'passes': passes_per_step(config, cell.w),
+               'n': int(x.shape[0]), 'reference': t.reference,
                'seed': seed, 'seconds': round(time.perf_counter() - start, 3), **(extra or {})}
         path.parent.mkdir(parents=True, exist_ok=True)
         k = preview if preview is not None else (200 if x.ndim == 2 else 8)
@@ -357,12 +359,22 @@ def write_table(rows: Sequence[Mapping[str, Any]], out_dir: str | Path, stem: st
     return out_dir / f'{stem}.csv', out_dir / f'{stem}.json'
 
 
+BESIDE = {'energy': ('energy_w', 'to the guided target p_w at w_target'), 'fd': ('accuracy', 'class accuracy'),
+          'fid': ('kid', 'KID')}   # the metric printed beside each primary one
+
+
 def describe(row: Mapping[str, Any], primary: str) -> str:
-    """A one-line summary that states n and the reference set (FID is meaningless without them)."""
+    """A one-line summary that states n and the reference set (FID is meaningless without them), the metric beside
+    the primary one (toy: energy_w; digits: accuracy), and the network passes per step."""
     name = primary.upper() if primary in ('fid', 'fd') else primary
     label = f'FID-{row["n"]}' if primary == 'fid' else name
-    return (f'{row["model"]} {row["sampler"]} steps={row["steps"]} w={row["w"]:g}: {label} = {row[primary]:.4g} '
-            f'(n = {row["n"]} samples vs {row["reference"]})')
+    text = f'{row["model"]} {row["sampler"]} steps={row["steps"]} w={row["w"]:g}: {label} = {row[primary]:.4g}'
+    key, what = BESIDE.get(primary, (None, None))
+    if row.get(key) is not None:
+        text += f', {key} = {row[key]:.4g} ({what}' + (f' {row["w_target"]:g})' if key == 'energy_w' else ')')
+    if row.get('passes') is not None:
+        text += f', {row["passes"]} pass{"es" if row["passes"] > 1 else ""}/step'
+    return text + f' (n = {row["n"]} samples vs {row["reference"]})'
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -372,10 +384,12 @@ DEFAULT_WS = (0., 0.5, 1., 2., 4., 8.)
 
 
 def default_ws(models: Iterable[tuple[Mapping[str, Any], nn.Module]]) -> list[float]:
-    """DEFAULT_WS without the values outside a gft or distill model's trained w range (said on stderr)."""
-    from .config import w_range
+    """DEFAULT_WS plus each one-pass model's trained w (mg: its one-pass w_mg), without the values outside a gft or
+    distill model's trained w range (said on stderr)."""
+    from .config import ONE_PASS, w_range
 
-    ws = list(DEFAULT_WS)
+    models = list(models)
+    ws = sorted({*DEFAULT_WS, *(trained_w(c) for c, _ in models if c['align']['objective'] in ONE_PASS)})
     for config, _ in models:
         if config['align']['objective'] in ('gft', 'distill'):
             lo, hi = w_range(config)
@@ -389,13 +403,14 @@ def default_ws(models: Iterable[tuple[Mapping[str, Any], nn.Module]]) -> list[fl
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog='python -m kdiff_align.evaluate', description=__doc__.split('\n\n')[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument('checkpoints', nargs='*', help='.safetensors exports (config in metadata) or .pth files with '
                    '"config" and "model_ema"/"model"')
     p.add_argument('--out', type=Path, default=Path('eval'), help='output folder (resumable: finished cells are kept)')
     p.add_argument('--w', type=float, nargs='+', default=None,
-                   help="guidance w, the paper's (cfg scale = 1 + w); default: 0 0.5 1 2 4 8, without the values a "
-                        'one-pass model (gft, distill) was not trained for')
+                   help="guidance w, the paper's (cfg scale = 1 + w); default: 0 0.5 1 2 4 8 and each one-pass "
+                        "model's trained w (mg: its one-pass w), without the values a gft or distill model was not "
+                        'trained for')
     p.add_argument('--steps', type=int, nargs='+', default=[4, 8, 16, 32])
     p.add_argument('--samplers', nargs='+', default=[DETERMINISTIC_SAMPLER, STOCHASTIC_SAMPLER])
     p.add_argument('--n', type=int, default=None, help='samples per cell (toy default 4000, images 50000; digits: '
@@ -455,6 +470,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         first_config = next(iter(models.values()))[0]
         kind = first_config['dataset']['type']
         task = make_task(first_config, args.n, args.seed, **({} if kind in ('toy', 'digits') else image_kwargs))
+        if args.n is not None and task.labels.shape[0] != args.n:
+            classes = first_config['dataset']['num_classes']
+            print(f'note: --n {args.n} rounded to {task.labels.shape[0]} ({task.labels.shape[0] // classes} samples '
+                  f'per class x {classes} classes)', file=sys.stderr)
     except (EvaluationError, CheckpointError, ConfigError, FileNotFoundError) as err:
         print(f'error: {err}', file=sys.stderr)
         return 2

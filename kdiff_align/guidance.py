@@ -112,17 +112,27 @@ class OnePassDenoiser(nn.Module):
         return self.inner_model(input, sigma, **extra_args)
 
 
+W_REL_TOL = 1e-5   # a w as the tools print it ('%g': 6 significant digits) names the w it was printed from
+
+
 def same_w(a: float, b: float) -> bool:
-    """Whether two w are the same up to floating point (an MG model's trained w_mg, computed as w / (1 - w))."""
-    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+    """Whether two w are the same up to W_REL_TOL, so that a w copied from any printout (e.g. an MG model's trained
+    w_mg = w / (1 - w), printed as 0.818182) selects the path of the w it was printed from."""
+    return math.isclose(a, b, rel_tol=W_REL_TOL, abs_tol=1e-9)
 
 
 def sampling_passes(objective: str, w: float, w_range: Sequence[float] | None) -> int:
     """Network evaluations per sampling step at w: 1 for gft and distill, and for mg at its trained w_mg
-    (w_range's); 2 otherwise (CFG, also on top of an mg model at any other w)."""
+    (w_range's, up to same_w); 2 otherwise (CFG, also on top of an mg model at any other w)."""
     if objective in TELLS_W or (objective == 'mg' and same_w(w, w_range[1])):
         return 1
     return 2
+
+
+def trained_w(objective: str, w_range: Sequence[float] | None, w_sample: float) -> float:
+    """The w to sample at when none is given (`--w trained`): an mg model's trained w_mg (its one-pass w), else
+    w_sample (gft, distill: within the trained range; aligned: the config's)."""
+    return float(w_range[1]) if objective == 'mg' else float(w_sample)
 
 
 def w_on_top_of_mg(w: float, w_mg: float) -> float:
@@ -137,7 +147,8 @@ def check_w(objective: str, w: float, w_range: Sequence[float] | None) -> None:
         raise ValueError(f'objective must be one of {", ".join(map(repr, OBJECTIVES))}; got {objective!r}')
     if objective != 'aligned' and w_range is None:
         raise ValueError(f'a {objective} model needs the w range it was trained for (w_range)')
-    if objective in TELLS_W and not w_range[0] <= w <= w_range[1]:
+    inside = w_range is not None and (w_range[0] <= w <= w_range[1] or any(same_w(w, end) for end in w_range))
+    if objective in TELLS_W and not inside:
         raise ValueError(f'w {w:g} is outside the range [{w_range[0]:g}, {w_range[1]:g}] that this {objective} model '
                          'was trained for (align.w_train); sample it at a w in that range')
 

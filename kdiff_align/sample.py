@@ -1,7 +1,9 @@
 """Sampling from a checkpoint or export: `python -m kdiff_align.sample runs/NAME --classes 0 1 2 --w 0 1 3`.
 
 Writes a grid PNG (rows = classes, columns = w, the paper's; cfg scale = 1 + w) and optionally one PNG per
-sample. Every column of a row starts from the same noise, so columns differ only by w.
+sample. Every column of a row starts from the same noise, so columns differ only by w. Without --w (or with
+`--w trained`) a one-pass model (gft, mg, distill) samples at its trained w, in one network pass per step; the
+passes per step of each w are printed. An existing grid is never overwritten: pass another --out, or --force.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import SAMPLERS, ConfigError
+from .config import ONE_PASS, SAMPLERS, ConfigError
+from .env import HelpFormatter
 
 
 def build_denoiser(config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor] | None = None,
@@ -39,6 +42,26 @@ def data_shape(config: Mapping[str, Any]) -> tuple[int, ...]:
     if model['type'] == 'toy_mlp':
         return (model['input_channels'],)
     return (model['input_channels'], *model['input_size'])
+
+
+def trained_w(config: Mapping[str, Any]) -> float:
+    """The w `--w trained` (and no --w for a one-pass model) selects: mg's trained w_mg, else align.w_sample."""
+    from .config import align_section, w_range
+    from .guidance import trained_w as rule
+
+    align = align_section(config)
+    return rule(align['objective'], None if align['objective'] == 'aligned' else w_range(config), align['w_sample'])
+
+
+def passes_per_step(config: Mapping[str, Any], w: float) -> int:
+    """Network evaluations per sampling step of the config's model at the paper's w (guidance.sampling_passes)."""
+    from .config import w_range
+    from .guidance import sampling_passes
+
+    kind = config['align']['objective']
+    if not config['dataset']['num_classes'] or (kind == 'aligned' and w == 0):
+        return 1
+    return sampling_passes(kind, w, None if kind == 'aligned' else w_range(config))
 
 
 @torch.no_grad()
@@ -127,18 +150,26 @@ def scatter_image(samples: torch.Tensor, classes: Sequence[int], ws: Sequence[fl
     return Image.open(buf).convert('RGB')
 
 
+def _w_arg(text: str) -> float | str:
+    """--w's values: a number, or 'trained'."""
+    return text if text == 'trained' else float(text)
+
+
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog='python -m kdiff_align.sample', description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument('checkpoint', help='a .pth checkpoint, a run folder (its latest.json), or a .safetensors export')
     p.add_argument('--classes', type=int, nargs='+', help='class labels, one grid row each (default: all, up to 10)')
-    p.add_argument('--w', type=float, nargs='+', help="guidance w, one column each (paper's; cfg scale = 1 + w); "
-                   'default: 0 and the config\'s w_sample')
+    p.add_argument('--w', type=_w_arg, nargs='+', help="guidance w, one column each (paper's; cfg scale = 1 + w), "
+                   "or 'trained': the model's trained w (mg: its one-pass w_mg; gft, distill: align.w_sample). "
+                   "Default: 'trained' for one-pass models (gft, mg, distill), else 0 and align.w_sample")
     p.add_argument('--n', type=int, default=1, help='samples per class and w')
     p.add_argument('--steps', type=int, help='sampler steps (default: align.sample_steps)')
     p.add_argument('--sampler', choices=SAMPLERS, help='k-diffusion sampler (default: align.sampler)')
     p.add_argument('--seed', type=int, default=0, help='the random seed')
-    p.add_argument('--out', default=None, help='the grid PNG (default: <checkpoint stem>_grid.png next to it)')
+    p.add_argument('--out', default=None, help='the grid PNG (default: <checkpoint stem>_grid.png next to it); an '
+                   'existing file is refused unless --force')
+    p.add_argument('--force', action='store_true', help='overwrite an existing grid PNG')
     p.add_argument('--png-dir', help='also write one PNG per sample into this folder')
     p.add_argument('--no-ema', action='store_true', help='use the raw weights, not the EMA (checkpoints only)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='the torch device')
@@ -161,7 +192,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if bad or (not num_classes and args.classes):
             raise ConfigError(f'--classes: got {bad or args.classes}; this model has '
                               + (f'classes 0..{num_classes - 1}' if num_classes else 'no classes (unconditional)'))
-        ws = args.w if args.w is not None else sorted({0.0, float(align_section(config)['w_sample'])})
+        if args.w is not None:
+            ws = [trained_w(config) if w == 'trained' else w for w in args.w]
+        elif config['align']['objective'] in ONE_PASS:
+            ws = [trained_w(config)]
+        else:
+            ws = sorted({0.0, float(align_section(config)['w_sample'])})
         if not num_classes:
             ws, classes = [0.0], [0]
         if any(not math.isfinite(w) or w < 0 for w in ws):
@@ -171,18 +207,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         denoiser = build_denoiser(config, state, args.device)
         for w in ws:   # a one-pass model refuses a w outside its trained range before any sampling
             make_guided_denoiser(config, denoiser, w=w)
+        src = Path(args.checkpoint)
+        out = Path(args.out) if args.out else (src if src.is_dir() else src.parent) / f'{src.stem}_grid.png'
+        if out.exists() and not args.force:
+            raise ConfigError(f'{out} exists; pass another --out, or --force to overwrite it')
     except (ConfigError, CheckpointError) as err:
         print(f'error: {err}', file=sys.stderr)
         return 2
     samples = sample_grid(denoiser, config, classes, ws, n=args.n, steps=args.steps, sampler=args.sampler,
                           seed=args.seed, device=args.device)
-    src = Path(args.checkpoint)
-    out = Path(args.out) if args.out else (src if src.is_dir() else src.parent) / f'{src.stem}_grid.png'
     out.parent.mkdir(parents=True, exist_ok=True)
     steps = args.steps or config['align']['sample_steps']
     title = f"{args.sampler or config['align']['sampler']}, {steps} steps, w = paper's w (cfg scale = 1 + w)"
     grid_image(samples, config, classes, ws, title).save(out)
     print(f'grid: {out} (rows = classes {classes}, columns = w {ws}; paper\'s w, cfg scale = 1 + w)')
+    print('network passes per step: ' + ', '.join(f'{passes_per_step(config, w)} at w = {w:g}' for w in ws))
     if args.png_dir and config['model']['type'] != 'toy_mlp':
         from .grid import to_uint8
         from PIL import Image
