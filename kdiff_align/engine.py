@@ -141,6 +141,23 @@ def make_run_dir(out_dir: str | Path, name: str) -> Path:
     return run_dir
 
 
+@contextlib.contextmanager
+def removed_if_empty_on_error(run_dir: str | Path) -> Iterator[None]:
+    """Around a run: if it fails, the run folder (and the parents of it) that did not exist before are removed
+    again while they are still empty, so a run that fails before training leaves no empty folder behind."""
+    run_dir = Path(run_dir)
+    new = [p for p in (run_dir, *run_dir.parents) if not p.exists()]   # deepest first
+    try:
+        yield
+    except BaseException:
+        for folder in new:
+            try:
+                folder.rmdir()   # only an empty folder: whatever the run wrote stays
+            except OSError:
+                break
+        raise
+
+
 def find_checkpoint(resume: str | Path | None, run_dir: Path) -> dict[str, Any] | None:
     """The checkpoint to resume: --resume, or (upstream's behaviour) the run folder's latest one, or None."""
     if resume is not None:
@@ -237,7 +254,7 @@ def resolve_config(config: Mapping[str, Any] | None, ckpt: Mapping[str, Any] | N
 
 def make_accelerator(mixed_precision: str | None, *, find_unused_parameters: bool = False):
     """accelerate's Accelerator; several processes without CUDA (torchrun on CPUs) use gloo, never a silent
-    single process."""
+    single process. fp16 on the CPU (which accelerate would ignore) is refused."""
     import accelerate
 
     ddp = accelerate.DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)
@@ -246,8 +263,57 @@ def make_accelerator(mixed_precision: str | None, *, find_unused_parameters: boo
         accelerator = accelerate.Accelerator(kwargs_handlers=[ddp], mixed_precision=mixed_precision, cpu=multi_cpu)
     except ValueError as err:
         raise ConfigError(f'--mixed-precision {mixed_precision!r}: {err}') from None
+    if mixed_precision == 'fp16' and accelerator.device.type == 'cpu':
+        raise ConfigError("--mixed-precision fp16 needs a GPU, and this run is on the CPU; use 'bf16' or 'no' (for a "
+                          "Stable Diffusion config also model.mixed_precision)")
     torch.backends.cuda.matmul.allow_tf32 = True
     return accelerator
+
+
+def describe_objective(align: Mapping[str, Any]) -> str:
+    """One line: the objective and its knobs (the aligned objective at w_train 0 is standard CFG training)."""
+    kind = align['objective']
+    if kind == 'aligned' and align['w_train'] == 0:
+        return f'standard CFG (w_train = 0), uncond_prob = {align["uncond_prob"]}'
+    text = f'{kind}, w_train = {align["w_train"]}, uncond_prob = {align["uncond_prob"]}'
+    if kind == 'aligned':
+        return text + f', mix = {align["mix"]}'
+    if kind in ('mg', 'distill'):
+        text += f', teacher = {align["teacher"]}'
+    if align['warmup_steps']:
+        text += f', warm-up {align["warmup_steps"]} steps'
+    return text
+
+
+def print_run_header(accelerator, run_dir: Path, config: Mapping[str, Any], *, parameters: int, items: str,
+                     seed: int, ckpt: Mapping[str, Any] | None, step: int, what: str = 'samples at') -> None:
+    """The header every trainer prints (main process): the run folder, the objective with its sampling w
+    (`what` w = align.w_sample, e.g. 'demos at') and passes per step, and the checkpoint it resumes."""
+    from .config import align_section
+    from .guidance import sampling_passes
+    from .objective import trained_w_range
+
+    if not accelerator.is_main_process:
+        return
+    print(f'Run folder: {run_dir}  (process {accelerator.process_index} of {accelerator.num_processes} on '
+          f'{accelerator.device}; trainable parameters: {parameters:,}; {items}; seed {seed})', flush=True)
+    align = align_section(config)
+    kind, w = align['objective'], float(align['w_sample'])
+    w_range = None if kind == 'aligned' else trained_w_range(kind, align['w_train'])
+    passes = ('one network evaluation per step' if sampling_passes(kind, w, w_range) == 1
+              else f'two per step, cfg scale = {1 + w:g}')
+    print(f"Objective: {describe_objective(align)}; {what} w = {w:g} (paper's w; {passes})", flush=True)
+    if ckpt is not None:
+        print(f'Resuming from {ckpt["path"]} at step {step}', flush=True)
+
+
+def loss_text(loss: float | None, step: int, end_step: int | None) -> str:
+    """The final loss for a trainer's last line, or why there is none (no step trained in this call)."""
+    if loss is not None:
+        return f'loss {loss:.4g}'
+    if end_step is not None and step >= end_step:
+        return f'no step trained (the run was already at --end-step {end_step}; raise it to train on)'
+    return 'no step trained'
 
 
 def shared_seed(seed: int | None, accelerator) -> int:

@@ -27,7 +27,7 @@ from . import checkpoint as ckpt_lib
 from . import data as data_lib
 from . import engine
 from .checkpoint import CheckpointError
-from .config import ONE_PASS, ConfigError, align_section, load_config, make_denoiser_wrapper, make_model
+from .config import ConfigError, align_section, load_config, make_denoiser_wrapper, make_model
 from .teachers import make_objective_teacher
 from .data import DataError
 from .engine import TrainingError  # noqa: F401 (re-exported: one error type for every training path)
@@ -91,19 +91,6 @@ class ImageLoss:
         return self.model.loss(x, noise, sigma, **kwargs)
 
 
-def describe_objective(align: Mapping[str, Any]) -> str:
-    """One line: the objective and its knobs."""
-    kind = align['objective']
-    text = f'{kind}, w_train = {align["w_train"]}, uncond_prob = {align["uncond_prob"]}'
-    if kind == 'aligned':
-        return text + f', mix = {align["mix"]}'
-    if kind in ('mg', 'distill'):
-        text += f', teacher = {align["teacher"]}'
-    if align['warmup_steps']:
-        text += f', warm-up {align["warmup_steps"]} steps'
-    return text
-
-
 @torch.no_grad()
 def demo_grid(denoiser: nn.Module, config: Mapping[str, Any], run_dir: Path, sample_n: int, seed: int,
               step: int) -> Path:
@@ -147,15 +134,22 @@ class WandbLog:
 
 def train(config: Mapping[str, Any] | None, options: TrainOptions | None = None, *,
           should_stop: Callable[[], bool] | None = None) -> TrainResult:
-    """Trains (or resumes) a run; config None takes the resumed checkpoint's. Returns where the outputs are."""
-    import k_diffusion as K
-
+    """Trains (or resumes) a run; config None takes the resumed checkpoint's. Returns where the outputs are. A run
+    that fails before it writes anything leaves no run folder behind."""
     options = copy.deepcopy(options or TrainOptions())
     engine.check_options(options)
+    with engine.removed_if_empty_on_error(Path(options.out_dir) / options.name):
+        return _train(config, options, should_stop)
+
+
+def _train(config: Mapping[str, Any] | None, options: TrainOptions, should_stop: Callable[[], bool] | None
+           ) -> TrainResult:
+    import k_diffusion as K
+
     run_dir = engine.make_run_dir(options.out_dir, options.name)
     ckpt = engine.find_checkpoint(options.resume, run_dir)
     config = engine.resolve_config(config, ckpt, options)
-    align, dataset_config = align_section(config), config['dataset']
+    dataset_config = config['dataset']
     accelerator = engine.make_accelerator(options.mixed_precision,
                                           find_unused_parameters=config['model'].get('skip_stages', 0) > 0)
     options.seed = engine.shared_seed(options.seed, accelerator)
@@ -191,14 +185,8 @@ def train(config: Mapping[str, Any] | None, options: TrainOptions | None = None,
                      device=device)
     batches = data_lib.batches(dataset, options.batch_size, options.seed, run.batches_seen, num_workers=num_workers,
                                rank=rank, world_size=world, seeded_items=data_lib.needs_item_rng(config))
-    if is_main:
-        print(f'Run folder: {run_dir}  (process {rank} of {world} on {device}; parameters: {n_params:,}; '
-              f'{len(dataset):,} training items; seed {options.seed})', flush=True)
-        w = align['w_sample']
-        passes = 'one network evaluation per step' if align['objective'] in ONE_PASS else f'cfg scale = {1 + w:g}'
-        print(f"Objective: {describe_objective(align)}; demos at w = {w:g} (paper's w; {passes})", flush=True)
-        if ckpt is not None:
-            print(f'Resuming from {ckpt["path"]} at step {run.step}', flush=True)
+    engine.print_run_header(accelerator, run_dir, config, parameters=n_params, seed=options.seed, ckpt=ckpt,
+                            step=run.step, items=f'{len(dataset):,} training items', what='demos at')
 
     # Hooks: demo grids, the export, FID/KID, wandb (all with the EMA weights swapped in by the engine).
     ema_denoiser = objective(run.unwrapped)
@@ -339,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()  # gloo's threads can abort the process at exit otherwise
     if result.is_main:
-        print(f'Done: step {result.step}, loss {result.loss if result.loss is None else format(result.loss, ".4g")}, '
+        print(f'Done: step {result.step}, {engine.loss_text(result.loss, result.step, args.end_step)}, '
               f'{result.seconds:.0f} s. Checkpoint: {result.checkpoint}; export: {result.export}; demo grid: '
               f'{result.demo}; metrics: {result.metrics}')
     return stop.exit_status if result.interrupted else 0

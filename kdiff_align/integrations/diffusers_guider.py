@@ -107,6 +107,7 @@ class AlignedGuidance(BaseGuidance):
             raise ValueError('told_w: diffusers pipelines pass one timestep_cond per call, so a model told w cannot '
                              'take a sigma_interval or w schedule here')
         self.told_w = told_w
+        self.source: str | None = None   # the export from_metadata read, named in refusals
         self.guidance = HostGuidance(w, sigma_interval=sigma_interval, w_end=w_end, sigma_convention=sigma_convention)
         self.guidance_scale = w_to_cfg_scale(self.guidance.w)
         self._sigma_table: torch.Tensor | None = None
@@ -120,7 +121,12 @@ class AlignedGuidance(BaseGuidance):
         guidance_cond) is refused (HostCannotPassW)."""
         meta, name = _read(path_or_meta)
         if meta.get('w_input') is not None:
-            return cls(w=meta['w_sample'], told_w=True, **kwargs)
+            try:
+                guider = cls(w=meta['w_sample'], told_w=True, **kwargs)
+            except ValueError as err:
+                raise ValueError(f'{name}: {err}') from None
+            guider.source = name
+            return guider
         host = HostGuidance.from_metadata(meta, host=HOST, model=name, w_inputs=W_INPUTS)
         return cls(w=host.w, sigma_interval=host.sigma_interval, sigma_convention=host.sigma_convention, **kwargs)
 
@@ -158,7 +164,7 @@ class AlignedGuidance(BaseGuidance):
 
     def prepare_models(self, denoiser: torch.nn.Module) -> None:
         if self.told_w:
-            check_unet(denoiser, "this guider's model (told_w)")
+            check_unet(denoiser, (self.source or "this guider's model") + ' (told_w)')
         super().prepare_models(denoiser)
 
     def _is_cfg_enabled(self) -> bool:

@@ -164,15 +164,22 @@ def export_run(unet: torch.nn.Module, config: Mapping[str, Any], run_dir: Path, 
 
 def train(config: str | Path | Mapping[str, Any] | None, options: SDTrainOptions | None = None, *,
           should_stop: Callable[[], bool] | None = None) -> SDTrainResult:
-    """Runs (or resumes) a fine-tuning run; every input is validated before a model is loaded."""
-    from .config import find_captioned_images, resolve_model
-    from .data import batch_indices, build_cache, cache_path, fingerprint
-    from .model import add_guidance_embedding, load_components, make_denoiser, null_condition
-
+    """Runs (or resumes) a fine-tuning run; every input is validated before a model is loaded. A run that fails
+    before it writes anything leaves no run folder behind."""
     options = dataclasses.replace(options or SDTrainOptions())
     engine.check_options(options)
     if options.cache_batch_size < 1:
         raise ConfigError(f'--cache-batch-size: got {options.cache_batch_size!r}; allowed: an integer >= 1')
+    with engine.removed_if_empty_on_error(Path(options.out_dir) / options.name):
+        return _train(config, options, should_stop)
+
+
+def _train(config: str | Path | Mapping[str, Any] | None, options: SDTrainOptions,
+           should_stop: Callable[[], bool] | None) -> SDTrainResult:
+    from .config import find_captioned_images, resolve_model
+    from .data import batch_indices, build_cache, cache_path, fingerprint
+    from .model import add_guidance_embedding, load_components, make_denoiser, null_condition
+
     run_dir = engine.make_run_dir(options.out_dir, options.name)
     ckpt = engine.find_checkpoint(options.resume, run_dir)
     config = engine.resolve_config(None if config is None else load_config(config), ckpt, options,
@@ -225,8 +232,9 @@ def train(config: str | Path | Mapping[str, Any] | None, options: SDTrainOptions
     loss = LatentLoss(objective(denoiser), cache, denoiser.sigmas, device)
     batches = batch_indices(len(cache), options.batch_size, seed=options.seed, start_step=run.batches_seen,
                             rank=rank, world_size=world)
-    if ckpt is not None and accelerator.is_main_process:
-        print(f'Resuming from {ckpt["path"]} at step {run.step}', flush=True)
+    engine.print_run_header(accelerator, run_dir, config, seed=options.seed, ckpt=ckpt, step=run.step,
+                            parameters=sum(p.numel() for p in unet.parameters() if p.requires_grad),
+                            items=f'{len(cache):,} captioned images', what='the export recommends')
     result = run.run(options, batches, loss, should_stop=should_stop,
                      export=partial(export_run, run.unwrapped, config, run_dir, options.name))
     lora, kohya = run_dir / f'{options.name}_lora.safetensors', run_dir / f'{options.name}_lora_kohya.safetensors'
@@ -289,9 +297,10 @@ def main(config_path_or_dict: str | Path | Mapping[str, Any] | None = None,
         args = parse_args(args)
     if config_path_or_dict is None:
         config_path_or_dict = getattr(args, 'config', None)
+    options = options_from_args(args)
     try:
         with engine.StopRequest('finishing this step, then saving a checkpoint and the export') as stop:
-            result = train(config_path_or_dict, options_from_args(args), should_stop=stop)
+            result = train(config_path_or_dict, options, should_stop=stop)
     except (ConfigError, CheckpointError) as err:
         print(f'error: {err}', file=sys.stderr)
         return 2
@@ -299,7 +308,7 @@ def main(config_path_or_dict: str | Path | Mapping[str, Any] | None = None,
         print(f'error: {err}', file=sys.stderr)
         return 1
     exported = result.lora or result.unet_dir
-    print(f'Done: step {result.step}, loss {result.loss if result.loss is None else format(result.loss, ".4g")}, '
+    print(f'Done: step {result.step}, {engine.loss_text(result.loss, result.step, options.end_step)}, '
           f'{result.seconds:.0f} s. Export: {exported}'
           + (f' (kohya format for ComfyUI/A1111: {result.lora_kohya})' if result.lora_kohya else '')
           + f'; checkpoint: {result.checkpoint}; metrics: {result.run_dir / "metrics.csv"}')

@@ -14,7 +14,7 @@ except ImportError:  # a symlinked checkout without `pip install`: use the repos
     _checkout = Path(__file__).resolve().parents[3]
     if not (_checkout / 'kdiff_align' / '__init__.py').is_file():  # a copied folder: nothing to fall back on
         raise ImportError(f'kdiff-align is not installed in ComfyUI\'s Python; install it with: {sys.executable} '
-                          '-m pip install /path/to/kdiff-align') from None
+                          '-m pip install --no-deps /path/to/kdiff-align') from None
     sys.path.insert(0, str(_checkout))
 
 from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402

@@ -28,7 +28,7 @@ except ImportError:  # a symlinked checkout without `pip install`: use the repos
     _checkout = Path(__file__).resolve().parents[4]
     if not (_checkout / 'kdiff_align' / '__init__.py').is_file():  # a copied folder: nothing to fall back on
         raise ImportError(f'kdiff-align is not installed in the web UI\'s Python; install it with: {sys.executable} '
-                          '-m pip install /path/to/kdiff-align') from None
+                          '-m pip install --no-deps /path/to/kdiff-align') from None
     sys.path.insert(0, str(_checkout))
 
 from kdiff_align.guidance import cfg_scale_to_w, w_to_cfg_scale  # noqa: E402
