@@ -259,13 +259,15 @@ def make_accelerator(mixed_precision: str | None, *, find_unused_parameters: boo
 
     ddp = accelerate.DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get('WORLD_SIZE', '1')) > 1
+    gpu = torch.cuda.is_available() or torch.backends.mps.is_available() or (hasattr(torch, 'xpu')
+                                                                             and torch.xpu.is_available())
+    if mixed_precision == 'fp16' and (multi_cpu or not gpu):
+        raise ConfigError("--mixed-precision fp16 needs a GPU, and this run is on the CPU; use 'bf16' or 'no' (for a "
+                          "Stable Diffusion config also model.mixed_precision)")
     try:
         accelerator = accelerate.Accelerator(kwargs_handlers=[ddp], mixed_precision=mixed_precision, cpu=multi_cpu)
     except ValueError as err:
         raise ConfigError(f'--mixed-precision {mixed_precision!r}: {err}') from None
-    if mixed_precision == 'fp16' and accelerator.device.type == 'cpu':
-        raise ConfigError("--mixed-precision fp16 needs a GPU, and this run is on the CPU; use 'bf16' or 'no' (for a "
-                          "Stable Diffusion config also model.mixed_precision)")
     torch.backends.cuda.matmul.allow_tf32 = True
     return accelerator
 
