@@ -7,6 +7,8 @@ batch, cleanup_models, guider(state)[0]) and compared with diffusers' own Classi
 classic pipeline at guidance_scale = 1 + w, and with the core's GuidedDenoiser sampled by k-diffusion.
 """
 
+import re
+
 import pytest
 import torch
 
@@ -340,6 +342,14 @@ def test_mg_export_in_the_modular_pipeline_is_one_pass(sdxl_modular, tmp_path):
     assert calls.batches == [1] * 3
     torch.testing.assert_close(ours, modular_call(sdxl_modular, ClassifierFreeGuidance(guidance_scale=1.0)),
                                rtol=0, atol=0)
+
+
+def test_told_w_refusals_name_the_export(tmp_path):
+    gft = export(tmp_path, 'gft')
+    with pytest.raises(ValueError, match=re.escape(f"'{gft}' (told_w) is told w through timestep_cond, but this UNet")):
+        AlignedGuidance.from_metadata(gft).prepare_models(tiny_unet())
+    with pytest.raises(ValueError, match=re.escape(f"'{gft}': told_w: diffusers pipelines pass one timestep_cond")):
+        AlignedGuidance.from_metadata(gft, sigma_interval=[0.3, 5.0])
 
 
 def test_w_conditioned_exports_diffusers_cannot_sample_are_refused(sdxl_modular, tmp_path):

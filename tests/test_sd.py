@@ -274,6 +274,22 @@ def test_second_run_skips_vae_and_text_encoder(tiny, lora_run, monkeypatch):
         == 'checkpoints/00000005.pth'
 
 
+def test_sd_trainer_prints_the_run_header_and_no_loss_none(tiny, lora_run, capsys):
+    """The SD trainer's header is the main trainer's (engine.print_run_header); resuming a finished run says so."""
+    from kdiff_align.sd.train import main
+
+    config = json.loads((lora_run.run_dir / 'config.json').read_text())
+    config['dataset']['cache_dir'] = str(lora_run.cache.parent)
+    path = tiny['root'] / 'header.json'
+    path.write_text(json.dumps(config))
+    assert main(['--config', str(path), '--resume', str(lora_run.checkpoint), '--out-dir', str(tiny['root'] / 'runs'),
+                 '--name', 'header', '--end-step', '4', '--batch-size', '2', '--no-progress']) == 0
+    out = capsys.readouterr().out
+    assert f'Run folder: {tiny["root"] / "runs" / "header"}  (process 0 of 1 on cpu; trainable parameters: ' in out
+    assert "Objective: aligned, w_train = " in out and "; the export recommends w = " in out
+    assert 'loss None' not in out and 'no step trained (the run was already at --end-step 4' in out
+
+
 def test_sample_cli(lora_run, tmp_path):
     from PIL import Image
 
