@@ -224,6 +224,13 @@ def resolve_config(config: Mapping[str, Any] | None, ckpt: Mapping[str, Any] | N
         if ckpt is None:
             raise ConfigError('no config: pass --config, or --resume a checkpoint (which carries its config)')
         config = ckpt['config']
+        dataset = config.get('dataset') if isinstance(config, Mapping) else None
+        if isinstance(dataset, Mapping) and dataset.get('type') == 'custom':
+            # A checkpoint is data: it never chooses which code runs (the hook comes from the user's config).
+            raise ConfigError(f'the checkpoint {ckpt["path"]!r} was trained on a custom dataset hook '
+                              f'({str(dataset.get("location"))!r}), which is not imported from a checkpoint\'s '
+                              'config; pass --config with the config that names the hook (its model section must '
+                              'match the checkpoint\'s)')
     config = apply_overrides(config, options)
     if resolve is not None:
         config = resolve(config)
