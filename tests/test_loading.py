@@ -29,6 +29,16 @@ def get_dataset(config, transform): return Items(transform)
 '''
 
 
+class _Exploit:
+    """Unpickling this creates a folder: what a crafted weights file could do with any code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
 def state(config: dict) -> dict:
     """The fields of a checkpoint that load_checkpoint requires (the values are never used: loading stops first)."""
     return {'config': json.dumps(config), 'args': '{}', 'model': {}, 'model_ema': None, 'opt': {}, 'sched': {},
@@ -54,13 +64,31 @@ def test_resume_never_imports_a_custom_dataset_hook_named_by_a_checkpoint(tmp_pa
     err = one_line(capsys.readouterr().err)
     assert not (tmp_path / 'imported').exists(), 'the checkpoint made training import hook.py'
     assert f"the checkpoint '{crafted}' was trained on a custom dataset hook ('hook.py')" in err
-    assert 'pass --config with the config that names the hook' in err
+    assert 'pass --config with the config that names it' in err
     # The user's own config naming the hook, with toy_mlp (no input_size): refused by name before any import.
     (tmp_path / 'mine.json').write_text(json.dumps(config))
     assert main(['--config', 'mine.json', '--resume', str(crafted), '--out-dir', 'out', '--no-progress']) == 2
     err = one_line(capsys.readouterr().err)
     assert "config key 'model.type': got 'toy_mlp'" in err and "for dataset type 'custom'" in err
     assert 'model.input_size' in err and not (tmp_path / 'imported').exists()
+
+
+def test_resume_never_unpickles_cifar_files_a_checkpoint_exempts_from_their_checksums(tmp_path, capsys):
+    from kdiff_align.data import CIFAR10_FILES
+    from kdiff_align.train import main
+
+    folder = tmp_path / 'planted' / 'cifar-10-batches-py'
+    folder.mkdir(parents=True)
+    for name in CIFAR10_FILES:
+        (folder / name).write_bytes(pickle.dumps(_Exploit(tmp_path / 'code-ran')))
+    config = tiny_config()
+    config['model'].update(input_channels=3, input_size=[32, 32])
+    config['dataset'] = {'type': 'cifar10', 'num_classes': 10, 'location': str(folder.parent), 'check_md5': False}
+    crafted = ckpt_lib.save_checkpoint(tmp_path / 'crafted', 1, state(config))
+    assert main(['--resume', str(crafted), '--out-dir', str(tmp_path / 'out'), '--no-progress']) == 2
+    err = one_line(capsys.readouterr().err)
+    assert not (tmp_path / 'code-ran').exists(), 'the checkpoint made training unpickle the planted files'
+    assert 'CIFAR-10 pickle files read without their checksums' in err and 'pass --config' in err
 
 
 def test_a_custom_dataset_run_resumes_only_with_the_users_config(tmp_path, capsys, one_thread):
@@ -78,7 +106,7 @@ def test_a_custom_dataset_run_resumes_only_with_the_users_config(tmp_path, capsy
     assert (tmp_path / 'imported').read_text() == 'x'
     capsys.readouterr()
     assert main(['--resume', str(tmp_path / 'run'), '--end-step', '2', *common]) == 2
-    assert 'pass --config with the config that names the hook' in one_line(capsys.readouterr().err)
+    assert 'pass --config with the config that names it' in one_line(capsys.readouterr().err)
     assert (tmp_path / 'imported').read_text() == 'x'
     assert main(['--config', str(tmp_path / 'custom.json'), '--resume', str(tmp_path / 'run'), '--end-step', '2',
                  *common]) == 0
@@ -147,16 +175,6 @@ def test_sd_sample_refuses_a_bad_lora_in_one_line(tiny, bad_files, name, message
     assert repr(str(path)) in err and message in err
 
 
-class _Exploit:
-    """Unpickling this creates a folder: what a crafted weights file could do with any code."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return os.mkdir, (self.marker,)
-
-
 @pytest.mark.parametrize('content', ['truncated', 'object', 'pickle4'])
 def test_sd_weights_folder_with_a_bad_bin_is_one_line(tiny, tmp_path, content, capsys):
     from kdiff_align.sd.sample import main
@@ -191,7 +209,9 @@ def test_compare_inception_refuses_bad_files_in_one_line(tmp_path, capsys):
     garbage = tmp_path / 'garbage.pt'
     garbage.write_bytes(os.urandom(1000))
     script = tmp_path / 'linear.pt'
-    torch.jit.script(torch.nn.Linear(2, 2)).save(str(script))
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')   # torch.jit.script's deprecation notice
+        torch.jit.script(torch.nn.Linear(2, 2)).save(str(script))
     cut = tmp_path / 'cut.pt'
     cut.write_bytes(script.read_bytes()[:300])
     for path, message in ((garbage, 'is not a TorchScript file'), (cut, 'is not a TorchScript file'),

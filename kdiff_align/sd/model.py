@@ -122,7 +122,8 @@ def load_components(model: Mapping[str, Any], *, unet_path: str | Path | None = 
         unet = part(UNet2DConditionModel, 'unet') if unet_path is None else None
         vae = part(AutoencoderKL, 'vae')
         text_encoder = _load_weights(lambda: CLIPTextModel.from_pretrained(
-            str(pretrained), subfolder='text_encoder', local_files_only=True, dtype=dtype), [pretrained / 'text_encoder'])
+            str(pretrained), subfolder='text_encoder', local_files_only=True, dtype=dtype),
+            [pretrained / 'text_encoder'])
         tokenizer = AutoTokenizer.from_pretrained(str(pretrained), subfolder='tokenizer', local_files_only=True)
         scheduler_config = _scheduler_config(pretrained)
     else:
@@ -181,6 +182,8 @@ def _load_weights(load: Callable[[], Any], places: Sequence[Path]) -> Any:
         with quiet_pickle_warnings(), _held_logs(('diffusers', 'transformers')):
             return load()
     except Exception as err:  # noqa: BLE001 - reported below as one line naming the file
+        if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
+            raise
         files = [f for p in places for f in (sorted(p.iterdir()) if p.is_dir() else [p])
                  if f.is_file() and f.suffix in WEIGHT_SUFFIXES]
         for path in files:
