@@ -14,12 +14,14 @@ leaves the previous checkpoint. load_for_inference is the one reader of everythi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
 import tempfile
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +39,30 @@ class CheckpointError(ValueError):
     """A checkpoint or export that is missing, unreadable or not from kdiff-align."""
 
 
+def _umask() -> int:
+    """The process's umask: read from /proc where it can be (setting it to read it races with other threads)."""
+    try:
+        for line in Path('/proc/self/status').read_text().splitlines():
+            if line.startswith('Umask:'):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
-    """Calls write(tmp_path) for a temporary file next to path, then renames it over path."""
+    """Calls write(tmp_path) for a temporary file next to path, then renames it over path. The file gets the
+    mode the umask gives any new file (0644 under umask 022), not mkstemp's 0600, so that a UI running as
+    another user (ComfyUI, A1111, a diffusers service) can read it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, 'rb') as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -112,11 +130,22 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def read_torch_file(path: Path, what: str) -> Any:
+@contextlib.contextmanager
+def quiet_pickle_warnings() -> Iterator[None]:
+    """Silences torch's weights-only unpickler notices (e.g. "Detected pickle protocol 4 in the checkpoint"),
+    which would otherwise print in front of the one-line error about the same file."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message=r'(?s).*(pickle protocol|weights_only)')
+        yield
+
+
+def read_torch_file(path: Path, what: str, expected: str | None = None) -> Any:
     """torch.load(path, weights_only=True); a file it refuses or cannot read is a one-line CheckpointError that
-    names the file and what was expected (never torch's advice to retry with weights_only=False)."""
+    names the file and what was expected (default: a kdiff-align <what>), never torch's advice to retry with
+    weights_only=False."""
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
+        with quiet_pickle_warnings():
+            return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing to the user
         found = re.search(r'(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)', str(err))
         if found:
@@ -124,14 +153,29 @@ def read_torch_file(path: Path, what: str) -> Any:
                       'is not loaded because unpickling it could run code')
         else:
             reason = f'it is truncated, or not a torch.save file ({type(err).__name__})'
-        raise CheckpointError(f'cannot read {what} {str(path)!r}: {reason}; expected a kdiff-align {what} '
-                              '(a torch.save file of tensors, numbers and strings)') from None
+        expected = expected or f'a kdiff-align {what}'
+        raise CheckpointError(f'cannot read {what} {str(path)!r}: {reason}; expected {expected} (a torch.save file '
+                              'of tensors, numbers and strings)') from None
+
+
+def _previous_checkpoint(path: Path) -> Path | None:
+    """The checkpoint saved before path in its checkpoints folder (<step>.pth names), if any."""
+    if not path.stem.isdigit():
+        return None
+    earlier = sorted(p for p in path.parent.glob('*.pth') if p.stem.isdigit() and int(p.stem) < int(path.stem))
+    return earlier[-1] if earlier else None
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Loads a training checkpoint with weights_only=True and checks that it is kdiff-align's."""
     path = resolve_checkpoint(path)
-    ckpt = read_torch_file(path, 'checkpoint')
+    try:
+        ckpt = read_torch_file(path, 'checkpoint')
+    except CheckpointError as err:
+        previous = _previous_checkpoint(path)
+        if previous is None:
+            raise
+        raise CheckpointError(f'{err}; the previous checkpoint is {previous}: pass it to --resume') from None
     if not isinstance(ckpt, dict) or ckpt.get('format') != FORMAT:
         raise CheckpointError(f'{str(path)!r} is not a kdiff-align training checkpoint (no format '
                               f'{FORMAT!r}); upstream k-diffusion checkpoints cannot be resumed here')

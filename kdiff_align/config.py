@@ -69,6 +69,9 @@ def _validate_upstream(config: Mapping[str, Any]) -> None:
         fail('model.input_size', size, 'digits images are 1 x 8 x 8: input_size [8, 8] and input_channels 1')
     if dataset['type'] == 'toy' and (model['type'] != 'toy_mlp' or model['input_channels'] != 2):
         fail('model.type', model['type'], 'toy data is 2-D points: model type \'toy_mlp\' with input_channels 2')
+    if model['type'] == 'toy_mlp' and dataset['type'] != 'toy':
+        fail('model.type', model['type'], f'image_v1 or image_transformer_v1 (with model.input_size) for dataset type '
+             f'{dataset["type"]!r}; toy_mlp takes the 2-D points of dataset type \'toy\'')
     number('optimizer.lr', config['optimizer']['lr'], lo=0, lo_open=True)
     choice('optimizer.type', config['optimizer']['type'], ('adamw', 'adam', 'sgd'))
     choice('lr_sched.type', config['lr_sched']['type'], ('constant', 'inverse', 'exponential'))

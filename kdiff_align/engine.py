@@ -233,6 +233,19 @@ def check_options(options: Any) -> None:
          options.name, 'a folder name without "/"')
 
 
+def runs_code(dataset: Any) -> str | None:
+    """What in a dataset section would run code from a file (a custom hook, CIFAR-10 pickles without their
+    checksums), or None: such a section is taken from a config the user passes, never from a checkpoint."""
+    if not isinstance(dataset, Mapping):
+        return None
+    if dataset.get('type') == 'custom':
+        return f'a custom dataset hook ({str(dataset.get("location"))!r})'
+    if dataset.get('type') == 'cifar10' and dataset.get('check_md5', True) is not True:
+        return (f'CIFAR-10 pickle files read without their checksums ({str(dataset.get("location"))!r} with '
+                'check_md5 false)')
+    return None
+
+
 def resolve_config(config: Mapping[str, Any] | None, ckpt: Mapping[str, Any] | None, options: Any, *,
                    resolve: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> dict[str, Any]:
     """The run's config: the given one (or the resumed checkpoint's) with the CLI's overrides and `resolve`
@@ -242,6 +255,11 @@ def resolve_config(config: Mapping[str, Any] | None, ckpt: Mapping[str, Any] | N
         if ckpt is None:
             raise ConfigError('no config: pass --config, or --resume a checkpoint (which carries its config)')
         config = ckpt['config']
+        code = runs_code(config.get('dataset') if isinstance(config, Mapping) else None)
+        if code:   # a checkpoint is data: it never chooses which code runs
+            raise ConfigError(f'the checkpoint {ckpt["path"]!r} was trained on {code}, which is not loaded from a '
+                              'checkpoint\'s config; pass --config with the config that names it (its model '
+                              'section must match the checkpoint\'s)')
     config = apply_overrides(config, options)
     if resolve is not None:
         config = resolve(config)

@@ -445,7 +445,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     if args.compare_inception:
         from . import metrics
-        print(json.dumps(metrics.compare_inception(*args.compare_inception), indent=1))
+        try:
+            print(json.dumps(metrics.compare_inception(*args.compare_inception), indent=1))
+        except metrics.InceptionError as err:
+            print(f'error: --compare-inception: {err}', file=sys.stderr)
+            return 2
         return 0
     try:
         models, names = {}, []

@@ -21,6 +21,7 @@ import hashlib
 import os
 import platform
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -318,7 +319,13 @@ class InceptionFeatures(nn.Module):
             raise InceptionError(f'{path} has SHA-256 {digest}, not that of {INCEPTION_FILE} ({INCEPTION_SHA256}); '
                                  f'download it from {INCEPTION_URL}')
         self.path, self.verified = path, digest == INCEPTION_SHA256
-        base = torch.jit.load(str(path), map_location='cpu').eval()
+        try:
+            with warnings.catch_warnings():   # torch's deprecation notice: the reference file is TorchScript
+                warnings.filterwarnings('ignore', message='`torch.jit.load` is deprecated', category=FutureWarning)
+                base = torch.jit.load(str(path), map_location='cpu').eval()
+        except Exception as err:  # noqa: BLE001 - truncated, a zip that is not TorchScript, another format
+            raise InceptionError(f'{path} is not a TorchScript file (truncated or another format: '
+                                 f'{type(err).__name__}); expected {INCEPTION_FILE} from {INCEPTION_URL}') from None
         # clean-fid's file exposes .layers; fid-helper's wraps the same module as .net.layers.
         layers = getattr(base, 'layers', None) or getattr(getattr(base, 'net', None), 'layers', None)
         if layers is None:

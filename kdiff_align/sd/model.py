@@ -9,9 +9,11 @@ condition is the empty prompt's embedding, {'cond': empty_embedding} with one ro
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -115,11 +117,13 @@ def load_components(model: Mapping[str, Any], *, unet_path: str | Path | None = 
     pretrained = Path(model['pretrained'])
     if pretrained.is_dir():
         def part(cls, name):
-            return cls.from_pretrained(str(pretrained), subfolder=name, local_files_only=True, torch_dtype=dtype)
+            return _load_weights(lambda: cls.from_pretrained(str(pretrained), subfolder=name, local_files_only=True,
+                                                             torch_dtype=dtype), [pretrained / name])
         unet = part(UNet2DConditionModel, 'unet') if unet_path is None else None
         vae = part(AutoencoderKL, 'vae')
-        text_encoder = CLIPTextModel.from_pretrained(str(pretrained), subfolder='text_encoder',
-                                                     local_files_only=True, dtype=dtype)
+        text_encoder = _load_weights(lambda: CLIPTextModel.from_pretrained(
+            str(pretrained), subfolder='text_encoder', local_files_only=True, dtype=dtype),
+            [pretrained / 'text_encoder'])
         tokenizer = AutoTokenizer.from_pretrained(str(pretrained), subfolder='tokenizer', local_files_only=True)
         scheduler_config = _scheduler_config(pretrained)
     else:
@@ -129,19 +133,74 @@ def load_components(model: Mapping[str, Any], *, unet_path: str | Path | None = 
         if model.get('pretrained_config'):
             kwargs['config'] = model['pretrained_config']
             kwargs['local_files_only'] = Path(model['pretrained_config']).is_dir()
-        pipe = StableDiffusionPipeline.from_single_file(str(pretrained), **kwargs)
+        pipe = _load_weights(lambda: StableDiffusionPipeline.from_single_file(str(pretrained), **kwargs), [pretrained])
         unet = pipe.unet if unet_path is None else None
         vae, text_encoder, tokenizer = pipe.vae, pipe.text_encoder, pipe.tokenizer
         scheduler_config = dict(pipe.scheduler.config)
         if model.get('prediction') is not None:
             scheduler_config['prediction_type'] = model['prediction']
     if unet_path is not None:
-        unet = UNet2DConditionModel.from_pretrained(str(unet_path), local_files_only=True, torch_dtype=dtype)
+        unet = _load_weights(lambda: UNet2DConditionModel.from_pretrained(str(unet_path), local_files_only=True,
+                                                                          torch_dtype=dtype), [Path(unet_path)])
     prediction = model.get('prediction') or scheduler_config.get('prediction_type', 'epsilon')
     for module in (vae, text_encoder):
         module.requires_grad_(False).eval()
     return Components(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                       alphas_cumprod=alphas_cumprod_from_config(scheduler_config), prediction=prediction)
+
+
+@contextlib.contextmanager
+def _held_logs(names: Sequence[str]) -> Iterator[None]:
+    """Holds the named libraries' log records: emitted afterwards when the block succeeds, dropped when it
+    raises (their notices, e.g. "Defaulting to unsafe serialization", would precede the one-line error)."""
+    held: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = held.append
+    loggers = [logging.getLogger(name) for name in names]
+    saved = [(lg.handlers, lg.propagate) for lg in loggers]
+    for lg in loggers:
+        lg.handlers, lg.propagate = [handler], False
+    try:
+        yield
+    finally:
+        for lg, (handlers, propagate) in zip(loggers, saved):
+            lg.handlers, lg.propagate = handlers, propagate
+    for record in held:
+        logging.getLogger(record.name).handle(record)
+
+
+WEIGHT_SUFFIXES = ('.bin', '.pt', '.pth', '.ckpt', '.safetensors')
+
+
+def _load_weights(load: Callable[[], Any], places: Sequence[Path]) -> Any:
+    """load() (diffusers' or transformers' loader); when it fails, the weights file it could not read (a file in
+    places, or a file of a folder there) is a one-line CheckpointError naming it, never torch's advice to retry
+    with weights_only=False. Only the failure path reads the files a second time."""
+    from ..checkpoint import CheckpointError, quiet_pickle_warnings, read_torch_file
+
+    try:
+        with quiet_pickle_warnings(), _held_logs(('diffusers', 'transformers')):
+            return load()
+    except Exception as err:  # noqa: BLE001 - reported below as one line naming the file
+        if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
+            raise
+        files = [f for p in places for f in (sorted(p.iterdir()) if p.is_dir() else [p])
+                 if f.is_file() and f.suffix in WEIGHT_SUFFIXES]
+        for path in files:
+            if path.suffix == '.safetensors':
+                from safetensors import safe_open
+                try:
+                    with safe_open(str(path), 'pt') as f:
+                        f.keys()
+                except Exception as bad:  # noqa: BLE001
+                    raise CheckpointError(f'cannot read weights {str(path)!r}: it is truncated, or not a '
+                                          f'safetensors file ({type(bad).__name__}); expected diffusers or '
+                                          'transformers weights') from None
+            else:
+                read_torch_file(path, 'weights', 'diffusers or transformers weights')
+        lines = [line for line in str(err).splitlines() if line.strip() and 'weights_only' not in line]
+        raise CheckpointError(f'cannot load the weights in {", ".join(repr(str(p)) for p in places)} '
+                              f'({type(err).__name__}: {lines[0] if lines else ""})') from None
 
 
 def _scheduler_config(folder: Path) -> dict[str, Any]:

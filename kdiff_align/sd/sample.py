@@ -150,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli_defaults()  # before k-diffusion is imported
     args = _parse(argv)
     from ..checkpoint import CheckpointError, load_for_inference
-    from ..metadata import read_metadata
+    from ..metadata import MetadataError, read_metadata
     from .config import check_model
     from .model import load_components
 
@@ -169,13 +169,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if model['resolution'] % 8 or model['resolution'] < 8:
             raise ConfigError(f'--resolution must be a positive multiple of 8, got {model["resolution"]}')
         model = check_model(model)
-        meta = read_metadata(export['lora']) if 'lora' in export else None
-        if 'unet' in export and (Path(export['unet']) / 'kdiff_align.json').is_file():
-            meta = json.loads((Path(export['unet']) / 'kdiff_align.json').read_text())
         for key in ('lora', 'unet'):
             if key in export and not Path(export[key]).exists():
                 raise ConfigError(f'--{key} {export[key]!r} does not exist')
-        lora = load_for_inference(export['lora'], need_config=False)[1] if 'lora' in export else None
+        lora = meta = None
+        if 'lora' in export:
+            if Path(export['lora']).is_dir() or Path(export['lora']).suffix != '.safetensors':
+                raise ConfigError(f'--lora {export["lora"]!r} is not a .safetensors file; pass a LoRA .safetensors '
+                                  '(diffusers, peft or kohya keys), or a fully fine-tuned UNet folder to --unet')
+            lora = load_for_inference(export['lora'], need_config=False)[1]   # a CheckpointError names the file
+            meta = read_metadata(export['lora'])
+        if 'unet' in export and (Path(export['unet']) / 'kdiff_align.json').is_file():
+            meta = json.loads((Path(export['unet']) / 'kdiff_align.json').read_text())
         if args.cfg_scale is not None:
             w = cfg_scale_to_w(args.cfg_scale)
         elif args.w is not None:
@@ -195,12 +200,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         sampler = args.sampler or align.get('sampler') or 'dpmpp_2m'
         if steps < 1 or args.n < 1:
             raise ConfigError(f'--steps and --n must be >= 1, got {steps} and {args.n}')
-    except (ConfigError, CheckpointError) as err:
+    except (ConfigError, CheckpointError, MetadataError) as err:
         print(f'error: {err}', file=sys.stderr)
         return 2
     dtype = getattr(torch, args.dtype) if args.dtype else (
         torch.float16 if str(args.device).startswith('cuda') else torch.float32)
-    components = load_components(model, unet_path=export.get('unet'), dtype=dtype)
+    try:
+        components = load_components(model, unet_path=export.get('unet'), dtype=dtype)
+    except CheckpointError as err:
+        print(f'error: {err}', file=sys.stderr)
+        return 2
     if lora is not None:
         load_lora(components.unet, lora)
     prompts = [p for p in args.prompt for _ in range(args.n)]
