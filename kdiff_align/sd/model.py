@@ -10,8 +10,10 @@ condition is the empty prompt's embedding, {'cond': empty_embedding} with one ro
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,40 @@ import torch
 from torch import nn
 
 COND_KEY = 'cond'
+
+# Noise on every SD command, hidden by exact message: diffusers warns on every ModelMixin.to(dtype) even when no
+# module needs float32 (the list is empty), and transformers draws a bar for loading the text encoder's weights.
+NO_FP32_MODULES = 'should be kept in float32: []'
+LOADING_BAR = 'Loading weights'
+
+
+class _EmptyFp32Warning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return NO_FP32_MODULES not in record.getMessage()
+
+
+logging.getLogger('diffusers.models.modeling_utils').addFilter(_EmptyFp32Warning())
+
+
+@contextmanager
+def no_loading_bar() -> Iterator[None]:
+    """Within it, transformers draws no "Loading weights" bar (its other bars, and any hook of the user's, stay)."""
+    from transformers.utils import logging as hf_logging
+
+    if not hasattr(hf_logging, 'set_tqdm_hook'):   # older transformers: no such bar either
+        yield
+        return
+
+    def hook(factory, args, kwargs):
+        if kwargs.get('desc') == LOADING_BAR:
+            kwargs = {**kwargs, 'disable': True}
+        return previous(factory, args, kwargs) if previous is not None else factory(*args, **kwargs)
+
+    previous = hf_logging.set_tqdm_hook(hook)
+    try:
+        yield
+    finally:
+        hf_logging.set_tqdm_hook(previous)
 
 
 class UNetAdapter(nn.Module):
@@ -118,8 +154,9 @@ def load_components(model: Mapping[str, Any], *, unet_path: str | Path | None = 
             return cls.from_pretrained(str(pretrained), subfolder=name, local_files_only=True, torch_dtype=dtype)
         unet = part(UNet2DConditionModel, 'unet') if unet_path is None else None
         vae = part(AutoencoderKL, 'vae')
-        text_encoder = CLIPTextModel.from_pretrained(str(pretrained), subfolder='text_encoder',
-                                                     local_files_only=True, dtype=dtype)
+        with no_loading_bar():
+            text_encoder = CLIPTextModel.from_pretrained(str(pretrained), subfolder='text_encoder',
+                                                         local_files_only=True, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(str(pretrained), subfolder='tokenizer', local_files_only=True)
         scheduler_config = _scheduler_config(pretrained)
     else:
@@ -129,7 +166,8 @@ def load_components(model: Mapping[str, Any], *, unet_path: str | Path | None = 
         if model.get('pretrained_config'):
             kwargs['config'] = model['pretrained_config']
             kwargs['local_files_only'] = Path(model['pretrained_config']).is_dir()
-        pipe = StableDiffusionPipeline.from_single_file(str(pretrained), **kwargs)
+        with no_loading_bar():
+            pipe = StableDiffusionPipeline.from_single_file(str(pretrained), **kwargs)
         unet = pipe.unet if unet_path is None else None
         vae, text_encoder, tokenizer = pipe.vae, pipe.text_encoder, pipe.tokenizer
         scheduler_config = dict(pipe.scheduler.config)
