@@ -345,7 +345,8 @@ def speed_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument('--batch-size', type=int, default=None)
     p.add_argument('--w', type=float, default=2., help="the paper's w (cfg scale = 1 + w)")
     p.add_argument('--uncond-prob', type=float, default=0.1)
-    p.add_argument('--repeats', type=int, default=10)
+    p.add_argument('--repeats', type=int, default=10,
+                   help='rounds; each times every variant once, and a ratio is the median of its per-round ratios')
     p.add_argument('--warmup', type=int, default=2)
     p.add_argument('--sample-steps', type=int, default=8)
     p.add_argument('--out', type=Path, default=None, help='also write the rows as JSON here')
