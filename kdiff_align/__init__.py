@@ -1,10 +1,14 @@
 """kdiff-align: classifier-free-guidance training aligned with guided sampling, for k-diffusion.
 
 `import kdiff_align` is light: it imports torch and nothing of k-diffusion, hosts or optional packages
-until a name that needs them is used.
+until a name that needs them is used. It hides one warning, clip's pkg_resources deprecation (kdiff_align.env).
 """
 
 from importlib import import_module
+
+from .env import hide_import_warnings
+
+hide_import_warnings()
 
 __version__ = '0.1.0'
 

@@ -53,6 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out_dir)
     runs = [('digits_aligned', 'aligned')] + ([] if args.no_baseline else [('digits_baseline', 'standard CFG')])
     start = time.time()
+    print(f'== kdiff-align demo: trains {len(runs)} model(s) for {args.steps} steps each, then samples'
+          + (' and scores them' if args.eval_n else '') + '; each phase shows a progress bar with its ETA', flush=True)
     results, panels = [], []
     classes = list(range(10))
     for name, label in runs:
@@ -77,10 +79,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         scores = {}
         if args.eval_n:
             from .metrics import digits_metrics
-            many = sample_grid(denoiser, config, classes, args.w, n=args.eval_n, seed=args.seed + 1)
+            from tqdm.auto import tqdm
             labels = torch.tensor(classes).repeat_interleave(args.eval_n)
-            for i, w in enumerate(args.w):
-                scores[w] = digits_metrics(many[:, i].reshape(-1, *many.shape[3:]), labels)
+            for w in tqdm(args.w, desc=f'{name}: sampling {len(labels)} per w to score', unit='w', dynamic_ncols=True):
+                # One w at a time, for the bar's ETA: the same noise and samples as all of them in one call.
+                many = sample_grid(denoiser, config, classes, [w], n=args.eval_n, seed=args.seed + 1)
+                scores[w] = digits_metrics(many[:, 0].reshape(-1, *many.shape[3:]), labels)
         results.append((name, label, config, result, scores))
 
     gap = 12

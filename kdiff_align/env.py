@@ -1,9 +1,9 @@
-"""Process defaults of kdiff-align's command-line entry points (never applied by `import kdiff_align`).
+"""Process defaults of kdiff-align's command-line entry points, and the one warning `import kdiff_align` hides.
 
 - K_DIFFUSION_USE_COMPILE: upstream compiles small kernels with torch.compile by default, which costs CPUs
-  more than it saves; the entry points default it to '0'. A value the user set wins (e.g. 1 on a GPU).
-- The "pkg_resources is deprecated" UserWarning that clip prints when k-diffusion is imported is hidden; every
-  other warning is left alone.
+  more than it saves; the entry points default it to '0' (never `import kdiff_align`). A value the user set wins.
+- The "pkg_resources is deprecated" UserWarning that clip prints when k-diffusion is imported is hidden, by the
+  entry points and by `import kdiff_align` (hide_import_warnings); every other warning is left alone.
 """
 
 from __future__ import annotations
@@ -16,10 +16,15 @@ COMPILE_ENV = 'K_DIFFUSION_USE_COMPILE'
 PKG_RESOURCES_WARNING = r'pkg_resources is deprecated as an API'
 
 
+def hide_import_warnings() -> None:
+    """Hides clip's pkg_resources UserWarning (k-diffusion imports clip); call it before k-diffusion is imported."""
+    warnings.filterwarnings('ignore', message=PKG_RESOURCES_WARNING, category=UserWarning)
+
+
 def cli_defaults() -> None:
     """Applies the defaults above; call it before k-diffusion is imported."""
     os.environ.setdefault(COMPILE_ENV, '0')
-    warnings.filterwarnings('ignore', message=PKG_RESOURCES_WARNING, category=UserWarning)
+    hide_import_warnings()
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

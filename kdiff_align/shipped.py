@@ -24,10 +24,11 @@ def shipped_configs() -> list[str]:
 
 
 def find_config(path_or_name: str | Path) -> Path | None:
-    """path_or_name if it is a file, else the shipped config of that name ('cifar_aligned' or
-    'cifar_aligned.json'), else None."""
+    """path_or_name if it is a file, else the shipped config of that name ('cifar_aligned', 'cifar_aligned.json'
+    or, as a checkout spells it, 'configs/cifar_aligned.json'), else None."""
     path = Path(path_or_name)
     if path.is_file():
         return path
     name = path.name.removesuffix('.json')
-    return CONFIGS / f'{name}.json' if path.parent == Path('.') and name in shipped_configs() else None
+    in_configs = path.parent in (Path('.'), Path('configs'))
+    return CONFIGS / f'{name}.json' if in_configs and name in shipped_configs() else None

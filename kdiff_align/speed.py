@@ -7,6 +7,9 @@ minimal hand-written batched CFG function, the w = 0 and outside-interval shortc
 (conditional only) vs a two-pass (CFG) sampling step, evaluation (sampling) throughput vs raw forward
 throughput, and the memory of a training step. `python -m kdiff_align.bench gpu` (kdiff_align.gpu_check)
 runs it on a GPU among other checks.
+
+Each ratio is the median of per-round ratios (every round times every variant once, round_ratio), with their
+interquartile range; one wider than SPREAD_LIMIT of the median is flagged as too noisy to trust (a busy machine).
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import platform
 import statistics
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -46,21 +50,55 @@ def bench_config(model: str, w: float, **align) -> dict:
             'align': {'w_train': w, **align}}
 
 
+SPREAD_LIMIT = 0.2   # a ratio is too noisy to trust when its per-round interquartile range exceeds 20% of it
+
+
+@dataclass(frozen=True)
+class RoundRatio:
+    """The per-round ratios of one variant to its baseline: their median, quartiles and count."""
+    median: float
+    q1: float
+    q3: float
+    rounds: int
+
+    @property
+    def wide(self) -> bool:
+        """Whether the middle half of the per-round ratios spans more than SPREAD_LIMIT of the median."""
+        return self.q3 - self.q1 > SPREAD_LIMIT * self.median
+
+    def fields(self) -> dict:
+        """The row fields of a ratio: ratio (the median), ratio_iqr, rounds, wide_spread."""
+        return {'ratio': self.median, 'ratio_iqr': [self.q1, self.q3], 'rounds': self.rounds,
+                'wide_spread': self.wide}
+
+
+def round_ratio(times: Sequence[float], baseline: Sequence[float], scale: float = 1.0) -> RoundRatio:
+    """The median and quartiles of scale * times[r] / baseline[r] over the rounds r. Both were timed in the same
+    round, so load from other processes that lasts a round cancels, and the rounds it hits unevenly are outvoted."""
+    if len(times) != len(baseline) or not times:
+        raise ValueError(f'need the same number (>= 1) of rounds, got {len(times)} and {len(baseline)}')
+    ratios = sorted(scale * t / b for t, b in zip(times, baseline))
+    q1, _, q3 = statistics.quantiles(ratios, n=4, method='inclusive') if len(ratios) > 1 else ratios * 3
+    return RoundRatio(statistics.median(ratios), q1, q3, len(ratios))
+
+
 def interleaved(fns: dict[str, Callable[[], None]], repeats: int, warmup: int, sync: Callable[[], None]
-                ) -> dict[str, float]:
-    """Median seconds per call of each function, run in turn so drift hits all alike."""
+                ) -> dict[str, list[float]]:
+    """Seconds of each call of each function, per round: every round calls every function once, starting one
+    further along each round (so that no function always runs right after another)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
             sync()
             start = time.perf_counter()
-            fn()
+            fns[name]()
             sync()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
 
 
 def saved_activation_bytes(fn: Callable[[], torch.Tensor]) -> int:
@@ -141,9 +179,10 @@ def speed(args: argparse.Namespace) -> dict:
         flops[name] = counted_flops(fn)
     rows = []
     for name, (label, _) in objectives.items():
-        rows.append({'bench': 'train_step', 'variant': label, 'seconds': train[name],
-                     'ratio': train[name] / train['upstream'], 'flops': flops[name],
-                     'flop_ratio': flops[name] / flops['upstream'], 'tflops_per_s': flops[name] / train[name] / 1e12})
+        seconds = statistics.median(train[name])
+        rows.append({'bench': 'train_step', 'variant': label, 'seconds': seconds,
+                     **round_ratio(train[name], train['upstream']).fields(), 'flops': flops[name],
+                     'flop_ratio': flops[name] / flops['upstream'], 'tflops_per_s': flops[name] / seconds / 1e12})
 
     # Memory of one training step.
     def loss_of(denoiser):
@@ -195,7 +234,7 @@ def speed(args: argparse.Namespace) -> dict:
                         ('outside', 'GuidedDenoiser, sigma outside interval'),
                         ('one_pass', 'one-pass step (conditional only, B rows)')):
         rows.append({'bench': 'guided_call', 'variant': f'{label} vs hand-written batched CFG (2B rows)',
-                     'seconds': samp[name], 'ratio': samp[name] / samp['hand']})
+                     'seconds': statistics.median(samp[name]), **round_ratio(samp[name], samp['hand']).fields()})
 
     # Evaluation throughput: guided sampling vs raw forward passes of the same model.
     steps = args.sample_steps
@@ -215,15 +254,16 @@ def speed(args: argparse.Namespace) -> dict:
             denoiser(xx, ss, class_cond=ll)
 
     ev = interleaved({'sample': sampler(guided), 'one_pass': sampler(denoiser), 'forward': forward},
-                     max(1, args.repeats // 4), 1, sync)
+                     min(args.repeats, max(3, args.repeats // 4)), 1, sync)
     forward_flops = counted_flops(forward)
     # dpmpp_2m makes one guided evaluation (one forward of 2B rows) per step.
+    sample, one_pass, fwd = (statistics.median(ev[k]) for k in ('sample', 'one_pass', 'forward'))
     rows.append({'bench': 'eval_throughput', 'variant': f'dpmpp_2m {steps} steps guided (two-pass), images/s',
-                 'images_per_s': b / ev['sample'], 'raw_forward_images_per_s': b / (steps * ev['forward']),
-                 'ratio': steps * ev['forward'] / ev['sample'],
-                 'tflops_per_s': steps * forward_flops / ev['sample'] / 1e12})
+                 'images_per_s': b / sample, 'raw_forward_images_per_s': b / (steps * fwd),
+                 **round_ratio(ev['forward'], ev['sample'], scale=steps).fields(),
+                 'tflops_per_s': steps * forward_flops / sample / 1e12})
     rows.append({'bench': 'eval_throughput', 'variant': f'dpmpp_2m {steps} steps one-pass, images/s vs two-pass',
-                 'images_per_s': b / ev['one_pass'], 'ratio': ev['sample'] / ev['one_pass']})
+                 'images_per_s': b / one_pass, **round_ratio(ev['sample'], ev['one_pass']).fields()})
     return {'device': device_name(device), 'dtype': args.dtype, 'model': args.model, 'batch_size': b, 'w': args.w,
             'uncond_prob': p, 'torch': torch.__version__, 'commit': commit(), 'rows': rows}
 
@@ -261,7 +301,11 @@ def speed_table(rows: list[dict], peak_tflops: float | None = None) -> list[str]
                 measured += f" (raw forward {row['raw_forward_images_per_s']:.1f} img/s)"
         flops = f"{row['flop_ratio']:.2f}" if 'flop_ratio' in row else ''
         tflops = row.get('tflops_per_s')
-        line = f"| {row['bench']} | {row['variant']} | {measured} | {row['ratio']:.2f} | {flops} | " \
+        ratio = f"{row['ratio']:.2f}"
+        if 'ratio_iqr' in row:   # the per-round spread (rows from before it was recorded have none)
+            low, high = row['ratio_iqr']
+            ratio += f' [{low:.2f}, {high:.2f}]' + (' wide' if row['wide_spread'] else '')
+        line = f"| {row['bench']} | {row['variant']} | {measured} | {ratio} | {flops} | " \
                f"{'' if tflops is None else format(tflops, '.3g')} |"
         if peak_tflops:
             line += f" {'' if tflops is None else format(tflops / peak_tflops, '.1%')} |"
@@ -274,10 +318,21 @@ def print_speed(result: dict) -> None:
           f"{result['device']}, torch {result['torch']}, commit {result['commit']}, w = {result['w']} (paper's), "
           f"uncond_prob = {result['uncond_prob']}")
     print('\n'.join(speed_table(result['rows'])))
-    print('FLOP ratio: counted by torch.utils.flop_counter on the same inputs (one draw of the anchor rows). '
+    timed = [r for r in result['rows'] if 'rounds' in r]
+    rounds = min((r['rounds'] for r in timed), default=0)
+    print(f'ratio: the median over the rounds (at least {rounds}; each round times every variant once) of the '
+          'per-round ratio to the bench\'s first row, [its interquartile range]; "wide": that range exceeds '
+          f'{SPREAD_LIMIT:.0%} of the median. '
+          'FLOP ratio: counted by torch.utils.flop_counter on the same inputs (one draw of the anchor rows). '
           'eval_throughput: raw forward img/s = the rate if sampling were nothing but its forward passes '
           '(steps x one 2B-row forward); ratio = measured / that (1.0 = no overhead beyond the network); '
           'one-pass ratio = two-pass time / one-pass time.')
+    wide = [f"{r['bench']} {r['variant']}" for r in timed if r['wide_spread']]
+    if wide:
+        print(f'warning: {len(wide)} ratio(s) too noisy to trust (per-round spread over {SPREAD_LIMIT:.0%}, other load '
+              f'on the machine?): {"; ".join(wide)}. Rerun on an idle machine or with more --repeats.')
+    elif rounds < 3:
+        print(f'note: {rounds} round(s) cannot show a spread; use --repeats 3 or more to judge the ratios.')
 
 
 def speed_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -290,7 +345,8 @@ def speed_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument('--batch-size', type=int, default=None)
     p.add_argument('--w', type=float, default=2., help="the paper's w (cfg scale = 1 + w)")
     p.add_argument('--uncond-prob', type=float, default=0.1)
-    p.add_argument('--repeats', type=int, default=10)
+    p.add_argument('--repeats', type=int, default=10,
+                   help='rounds; each times every variant once, and a ratio is the median of its per-round ratios')
     p.add_argument('--warmup', type=int, default=2)
     p.add_argument('--sample-steps', type=int, default=8)
     p.add_argument('--out', type=Path, default=None, help='also write the rows as JSON here')

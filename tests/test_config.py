@@ -112,11 +112,18 @@ def test_a_shipped_configs_name_loads_it_from_anywhere(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no configs/ here
     names = shipped_configs()
     assert {'cifar_aligned', 'digits_aligned', 'sd_aligned', 'toy_baseline'} <= set(names)
+    # The README's spelling 'configs/NAME.json' (a checkout's path) names the shipped config outside a checkout too.
     assert config_path('digits_aligned') == config_path('digits_aligned.json') == CONFIGS / 'digits_aligned.json'
+    assert config_path('configs/digits_aligned.json') == CONFIGS / 'digits_aligned.json'
     assert load_config('digits_aligned') == load_config(CONFIGS / 'digits_aligned.json')
+    assert load_config('configs/digits_aligned.json') == load_config(CONFIGS / 'digits_aligned.json')
     (tmp_path / 'digits_aligned').write_text('{}')  # a file of that name wins: a path is always a path
     assert config_path('digits_aligned') == Path('digits_aligned')
-    for wrong in ('cifar_alligned', 'elsewhere/cifar_aligned.json'):
+    (tmp_path / 'configs').mkdir()
+    (tmp_path / 'configs' / 'digits_aligned.json').write_text('{}')
+    assert config_path('configs/digits_aligned.json') == Path('configs/digits_aligned.json')
+    for wrong in ('cifar_alligned', 'elsewhere/cifar_aligned.json', 'configs/cifar_alligned.json',
+                  'configs/sub/cifar_aligned.json'):
         with pytest.raises(ConfigError) as err:
             load_config(wrong)
         assert f"config file '{wrong}' does not exist and is not the name of a shipped config" in str(err.value)
@@ -130,5 +137,11 @@ def test_the_training_cli_takes_a_shipped_stable_diffusion_configs_name(tmp_path
     monkeypatch.chdir(tmp_path)
     assert load_sd_config('sd_aligned')['model']['type'] == 'stable_diffusion'
     # Dispatched to the Stable Diffusion path, which then names the missing weights of the shipped config.
-    assert main(['--config', 'sd_aligned', '--out-dir', str(tmp_path), '--end-step', '1']) == 2
-    assert "'model.pretrained': 'models/stable-diffusion-v1-5' does not exist" in capsys.readouterr().err
+    for name in ('sd_aligned', 'configs/sd_aligned.json'):
+        assert main(['--config', name, '--out-dir', str(tmp_path), '--end-step', '1']) == 2
+        assert "'model.pretrained': 'models/stable-diffusion-v1-5' does not exist" in capsys.readouterr().err
+    assert main(['--config', 'configs/sd_alligned.json', '--out-dir', str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: config file 'configs/sd_alligned.json' does not exist and is not the name of a "
+                          'shipped config; pass the path of a JSON config or one of the shipped names: ')
+    assert err.count('\n') == 1 and 'sd_aligned, sd_baseline' in err

@@ -43,3 +43,15 @@ def test_an_entry_point_prints_no_pkg_resources_warning(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert 'Done: step 0' in proc.stdout
     assert 'pkg_resources' not in proc.stderr, proc.stderr
+
+
+def test_library_use_prints_no_pkg_resources_warning(tmp_path):
+    # `import kdiff_align` stays silent even with every warning shown; then using it imports k-diffusion (and so
+    # clip and pkg_resources), which printed the deprecation warning in library use, outside any entry point.
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONWARNINGS'}
+    env['PYTHONPATH'] = str(ROOT)
+    for flags, code in ((['-W', 'default'], 'import kdiff_align'),
+                        ([], 'import kdiff_align; kdiff_align.load_config("toy_aligned"); import k_diffusion')):
+        proc = subprocess.run([sys.executable, *flags, '-c', code], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0 and proc.stderr == '', proc.stderr

@@ -7,6 +7,7 @@ the development environment's editable finder for kdiff_align must not be what g
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -85,6 +86,17 @@ def test_cli_and_demo_run_from_the_install_with_config_names(installed, tmp_path
                 '--eval-n', '0', '--n', '1', '--w', '0', '2', '--threads', '1', '--out-dir', str(tmp_path / 'demo')],
                cwd=tmp_path, env=env)
     assert 'Sample grid' in demo.stdout and (tmp_path / 'demo' / 'grid.png').is_file()
+
+
+def test_the_readme_usage_examples_run_from_the_install(installed, tmp_path):
+    # As a user who installed the wheel runs them: 'configs/digits_aligned.json' is the shipped config there,
+    # and nothing but the examples' own output is printed (no pkg_resources warning).
+    site, env = installed
+    blocks = re.findall(r'<!-- example: .*? -->\n```python\n(.*?)```', (ROOT / 'README.md').read_text(), re.S)
+    assert "load_config('configs/digits_aligned.json')" in blocks[0]
+    for block, expected in zip(blocks, ['torch.Size([4, 1, 8, 8]) 2.0', 'torch.Size([4, 2])\ntorch.Size([4, 2])']):
+        proc = run([sys.executable, '-c', block], cwd=tmp_path, env=env)
+        assert proc.stdout.strip() == expected and proc.stderr == '', proc.stderr
 
 
 def test_comfyui_and_a1111_glue_import_the_installed_package(installed, tmp_path):

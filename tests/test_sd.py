@@ -301,6 +301,45 @@ def test_sample_cli(lora_run, tmp_path):
     assert Image.open(out).size == (2 * sd_tiny.RESOLUTION, 2 * sd_tiny.RESOLUTION)
 
 
+def test_train_and_sample_commands_print_no_loading_noise(tiny, tmp_path):
+    # Every SD command printed transformers' "Loading weights" bar and diffusers' warning about an empty list of
+    # float32 modules; the commands' own output is all that is left.
+    path = tmp_path / 'sd.json'
+    path.write_text(json.dumps(sd_tiny.sd_config(tiny['pipe'], tiny['data'])))
+    commands = [['kdiff_align.train', '--config', str(path), '--out-dir', str(tmp_path), '--name', 'quiet',
+                 '--end-step', '1', '--batch-size', '2', '--no-progress'],
+                ['kdiff_align.sd.sample', '--run', str(tmp_path / 'quiet'), '--prompt', 'a cat', '--steps', '1',
+                 '--out', str(tmp_path / 'cat.png'), '--device', 'cpu']]
+    env = {**SD_ENV, 'PYTHONPATH': str(ROOT)}
+    for argv in commands:
+        proc = subprocess.run([sys.executable, '-m', *argv], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert 'Loading weights' not in proc.stderr and 'float32' not in proc.stderr, proc.stderr
+    assert (tmp_path / 'cat.png').is_file()
+
+
+def test_only_that_warning_and_that_bar_are_hidden():
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    from kdiff_align.sd.model import no_loading_bar
+
+    logger = logging.getLogger('diffusers.models.modeling_utils')
+
+    def shown(message):
+        return bool(logger.filter(logger.makeRecord(logger.name, logging.WARNING, __file__, 0, message, (), None)))
+    assert not shown('There are modules in UNet2DConditionModel that should be kept in float32: []. Casting ...')
+    assert shown("There are modules in UNet2DConditionModel that should be kept in float32: ['norm']. Casting ...")
+    with no_loading_bar():
+        bars = [hf_logging.tqdm(range(1), desc=d, disable=False) for d in ('Loading weights', 'Downloading')]
+    bars.append(hf_logging.tqdm(range(1), desc='Loading weights', disable=False))   # after it: shown again
+    assert [bar.disable for bar in bars] == [True, False, False]
+    for bar in bars:
+        bar.close()
+
+
 @pytest.mark.parametrize('sampler', ['euler_ancestral', 'heun'])
 def test_generate_any_sampler_batched_guidance(tiny, sampler):
     from kdiff_align.sd.model import load_components

@@ -22,6 +22,40 @@ from torch import nn
 
 COND_KEY = 'cond'
 
+# Noise on every SD command, hidden by exact message: diffusers warns on every ModelMixin.to(dtype) even when no
+# module needs float32 (the list is empty), and transformers draws a bar for loading the text encoder's weights.
+NO_FP32_MODULES = 'should be kept in float32: []'
+LOADING_BAR = 'Loading weights'
+
+
+class _EmptyFp32Warning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return NO_FP32_MODULES not in record.getMessage()
+
+
+logging.getLogger('diffusers.models.modeling_utils').addFilter(_EmptyFp32Warning())
+
+
+@contextlib.contextmanager
+def no_loading_bar() -> Iterator[None]:
+    """Within it, transformers draws no "Loading weights" bar (its other bars, and any hook of the user's, stay)."""
+    from transformers.utils import logging as hf_logging
+
+    if not hasattr(hf_logging, 'set_tqdm_hook'):   # older transformers: no such bar either
+        yield
+        return
+
+    def hook(factory, args, kwargs):
+        if kwargs.get('desc') == LOADING_BAR:
+            kwargs = {**kwargs, 'disable': True}
+        return previous(factory, args, kwargs) if previous is not None else factory(*args, **kwargs)
+
+    previous = hf_logging.set_tqdm_hook(hook)
+    try:
+        yield
+    finally:
+        hf_logging.set_tqdm_hook(previous)
+
 
 class UNetAdapter(nn.Module):
     """inner_model for k-diffusion's DDPM wrappers: forward(x, t, cond) = unet(x, t, encoder_hidden_states=cond).
@@ -121,9 +155,10 @@ def load_components(model: Mapping[str, Any], *, unet_path: str | Path | None = 
                                                              torch_dtype=dtype), [pretrained / name])
         unet = part(UNet2DConditionModel, 'unet') if unet_path is None else None
         vae = part(AutoencoderKL, 'vae')
-        text_encoder = _load_weights(lambda: CLIPTextModel.from_pretrained(
-            str(pretrained), subfolder='text_encoder', local_files_only=True, dtype=dtype),
-            [pretrained / 'text_encoder'])
+        with no_loading_bar():
+            text_encoder = _load_weights(lambda: CLIPTextModel.from_pretrained(
+                str(pretrained), subfolder='text_encoder', local_files_only=True, dtype=dtype),
+                [pretrained / 'text_encoder'])
         tokenizer = AutoTokenizer.from_pretrained(str(pretrained), subfolder='tokenizer', local_files_only=True)
         scheduler_config = _scheduler_config(pretrained)
     else:
@@ -133,7 +168,9 @@ def load_components(model: Mapping[str, Any], *, unet_path: str | Path | None = 
         if model.get('pretrained_config'):
             kwargs['config'] = model['pretrained_config']
             kwargs['local_files_only'] = Path(model['pretrained_config']).is_dir()
-        pipe = _load_weights(lambda: StableDiffusionPipeline.from_single_file(str(pretrained), **kwargs), [pretrained])
+        with no_loading_bar():
+            pipe = _load_weights(lambda: StableDiffusionPipeline.from_single_file(str(pretrained), **kwargs),
+                                 [pretrained])
         unet = pipe.unet if unet_path is None else None
         vae, text_encoder, tokenizer = pipe.vae, pipe.text_encoder, pipe.tokenizer
         scheduler_config = dict(pipe.scheduler.config)
