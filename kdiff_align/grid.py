@@ -75,7 +75,8 @@ def image_grid(images: torch.Tensor, rows: int, cols: int, *, scale: int = 1, pa
         h, w = h * scale, w * scale
     m = 8   # margin
     left = m + max(_text_size(f, s)[2] for s in row_labels) + m if row_labels else m
-    grid_w = cols * (w + pad) - pad
+    gap = 8 if span > 1 else 0   # between column groups
+    grid_w = cols * (w + pad) - pad + (cols // span - 1) * gap
     width = max(left + grid_w + m, min_width if title else 0)
     lines = _wrap(f, title, width - 2 * m) if title else []
     width = max([width] + [_text_size(f, s)[2] + 2 * m for s in lines])
@@ -86,10 +87,10 @@ def image_grid(images: torch.Tensor, rows: int, cols: int, *, scale: int = 1, pa
         draw.text((m, m + i * line - _text_size(f, text)[1] + 2), text, fill='black', font=f)
     for i, tile in enumerate(tiles):
         r, k = divmod(i, cols)
-        grid.paste(tile.convert('RGB'), (left + k * (w + pad), top + r * (h + pad)))
+        grid.paste(tile.convert('RGB'), (left + k * (w + pad) + k // span * gap, top + r * (h + pad)))
     for k, label in enumerate(col_labels or []):
         l, t, rt, b = _text_size(f, label)
-        centre = left + k * span * (w + pad) + (span * (w + pad) - pad) / 2
+        centre = left + k * (span * (w + pad) + gap) + (span * (w + pad) - pad) / 2
         draw.text((centre - (l + rt) / 2, top - m // 2 - b - 2), label, fill='black', font=f)
     for r, label in enumerate(row_labels or []):
         l, t, rt, b = _text_size(f, label)

@@ -97,17 +97,20 @@ def test_toy_scatter_shares_its_scale_names_the_classes_and_says_s_is_1_plus_w(w
     assert grid_image(x, TOY, [0, 1, 2, 3], ws, title).width >= 600
 
 
+def preview(toy: bool, gen: torch.Generator, per: int = 3) -> dict:
+    """A saved preview as evaluate writes it: toy points of 4 classes or mid-grey 8x8 digits of 10 classes."""
+    if toy:
+        return {'samples': torch.randn(40 * per, 2, generator=gen),
+                'labels': torch.arange(4).repeat_interleave(10 * per)}
+    return {'samples': torch.zeros(10 * per, 1, 8, 8), 'labels': torch.arange(10).repeat_interleave(per)}
+
+
 @pytest.mark.parametrize('toy', [True, False])
 def test_sample_table_figure_is_readable(toy):
     gen = torch.Generator().manual_seed(0)
-    if toy:
-        preview = lambda: {'samples': torch.randn(80, 2, generator=gen), 'labels': torch.arange(4).repeat_interleave(20)}
-    else:
-        preview = lambda: {'samples': torch.rand(30, 1, 8, 8, generator=gen) * 2 - 1,
-                           'labels': torch.arange(10).repeat_interleave(3)}
     rows = ['standard CFG', 'aligned', 'standard CFG at equal FLOPs']
-    fig = plots.sample_table_figure({r: {f'w = {w:g}': preview() for w in (0, 1, 3)} for r in rows}, toy=toy,
-                                    title=LONG)
+    fig = plots.sample_table_figure({r: {f'w = {w:g}': preview(toy, gen) for w in (0, 1, 3)} for r in rows},
+                                    toy=toy, title=LONG)
     assert [ax.get_ylabel() for ax in fig.axes[::3]] == rows
     if toy:
         assert len({(ax.get_xlim(), ax.get_ylim()) for ax in fig.axes}) == 1
@@ -133,18 +136,15 @@ def test_image_grid_widens_tiles_for_long_column_labels_and_wraps_the_title():
 
 
 def test_evaluate_sample_grids_label_rows_by_class_and_columns_by_w(tmp_path):
+    from PIL import Image
+
     gen = torch.Generator().manual_seed(0)
-    for model, config, previews in (
-            ('digits', DIGITS, lambda: {'samples': torch.zeros(80, 1, 8, 8), 'labels': torch.arange(10).repeat_interleave(8)}),
-            ('toy', TOY, lambda: {'samples': torch.randn(200, 2, generator=gen),
-                                  'labels': torch.arange(4).repeat_interleave(50)})):
+    for model, config in (('digits', DIGITS), ('toy', TOY)):
         for w in (0, 1, 3):
             path = tmp_path / 'cells' / model / f'euler-s8-w{w:g}.pt'
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(previews(), path)
-        cells = [Cell('euler', 8, float(w)) for w in (0, 1, 3)]
-        [path] = plots.sample_grids(tmp_path, [model], cells, config)
-        from PIL import Image
+            torch.save(preview(model == 'toy', gen, per=8), path)
+        [path] = plots.sample_grids(tmp_path, [model], [Cell('euler', 8, float(w)) for w in (0, 1, 3)], config)
         img = Image.open(path)
         if model == 'digits':
             assert_labelled_grid(img, rows=10, groups=3)
