@@ -65,7 +65,8 @@ def figure_image(fig):
 
 def layout_problems(fig) -> list[str]:
     """What of fig, once drawn, is unreadable: text or a legend outside the canvas, a figure legend over a plotting
-    area, an axes legend outside its axes. Empty: every label is whole and on the canvas."""
+    area or a label, an axes legend outside its axes, two labels on top of each other. Empty: every label is whole
+    and on the canvas."""
     from matplotlib.text import Text
     fig.canvas.draw()
     r = fig.canvas.get_renderer()
@@ -94,8 +95,13 @@ def layout_problems(fig) -> list[str]:
         if legend is not None and not inside(legend.get_window_extent(r), ax.bbox):
             problems.append(f'the legend of {ax.get_title()!r} sticks out of its axes')
     in_legends = {id(t) for legend in fig.legends for t in legend.findobj(Text)}
-    others = [t.get_window_extent(r) for t in fig.findobj(Text)
+    labels = [t for t in fig.findobj(Text)
               if id(t) not in ticks | in_legends and t.get_visible() and t.get_text().strip()]
+    others = [t.get_window_extent(r) for t in labels]
+    for i, a in enumerate(labels):
+        for b, box in zip(labels[i + 1:], others[i + 1:]):
+            if others[i].overlaps(box):
+                problems.append(f'text {a.get_text()!r} overlaps {b.get_text()!r}')
     for legend in fig.legends:
         box = legend.get_window_extent(r)
         if not inside(box, canvas):
