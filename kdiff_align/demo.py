@@ -42,10 +42,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print('error: --steps, --batch-size and --n must be >= 1, --eval-n >= 0 and every --w >= 0', file=sys.stderr)
         return 2
     import torch
-    from PIL import Image, ImageDraw
 
     from .config import align_section, load_config
-    from .grid import default_scale, image_grid
+    from .grid import W_CAPTION, default_scale, image_grid, join_images
     from .sample import sample_grid
     from .train import TrainOptions, train
 
@@ -72,10 +71,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         denoiser = build_denoiser(load_config(saved_config), state)
         samples = sample_grid(denoiser, config, classes, args.w, n=args.n, seed=args.seed)
         images = samples.reshape(-1, *samples.shape[3:])
-        col_labels = [f'w={w:g}' if i == 0 else '' for w in args.w for i in range(args.n)]
         title = f'{label} (w_train = {align_section(config)["w_train"]:g})'
         panels.append(image_grid(images, len(classes), len(args.w) * args.n, scale=default_scale([8, 8]),
-                                 row_labels=[str(c) for c in classes], col_labels=col_labels, title=title))
+                                 row_labels=[f'class {c}' for c in classes],
+                                 col_labels=[f'w = {w:g}' for w in args.w], title=title, min_width=0))
         scores = {}
         if args.eval_n:
             from .metrics import digits_metrics
@@ -87,15 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 scores[w] = digits_metrics(many[:, 0].reshape(-1, *many.shape[3:]), labels)
         results.append((name, label, config, result, scores))
 
-    gap = 12
-    height = max(p.height for p in panels) + 16
-    grid = Image.new('RGB', (sum(p.width for p in panels) + gap * (len(panels) - 1), height), 'white')
-    x = 0
-    for panel in panels:
-        grid.paste(panel, (x, 16))
-        x += panel.width + gap
-    ImageDraw.Draw(grid).text((2, 2), "rows = classes 0-9, columns = w (paper's, cfg scale = 1 + w), same noise "
-                              'per row', fill='black')
+    grid = join_images(panels, f'scikit-learn digits; rows = classes 0-9, columns: {W_CAPTION}; the same noise '
+                       'along each row')
     grid_path = out / 'grid.png'
     grid.save(grid_path)
 

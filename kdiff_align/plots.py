@@ -1,7 +1,10 @@
-"""PNG plots of evaluation sweeps (matplotlib, Agg backend): metric vs w, metric vs steps, sample grids."""
+"""PNG plots of evaluation sweeps (matplotlib, Agg backend): metric vs w, metric vs steps, sample grids.
+Figures are built by *_figure functions (tested for readability by layout_problems) and saved by the others."""
 
 from __future__ import annotations
 
+import io
+import textwrap
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -10,12 +13,102 @@ from typing import Any
 import numpy as np
 import torch
 
+DPI = 100
+MIN_WIDTH = 6.4   # inches: 640 px at DPI
+PANEL = 3.2       # inches per line-plot panel
+W_AXIS = "guidance w (paper's; cfg scale s = 1 + w)"
+
 
 def _plt():
     import matplotlib
     matplotlib.use('Agg')
     from matplotlib import pyplot as plt
     return plt
+
+
+def _figure(rows: int, cols: int, width: float, height: float, **kw):
+    """A constrained-layout figure of rows x cols axes, at least MIN_WIDTH wide."""
+    return _plt().subplots(rows, cols, figsize=(max(width, MIN_WIDTH), height), dpi=DPI, squeeze=False,
+                           layout='constrained', **kw)
+
+
+def _suptitle(fig, text: str | None, fontsize: float = 10) -> None:
+    """A figure title wrapped to the figure's width."""
+    if text:
+        chars = max(20, int(fig.get_figwidth() * 72 / (0.6 * fontsize)))
+        fig.suptitle(textwrap.fill(text, chars), fontsize=fontsize)
+
+
+def _legend(fig, handles, labels, title: str | None = None, **kw) -> None:
+    """One legend for the figure, right of the panels, never over the data."""
+    if labels:
+        fig.legend(handles, labels, loc='outside right center', fontsize=8, title=title, title_fontsize=8, **kw)
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Saves fig as a PNG at its own size and closes it."""
+    path = Path(path)
+    fig.savefig(path, dpi=DPI)
+    _plt().close(fig)
+    return path
+
+
+def figure_image(fig):
+    """fig as a PIL RGB image (the figure is closed)."""
+    from PIL import Image
+    buf = io.BytesIO()
+    fig.savefig(buf, format='png', dpi=DPI)
+    _plt().close(fig)
+    buf.seek(0)
+    return Image.open(buf).convert('RGB')
+
+
+def layout_problems(fig) -> list[str]:
+    """What of fig, once drawn, is unreadable: text or a legend outside the canvas, a figure legend over a plotting
+    area or a label, an axes legend outside its axes, two labels on top of each other. Empty: every label is whole
+    and on the canvas."""
+    from matplotlib.text import Text
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    canvas = fig.bbox
+
+    def inside(b, box, tol=1.0):
+        return b.x0 >= box.x0 - tol and b.y0 >= box.y0 - tol and b.x1 <= box.x1 + tol and b.y1 <= box.y1 + tol
+
+    problems = []
+    tight = fig.get_tightbbox(r).transformed(fig.dpi_scale_trans)
+    if not inside(tight, canvas):
+        problems.append(f'the drawn content {tight.bounds} does not fit the canvas {canvas.bounds}')
+    ticks = {id(t) for ax in fig.axes for axis in (ax.xaxis, ax.yaxis)
+             for tick in list(axis.majorTicks) + list(axis.minorTicks) for t in (tick.label1, tick.label2)}
+    for t in fig.findobj(Text):
+        if id(t) in ticks or not t.get_visible() or not t.get_text().strip():
+            continue
+        if not inside(t.get_window_extent(r), canvas):
+            problems.append(f'text {t.get_text()!r} is clipped by the canvas')
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            box = axis.get_tightbbox(r) if ax.get_visible() and axis.get_visible() else None
+            if box is not None and not inside(box, canvas):
+                problems.append(f'tick labels of {ax.get_title()!r} are clipped by the canvas')
+        legend = ax.get_legend()
+        if legend is not None and not inside(legend.get_window_extent(r), ax.bbox):
+            problems.append(f'the legend of {ax.get_title()!r} sticks out of its axes')
+    in_legends = {id(t) for legend in fig.legends for t in legend.findobj(Text)}
+    labels = [t for t in fig.findobj(Text)
+              if id(t) not in ticks | in_legends and t.get_visible() and t.get_text().strip()]
+    others = [t.get_window_extent(r) for t in labels]
+    for i, a in enumerate(labels):
+        for b, box in zip(labels[i + 1:], others[i + 1:]):
+            if others[i].overlaps(box):
+                problems.append(f'text {a.get_text()!r} overlaps {b.get_text()!r}')
+    for legend in fig.legends:
+        box = legend.get_window_extent(r)
+        if not inside(box, canvas):
+            problems.append('a figure legend is clipped by the canvas')
+        if any(box.overlaps(ax.bbox) for ax in fig.axes if ax.get_visible()) or any(map(box.overlaps, others)):
+            problems.append('a figure legend lies over a plotting area or a label')
+    return problems
 
 
 def aggregate(rows: Sequence[Mapping[str, Any]], metric: str, group: str) -> dict[tuple, tuple[float, float, int]]:
@@ -27,64 +120,115 @@ def aggregate(rows: Sequence[Mapping[str, Any]], metric: str, group: str) -> dic
     return {k: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, len(v)) for k, v in values.items()}
 
 
-def sweep_plots(rows: Sequence[Mapping[str, Any]], metric: str, out_dir: str | Path, *, group: str = 'model',
-                groups: Sequence[str] | None = None, floor: float | None = None, stem: str = '',
-                log_y: bool = True) -> list[Path]:
-    """metric_vs_w (one panel per step count) and metric_vs_steps (one panel per w); mean ± std over repeats;
-    solid = first sampler, dashed = second; the floor as a grey line."""
+def sweep_figures(rows: Sequence[Mapping[str, Any]], metric: str, *, group: str = 'model',
+                  groups: Sequence[str] | None = None, floor: float | None = None,
+                  log_y: bool = True) -> dict[str, Any]:
+    """{'w': metric vs w (one panel per step count), 'steps': metric vs steps (one panel per w)}; mean ± std over
+    repeats; one colour per group, solid = first sampler, dashed = second; the floor as a grey line."""
     plt = _plt()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     agg = aggregate(rows, metric, group)
     if not agg:
-        return []
+        return {}
     groups = list(groups) if groups else sorted({k[0] for k in agg}, key=str)
     samplers = sorted({k[1] for k in agg}, key=lambda s: (s != 'dpmpp_2m', s))
     steps = sorted({k[2] for k in agg})
     ws = sorted({k[3] for k in agg})
     styles = ['-', '--', ':', '-.']
     colors = plt.rcParams['axes.prop_cycle'].by_key()['color']
-    paths = []
+    figures = {}
     for xname, panels, xs in (('w', steps, ws), ('steps', ws, steps)):
-        fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.2), squeeze=False, sharey=True)
+        fig, axes = _figure(1, len(panels), PANEL * len(panels) + 2.2, 3.6, sharey=True, sharex=True)
         for ax, panel in zip(axes[0], panels):
             for gi, g in enumerate(groups):
                 for si, s in enumerate(samplers):
-                    pts = [(x, agg[(g, s, panel, x) if xname == 'w' else (g, s, x, panel)]) for x in xs
-                           if ((g, s, panel, x) if xname == 'w' else (g, s, x, panel)) in agg]
+                    keys = [(x, (g, s, panel, x) if xname == 'w' else (g, s, x, panel)) for x in xs]
+                    pts = [(x, agg[k]) for x, k in keys if k in agg]
                     if not pts:
                         continue
                     x = [p[0] for p in pts]
                     m = np.array([p[1][0] for p in pts])
                     e = np.array([p[1][1] for p in pts])
                     ax.plot(x, m, styles[si % 4], color=colors[gi % len(colors)], marker='o', ms=3,
-                            label=f'{g} ({s})')
+                            label=f'{g} ({s})' if len(samplers) > 1 else str(g))
                     if e.any():
                         ax.fill_between(x, m - e, m + e, color=colors[gi % len(colors)], alpha=0.15)
             if floor is not None:
                 ax.axhline(floor, color='grey', lw=1, ls=':', label='floor')
-            ax.set_title(f'steps = {panel}' if xname == 'w' else f'w = {panel:g}')
-            ax.set_xlabel("w (paper's; cfg scale = 1 + w)" if xname == 'w' else 'sampling steps')
+            ax.set_title(f'{panel} steps' if xname == 'w' else f'w = {panel:g}', fontsize=10)
             if xname == 'steps':
                 ax.set_xscale('log', base=2)
             if log_y:
                 ax.set_yscale('log')
+        fig.supxlabel(W_AXIS if xname == 'w' else 'sampling steps', fontsize=10)
         axes[0][0].set_ylabel(metric)
-        handles, labels = axes[0][0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc='lower center', ncol=min(4, len(labels)), fontsize=7, frameon=False)
-        fig.tight_layout(rect=(0, 0.04 + 0.03 * ((len(labels) - 1) // 4), 1, 1))
-        path = out_dir / f'{stem}{metric}_vs_{xname}.png'
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        paths.append(path)
-    return paths
+        _legend(fig, *axes[0][0].get_legend_handles_labels())
+        what = (f'{metric} vs guidance w' if xname == 'w' else f'{metric} vs sampling steps; w is the paper\'s '
+                'guidance weight (cfg scale s = 1 + w)')
+        _suptitle(fig, what + (' (mean ± std over repeats)' if any(v[2] > 1 for v in agg.values()) else ''))
+        figures[xname] = fig
+    return figures
+
+
+def sweep_plots(rows: Sequence[Mapping[str, Any]], metric: str, out_dir: str | Path, *, group: str = 'model',
+                groups: Sequence[str] | None = None, floor: float | None = None, stem: str = '',
+                log_y: bool = True) -> list[Path]:
+    """<stem><metric>_vs_w.png and <stem><metric>_vs_steps.png of sweep_figures."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figures = sweep_figures(rows, metric, group=group, groups=groups, floor=floor, log_y=log_y)
+    return [save_figure(fig, out_dir / f'{stem}{metric}_vs_{x}.png') for x, fig in figures.items()]
+
+
+def _class_colors(labels) -> dict:
+    plt = _plt()
+    cmap = plt.get_cmap('tab10' if len(labels) <= 10 else 'tab20')
+    return {c: cmap(i % cmap.N) for i, c in enumerate(labels)}
+
+
+def scatter_grid(cells: Mapping[str, Mapping[str, tuple[torch.Tensor, torch.Tensor]]], *, title: str | None = None,
+                 legend: bool = True, panel: float = 2.6):
+    """Toy 2-D samples: cells[row][column] = (points [N, 2], class labels [N]); every panel on the same x/y
+    scale, one colour per class (the legend), row names on the left, column names on top."""
+    rows = list(cells)
+    cols = list(dict.fromkeys(c for r in rows for c in cells[r]))
+    panel = max(panel, min(4.0, (MIN_WIDTH - 1.0) / len(cols)))   # few panels: larger ones, not blank space
+    names = 0.09 * max(len(r) for r in rows)   # inches for the row names
+    fig, axes = _figure(len(rows), len(cols), panel * len(cols) + names + (1.0 if legend else 0.2),
+                        panel * len(rows) + 0.9, sharex=True, sharey=True)
+    classes = sorted({int(c) for r in rows for x, lab in cells[r].values() for c in lab.unique()})
+    colors = _class_colors(classes)
+    everything = np.concatenate([x.reshape(-1, 2).float().numpy() for r in rows for x, _ in cells[r].values()])
+    lo, hi = everything.min(0), everything.max(0)
+    centre, half = (lo + hi) / 2, max(float((hi - lo).max()) / 2 * 1.05, 1e-3)
+    for i, r in enumerate(rows):
+        for j, c in enumerate(cols):
+            ax = axes[i][j]
+            if c in cells[r]:
+                x, lab = cells[r][c]
+                for k in classes:
+                    pts = x[lab == k].float().numpy()
+                    ax.scatter(pts[:, 0], pts[:, 1], s=3, color=colors[k], label=str(k), rasterized=True)
+            ax.set_xlim(centre[0] - half, centre[0] + half)
+            ax.set_ylim(centre[1] - half, centre[1] + half)
+            ax.set_aspect('equal', adjustable='box')
+            ax.tick_params(labelsize=8)
+            if i == 0 and c:
+                ax.set_title(c, fontsize=10)
+            if j == 0 and r:
+                ax.set_ylabel(r, fontsize=9, rotation=0, ha='right', va='center')
+    if legend:
+        handles = [_plt().Line2D([], [], marker='o', ls='', color=colors[k]) for k in classes]
+        _legend(fig, handles, [str(k) for k in classes], title='class')
+    _suptitle(fig, title)
+    return fig
 
 
 def sample_grids(out_dir: str | Path, models: Sequence[str], cells: Sequence[Any], config: Mapping[str, Any],
-                 *, dest: str | Path | None = None) -> list[Path]:
-    """One PNG per model from the saved previews: the first sampler at the most steps, columns = w, rows = classes
-    (images) or one scatter panel per w (toy)."""
-    plt = _plt()
+                 *, dest: str | Path | None = None, per: int = 4) -> list[Path]:
+    """samples_<model>.png from the saved previews: the first sampler at the most steps, rows = classes, columns = w
+    (per samples each; toy: one scatter panel per w)."""
+    from .grid import W_CAPTION, grid_image
+
     out_dir = Path(out_dir)
     dest = Path(dest) if dest else out_dir
     if not cells:
@@ -95,38 +239,22 @@ def sample_grids(out_dir: str | Path, models: Sequence[str], cells: Sequence[Any
     for model in models:
         previews = []
         for w in chosen:
-            key = f'{sampler}-s{steps}-w{w:g}'
-            p = out_dir / 'cells' / model / f'{key}.pt'
+            p = out_dir / 'cells' / model / f'{sampler}-s{steps}-w{w:g}.pt'
             if not p.exists():
                 break
             previews.append(torch.load(p, weights_only=True))
         if len(previews) != len(chosen):
             continue
+        classes = previews[0]['labels'].unique().tolist()
         toy = config['model']['type'] == 'toy_mlp'
-        fig, axes = plt.subplots(1, len(chosen), figsize=(2.2 * len(chosen), 2.6 if toy else 2.8), squeeze=False)
-        for ax, w, pv in zip(axes[0], chosen, previews):
-            x, labels = pv['samples'], pv['labels']
-            if toy:
-                for c in labels.unique():
-                    pts = x[labels == c].numpy()
-                    ax.scatter(pts[:, 0], pts[:, 1], s=4)
-                ax.set_aspect('equal')
-            else:
-                classes = labels.unique()
-                per = min(int((labels == c).sum()) for c in classes)
-                tiles = torch.stack([x[labels == c][:per] for c in classes])  # [K, per, C, H, W]
-                k, _, ch, h, wd = tiles.shape
-                img = tiles.permute(0, 3, 1, 4, 2).reshape(k * h, per * wd, ch).clamp(-1, 1).add(1).div(2)
-                ax.imshow(img.squeeze(-1).numpy() if ch == 1 else img.numpy(), cmap='gray', vmin=0, vmax=1,
-                          interpolation='nearest')
-                ax.set_xticks([])
-                ax.set_yticks([])
-            ax.set_title(f'w = {w:g}', fontsize=9)
-        fig.suptitle(f'{model}: {sampler}, {steps} steps', fontsize=9)
-        fig.tight_layout()
+        n = min(int((pv['labels'] == c).sum()) for pv in previews for c in classes)
+        n = n if toy else min(n, per)
+        samples = torch.stack([torch.stack([pv['samples'][pv['labels'] == c][:n] for pv in previews])
+                               for c in classes])   # [classes, w, n, ...]
+        image = grid_image(samples, config, classes, chosen,
+                           f'{model}: {sampler}, {steps} steps; columns: {W_CAPTION}')
         path = dest / f'samples_{model}.png'
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
+        image.save(path)
         paths.append(path)
     return paths
 
@@ -134,67 +262,68 @@ def sample_grids(out_dir: str | Path, models: Sequence[str], cells: Sequence[Any
 Series = dict[str, list[tuple[float, float, bool]]]   # name -> [(x, y, marked)]
 
 
-def line_panels(panels: Mapping[str, Series], path: str | Path, *, xlabel: str, ylabel: str,
-                floors: Mapping[str, float] | None = None, log_x: bool = False, log_y: bool = True,
-                title: str | None = None, mark_label: str = 'marked') -> Path:
+def line_panels_figure(panels: Mapping[str, Series], *, xlabel: str, ylabel: str,
+                       floors: Mapping[str, float] | None = None, log_x: bool = False, log_y: bool = True,
+                       title: str | None = None, mark_label: str = 'marked'):
     """One panel per key of panels, one line per series (a fixed colour per series name across panels); marked
-    points get a large hollow ring; floors[panel] as a grey dotted line."""
+    points get a large hollow ring; floors[panel] as a grey dotted line; one legend for all panels."""
     plt = _plt()
     names = list(dict.fromkeys(name for series in panels.values() for name in series))
     colors = plt.rcParams['axes.prop_cycle'].by_key()['color']
-    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(3.4 * max(len(panels), 1), 3.3), squeeze=False)
+    n = max(len(panels), 1)
+    fig, axes = _figure(1, n, PANEL * n + 2.4, 3.8)
+    handles: dict[str, Any] = {}
     for ax, (panel, series) in zip(axes[0], panels.items()):
         for name, pts in series.items():
             pts = sorted(p for p in pts if np.isfinite(p[1]))
             if not pts:
                 continue
             color = colors[names.index(name) % len(colors)]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], '-o', ms=3, color=color, label=name)
+            handles.setdefault(name, ax.plot([p[0] for p in pts], [p[1] for p in pts], '-o', ms=3, color=color)[0])
             ring = [p for p in pts if p[2]]
             if ring:
                 ax.scatter([p[0] for p in ring], [p[1] for p in ring], s=90, facecolors='none', edgecolors=color,
                            linewidths=1.2)
         if floors and panel in floors:
-            ax.axhline(floors[panel], color='grey', lw=1, ls=':', label='floor')
-        ax.set_title(panel, fontsize=9)
-        ax.set_xlabel(xlabel)
+            handles.setdefault('floor', ax.axhline(floors[panel], color='grey', lw=1, ls=':'))
+        ax.set_title(textwrap.fill(panel, 32), fontsize=10)
         if log_x:
             ax.set_xscale('log', base=2)
         if log_y:
             ax.set_yscale('log')
+    fig.supxlabel(xlabel, fontsize=10)
     axes[0][0].set_ylabel(ylabel)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    for ax in axes[0][1:]:   # every series once, wherever it first appears
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            if lab not in labels:
-                handles.append(h)
-                labels.append(lab)
     if any(p[2] for series in panels.values() for pts in series.values() for p in pts):
-        handles.append(plt.Line2D([], [], marker='o', ms=9, mfc='none', mec='k', ls=''))
-        labels.append(mark_label)
-    if labels:
-        fig.legend(handles, labels, loc='lower center', ncol=min(5, len(labels)), fontsize=7, frameon=False)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout(rect=(0, 0.06 + 0.035 * (max(len(labels) - 1, 0) // 5), 1, 1))
-    path = Path(path)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+        handles[mark_label] = plt.Line2D([], [], marker='o', ms=9, mfc='none', mec='k', ls='')
+    _legend(fig, list(handles.values()), list(handles))
+    _suptitle(fig, title)
+    return fig
 
 
-def sample_table(previews: Mapping[str, Mapping[str, Mapping[str, torch.Tensor]]], path: str | Path, *, toy: bool,
-                 title: str | None = None, per_class: int = 3) -> Path | None:
+def line_panels(panels: Mapping[str, Series], path: str | Path, *, xlabel: str, ylabel: str,
+                floors: Mapping[str, float] | None = None, log_x: bool = False, log_y: bool = True,
+                title: str | None = None, mark_label: str = 'marked') -> Path:
+    """line_panels_figure saved as a PNG."""
+    return save_figure(line_panels_figure(panels, xlabel=xlabel, ylabel=ylabel, floors=floors, log_x=log_x,
+                                          log_y=log_y, title=title, mark_label=mark_label), path)
+
+
+def sample_table_figure(previews: Mapping[str, Mapping[str, Mapping[str, torch.Tensor]]], *, toy: bool,
+                        title: str | None = None, per_class: int = 3):
     """A grid of saved previews: one row per model, one column per key (e.g. w), the same noise everywhere.
-    previews[row][column] = {'samples', 'labels'}; toy: scatter per class; images: per_class samples of each class."""
-    plt = _plt()
+    previews[row][column] = {'samples', 'labels'}; toy: scatter per class; images: per_class samples (down) of
+    each class (across)."""
     rows = [r for r in previews if previews[r]]
     cols = list(dict.fromkeys(c for r in rows for c in previews[r]))
     if not rows or not cols:
         return None
-    width = 1.9 if toy else 3.2
-    fig, axes = plt.subplots(len(rows), len(cols), figsize=(width * len(cols), (1.9 if toy else 1.2) * len(rows) + 0.4),
-                             squeeze=False)
+    if toy:
+        return scatter_grid({r: {c: (pv['samples'], pv['labels']) for c, pv in previews[r].items()} for r in rows},
+                            title=title, panel=2.2)
+    labels = next(iter(previews[rows[0]].values()))['labels']
+    aspect = len(labels.unique()) / min(per_class, int((labels == labels[0]).sum()))   # panel width / height
+    fig, axes = _figure(len(rows), len(cols), 3.0 * len(cols) + 0.09 * max(map(len, rows)) + 0.3,
+                        (3.0 / aspect + 0.25) * len(rows) + 1.0)
     for i, r in enumerate(rows):
         for j, c in enumerate(cols):
             ax = axes[i][j]
@@ -203,26 +332,21 @@ def sample_table(previews: Mapping[str, Mapping[str, Mapping[str, torch.Tensor]]
             pv = previews[r].get(c)
             if pv is not None:
                 x, labels = pv['samples'], pv['labels']
-                if toy:
-                    for k in labels.unique():
-                        pts = x[labels == k].numpy()
-                        ax.scatter(pts[:, 0], pts[:, 1], s=1)
-                    ax.set_xlim(-3.5, 3.5)
-                    ax.set_ylim(-3.5, 3.5)
-                else:
-                    classes = labels.unique()
-                    tiles = torch.stack([x[labels == k][:per_class] for k in classes])   # [K, per, C, H, W]
-                    k, per, ch, h, wd = tiles.shape   # classes across, samples down
-                    img = tiles.permute(1, 3, 0, 4, 2).reshape(per * h, k * wd, ch).clamp(-1, 1).add(1).div(2)
-                    ax.imshow(img.squeeze(-1).numpy(), cmap='gray', vmin=0, vmax=1, interpolation='nearest')
+                tiles = torch.stack([x[labels == k][:per_class] for k in labels.unique()])   # [K, per, C, H, W]
+                k, per, ch, h, wd = tiles.shape   # classes across, samples down
+                img = tiles.permute(1, 3, 0, 4, 2).reshape(per * h, k * wd, ch).clamp(-1, 1).add(1).div(2)
+                ax.imshow(img.squeeze(-1).numpy(), cmap='gray', vmin=0, vmax=1, interpolation='nearest')
             if i == 0:
-                ax.set_title(c, fontsize=8)
+                ax.set_title(c, fontsize=10)
             if j == 0:
-                ax.set_ylabel(r, fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=7, wrap=True)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+                ax.set_ylabel(r, fontsize=9, rotation=0, ha='right', va='center')
+    _suptitle(fig, (title + '; ' if title else '') + f'each panel: classes 0, 1, ... across, {per_class} samples '
+              'of each down', fontsize=9)
+    return fig
+
+
+def sample_table(previews: Mapping[str, Mapping[str, Mapping[str, torch.Tensor]]], path: str | Path, *, toy: bool,
+                 title: str | None = None, per_class: int = 3) -> Path | None:
+    """sample_table_figure saved as a PNG (None when there is nothing to show)."""
+    fig = sample_table_figure(previews, toy=toy, title=title, per_class=per_class)
+    return None if fig is None else save_figure(fig, path)

@@ -20,6 +20,7 @@ from torch import nn
 
 from .config import ONE_PASS, SAMPLERS, ConfigError
 from .env import HelpFormatter
+from .grid import W_CAPTION, grid_image
 
 
 def build_denoiser(config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor] | None = None,
@@ -109,47 +110,6 @@ def sample_grid(denoiser: nn.Module, config: Mapping[str, Any], classes: Sequenc
     return x.view(rows, n, len(ws), *x.shape[2:]).transpose(1, 2).cpu()
 
 
-def grid_image(samples: torch.Tensor, config: Mapping[str, Any], classes: Sequence[int], ws: Sequence[float],
-               title: str | None = None):
-    """A PIL image of sample_grid's output: rows = classes, columns = w (n samples per w)."""
-    from .grid import default_scale, image_grid
-
-    rows, n_w, n = samples.shape[:3]
-    if config['model']['type'] == 'toy_mlp':
-        return scatter_image(samples, classes, ws, title)
-    images = samples.reshape(rows * n_w * n, *samples.shape[3:])
-    col_labels = [f'w={w:g}' if i == 0 else '' for w in ws for i in range(n)]
-    row_labels = [str(c) for c in classes] if config['dataset']['num_classes'] else None
-    return image_grid(images, rows, n_w * n, scale=default_scale(config['model']['input_size']),
-                      row_labels=row_labels, col_labels=col_labels, title=title)
-
-
-def scatter_image(samples: torch.Tensor, classes: Sequence[int], ws: Sequence[float], title: str | None = None):
-    """Toy 2-D samples: one scatter panel per w, colours = classes."""
-    import io
-
-    import matplotlib
-    matplotlib.use('Agg')
-    from matplotlib import pyplot as plt
-    from PIL import Image
-
-    fig, axes = plt.subplots(1, len(ws), figsize=(3 * len(ws), 3.2), squeeze=False)
-    for k, (ax, w) in enumerate(zip(axes[0], ws)):
-        for r, c in enumerate(classes):
-            pts = samples[r, k].numpy()
-            ax.scatter(pts[:, 0], pts[:, 1], s=3, label=str(c))
-        ax.set_title(f'w = {w:g}')
-        ax.set_aspect('equal')
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format='png', dpi=80)
-    plt.close(fig)
-    buf.seek(0)
-    return Image.open(buf).convert('RGB')
-
-
 def _w_arg(text: str) -> float | str:
     """--w's values: a number, or 'trained'."""
     return text if text == 'trained' else float(text)
@@ -218,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           seed=args.seed, device=args.device)
     out.parent.mkdir(parents=True, exist_ok=True)
     steps = args.steps or config['align']['sample_steps']
-    title = f"{args.sampler or config['align']['sampler']}, {steps} steps, w = paper's w (cfg scale = 1 + w)"
+    title = f"{args.sampler or config['align']['sampler']}, {steps} steps; columns: {W_CAPTION}"
     grid_image(samples, config, classes, ws, title).save(out)
     print(f'grid: {out} (rows = classes {classes}, columns = w {ws}; paper\'s w, cfg scale = 1 + w)')
     print('network passes per step: ' + ', '.join(f'{passes_per_step(config, w)} at w = {w:g}' for w in ws))

@@ -31,6 +31,7 @@ from .config import ConfigError, align_section, load_config, make_denoiser_wrapp
 from .teachers import make_objective_teacher
 from .data import DataError
 from .engine import TrainingError  # noqa: F401 (re-exported: one error type for every training path)
+from .grid import w_title
 from .sample import data_shape, grid_image, sample, sample_grid
 from .sd.config import is_sd_config
 from .shipped import find_config
@@ -104,7 +105,7 @@ def demo_grid(denoiser: nn.Module, config: Mapping[str, Any], run_dir: Path, sam
                           seed=seed, device=device)
     path = run_dir / 'demo' / f'demo_{step:08}.png'
     path.parent.mkdir(exist_ok=True)
-    grid_image(samples, config, classes, [w], f"step {step}, w = {w:g} (paper's, cfg scale = 1 + w)").save(path)
+    grid_image(samples, config, classes, [w], f'step {step}, {w_title(w)}').save(path)
     return path
 
 

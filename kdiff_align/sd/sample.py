@@ -150,6 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli_defaults()  # before k-diffusion is imported
     args = _parse(argv)
     from ..checkpoint import CheckpointError, load_for_inference
+    from ..grid import w_title
     from ..metadata import MetadataError, read_metadata
     from .config import check_model
     from .model import load_components
@@ -216,26 +217,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     images = generate(components, prompts, w=w, sampler=sampler, steps=steps, schedule=args.schedule,
                       resolution=model['resolution'], seed=args.seed, negative_prompt=args.negative_prompt,
                       sigma_interval=sigma_interval, device=args.device, objective=objective, w_range=trained_w)
-    save_images(images, args.out, nrow=args.n)
+    save_images(images, args.out, nrow=args.n, row_labels=args.prompt,
+                title=f'{sampler}, {steps} steps, {w_title(w)}; one row per prompt')
     print(f'{args.out}: {len(prompts)} image(s), {sampler}, {steps} steps, w = {w:g} '
           f'(paper\'s; cfg scale {w_to_cfg_scale(w):g})')
     return 0
 
 
-def save_images(images: torch.Tensor, path: str | Path, nrow: int = 1) -> None:
-    """Saves [B, 3, H, W] images in [0, 1] as one PNG grid (nrow images per row)."""
-    from PIL import Image
+def save_images(images: torch.Tensor, path: str | Path, nrow: int = 1, *, row_labels: Sequence[str] | None = None,
+                title: str | None = None) -> None:
+    """Saves [B, 3, H, W] images in [0, 1] as one labelled PNG grid (nrow images per row, e.g. one row per prompt)."""
+    from ..grid import image_grid, shorten
 
-    b, c, h, wd = images.shape
+    b = images.shape[0]
     cols = max(1, min(nrow, b))
     rows = math.ceil(b / cols)
-    grid = torch.ones(c, rows * h, cols * wd)
-    for i, img in enumerate(images):
-        r, col = divmod(i, cols)
-        grid[:, r * h:(r + 1) * h, col * wd:(col + 1) * wd] = img
-    array = (grid.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    blank = images.new_ones(rows * cols - b, *images.shape[1:])   # white fills the last row
+    labels = [shorten(s) for s in row_labels] if row_labels else None
+    grid = image_grid(torch.cat([images, blank]).float() * 2 - 1, rows, cols, row_labels=labels, title=title)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
+    grid.save(path)
 
 
 if __name__ == '__main__':
