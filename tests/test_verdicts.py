@@ -213,3 +213,18 @@ def test_the_rule_is_stated_with_its_numbers():
     text = '\n'.join(claims_report.rule_text(5))
     assert 'n = 5 training seeds' in text and '4 degrees of freedom, multiplier 2.78' in text
     assert f'+{verdicts.REPRO_MARGIN:.0%}' in text and 'no difference detected' in text
+
+
+def test_generated_reproduction_answer_agrees_with_its_labels():
+    def cell(label, rel):
+        return {'label': label, 'rel': rel, 'rel_lo': rel - 0.1, 'rel_hi': rel + 0.1}
+
+    cells = {'gft': cell(verdicts.NOT_SHOWN, 0.3), 'distill': cell(verdicts.REPRODUCES, 0.02),
+             'mg': cell(verdicts.DIFFERS, 0.9)}
+    text = claims_report.answer('reproduction', cells)
+    assert text.startswith('some one-pass model reproduces CFG (margin: +50% over the distance between two CFG '
+                           'seeds) — reproduces CFG: distill +2.0% [-8.0%, +12.0%]; ')
+    assert sentence_disagreements(text, cells) == []
+    assert sentence_disagreements(text, {**cells, 'distill': cell(verdicts.NOT_SHOWN, 0.02)})
+    none = {'gft': cell(verdicts.NOT_SHOWN, 0.3)}
+    assert claims_report.answer('reproduction', none).startswith('no one-pass model is shown to reproduce CFG')
