@@ -57,7 +57,13 @@ def effect_text(t: Mapping[str, Any]) -> str:
     uses."""
     if t['label'] == verdicts.UNTESTED:
         return 'untested'
-    return f'{t["rel"]:+.1%} [{t["rel_lo"]:+.1%}, {t["rel_hi"]:+.1%}]'
+    return f'{percent(t["rel"])} [{percent(t["rel_lo"])}, {percent(t["rel_hi"])}]'
+
+
+def percent(x: float) -> str:
+    """A relative difference in %, signed: one decimal from 1% up, two significant digits below (so that a tiny
+    difference that a test calls better is not printed as 0)."""
+    return f'{100 * x:+.1f}%' if abs(x) >= 0.01 or x == 0 else f'{100 * x:+.2g}%'
 
 
 def _counts_text(t: Mapping[str, Any]) -> str:
