@@ -491,7 +491,7 @@ def comparison_lines(rows, grid) -> list[str]:
 
 def _comparison_row(c: Comparison) -> str:
     diff = f'{c.diff:+.3g} ± {c.half_width:.2g}' if c.reached else '–'
-    return f'| {c.label} | {_fmt(c.a)} | {_fmt(c.b)} | {diff} | {c.outcome} |'
+    return f'| {c.label} | {_fmt(c.a)} | {_fmt(c.b)} | {diff} | {c.outcome.replace("_", " ")} |'
 
 
 def self_check_lines(rows: Sequence[Mapping[str, Any]], grid: Mapping[str, Any]) -> list[str]:
