@@ -238,3 +238,12 @@ def test_generated_reproduction_answer_agrees_with_its_labels():
 def test_percentages_keep_small_effects_visible():
     assert claims_report.percent(-0.089) == '-8.9%' and claims_report.percent(0.0) == '+0.0%'
     assert claims_report.percent(-2.3e-5) == '-0.0023%' and close('-0.0023', -2.3e-5) and not close('-0.0030', -2.3e-5)
+
+
+def test_the_statistics_import_no_torch_or_model_code():
+    import subprocess
+    import sys
+
+    code = 'import sys, kdiff_align.verdicts; print(sorted(m for m in ("torch", "k_diffusion") if m in sys.modules))'
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0 and proc.stdout.strip() == '[]', proc.stdout + proc.stderr
