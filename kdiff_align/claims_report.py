@@ -565,7 +565,8 @@ def write_report(out: Path, work: Path, rows, grid, meta, jobs_info, benches_, v
     lines += ['## How a verdict is decided (stated before the numbers)', '', *rule_text(len(seeds)), '',
               *self_check_lines(rows, grid), '',
               '## Which objective for which need', '',
-              'Each cell: the label of its one test, the relative difference objective vs reference with its 95% interval, then the '
+              'Each cell: the label of its one test, the relative difference objective vs reference with its 95% '
+              'interval, then the '
               'per-comparison counts better / no difference / worse (description only).', '',
               *needs_table(v['needs'], bench_names), '',
               '- *equal sampling steps*: the same sampler and step count; toy: energy distance to the exact guided '
@@ -579,7 +580,8 @@ def write_report(out: Path, work: Path, rows, grid, meta, jobs_info, benches_, v
               '- *the cheap fix*: against the same standard CFG models sampled with a guidance interval, at equal steps '
               '(the interval costs fewer NFE than CFG, one-pass models fewer still).',
               f'- *reproduction*: the distance between a one-pass model\'s samples and the standard model\'s CFG samples '
-              f'at the same w, {grid["repro_steps"]} steps, against the standard model of ANOTHER training seed (k + 1), '
+              f'at the same w, {grid["repro_steps"]} steps, against the standard model of ANOTHER training seed '
+              '(k + 1), '
               'over the distance between two standard models\' CFG samples (seeds k and k + 1); mg only at its '
               'one-pass w.', '',
               'How to read it (generated from the numbers):', '', *how_to_read(v, bench_names), '',
@@ -613,7 +615,8 @@ def write_report(out: Path, work: Path, rows, grid, meta, jobs_info, benches_, v
                 for w in sorted({r['w'] for r in repro}):
                     d = np.array([r['distance'] for r in repro if r['variant'] == name and r['w'] == w])
                     vals.append(_fmt(d) if len(d) else '–')
-                label = 'standard CFG seed k vs seed k + 1' if name == 'baseline' else f'{name} vs standard CFG'
+                label = 'standard CFG seed k vs seed k + 1' if name == 'baseline' else \
+                    f'{name} seed k vs standard CFG seed k + 1'
                 lines.append(f'| {label} | ' + ' | '.join(vals) + ' |')
             lines.append('')
     bench_overrides = '; '.join(f'{b}: ' + ', '.join(f'`{k}` = {json.dumps(v)}' for k, v in

@@ -203,9 +203,9 @@ def test_generated_answers_agree_with_the_numbers():
     for t in v['claims']:
         assert f'**{t["label"]}** | {claims_report.effect_text(t)}' in block
     for line in claims_report.plain_statements(v['needs'], list(grid['benches'])):
-        for m in re.finditer(r'(better than|worse than|no difference detected from|reproduces|differs from|'
-                             r'reproduction of CFG not shown)[^"]*? ' + NUM + r' \[' + NUM + ', ' + NUM + r'\] on "([^"]+)"',
-                             line):
+        phrase = r'(better than|worse than|no difference detected from|reproduces|differs from|reproduction of CFG ' \
+            r'not shown)[^"]*? '
+        for m in re.finditer(phrase + NUM + r' \[' + NUM + ', ' + NUM + r'\] on "([^"]+)"', line):
             bench, name = re.match(r'- (\w+), ([^:]+):', line).groups()
             need = next(k for k, w, _ in verdicts.NEEDS if w == m.group(5))
             t = next(t for t in v['needs'] if t['bench'] == bench and t['need'] == need
