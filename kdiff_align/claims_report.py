@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from . import evaluate, plots, verdicts
-from .verdicts import NEEDS, REFERENCES, Z, Comparison
+from .verdicts import NEEDS, REFERENCES, Comparison
 
 NAMES = {'baseline': 'standard CFG', 'baseline_interval': 'guidance interval', 'aligned': 'aligned', 'gft': 'gft',
          'mg': 'mg', 'distill': 'distill', 'baseline_equal_flops': 'standard CFG, equal FLOPs',
@@ -22,7 +22,13 @@ NAMES = {'baseline': 'standard CFG', 'baseline_interval': 'guidance interval', '
 COLUMNS = ('aligned', 'gft', 'mg', 'distill', 'baseline_interval')
 README_BLOCK = ('<!-- claims verdicts: written by python -m kdiff_align.bench claims from docs/claims/results.json -->',
                 '<!-- end of claims verdicts -->')
-WINS = ('wins', 'mostly wins', 'reproduces')
+# How each label reads in a sentence (the answers, plain statements and "how to read it" are built from these).
+PHRASES = {verdicts.BETTER: 'better than {ref}', verdicts.WORSE: 'worse than {ref}',
+           verdicts.NO_DIFFERENCE: 'no difference detected from {ref}', verdicts.UNTESTED: 'untested (unreached)',
+           verdicts.REPRODUCES: 'reproduces {ref}', verdicts.DIFFERS: 'differs from {ref}',
+           verdicts.NOT_SHOWN: 'reproduction of {ref} not shown'}
+LABEL_ORDER = (verdicts.BETTER, verdicts.REPRODUCES, verdicts.NO_DIFFERENCE, verdicts.NOT_SHOWN, verdicts.WORSE,
+               verdicts.DIFFERS, verdicts.UNTESTED)
 
 
 def _fmt(x: np.ndarray | None) -> str:
@@ -46,8 +52,36 @@ def load_results(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]
 # ---------------------------------------------------------------------------------------------------------------
 # The verdict tables (report and README).
 
+def effect_text(t: Mapping[str, Any]) -> str:
+    """A cell's effect: 'relative difference [low, high]' in % (95% interval), the form every generated sentence
+    uses."""
+    if t['label'] == verdicts.UNTESTED:
+        return 'untested'
+    return f'{percent(t["rel"])} [{percent(t["rel_lo"])}, {percent(t["rel_hi"])}]'
+
+
+def percent(x: float) -> str:
+    """A relative difference in %, signed: one decimal from 1% up, two significant digits below (so that a tiny
+    difference that a test calls better is not printed as 0)."""
+    return f'{100 * x:+.1f}%' if abs(x) >= 0.01 or x == 0 else f'{100 * x:+.2g}%'
+
+
+def _counts_text(t: Mapping[str, Any]) -> str:
+    return f'{t["better"]}/{t["no_difference"]}/{t["worse"]}'
+
+
+def reference_name(need: str) -> str:
+    """The reference of a need, as the sentences name it."""
+    if need == 'reproduction':
+        return 'CFG'
+    return {'baseline': 'standard CFG', 'baseline_equal_flops': 'standard CFG at equal FLOPs',
+            'baseline_interval': 'the guidance interval'}[dict((k, r) for k, _, r in NEEDS)[need]]
+
+
 def needs_table(table: Sequence[Mapping[str, Any]], benches: Sequence[str]) -> list[str]:
-    """"Which objective for which need": one row per need and benchmark, one column per objective, an answer."""
+    """"Which objective for which need": one row per need and benchmark, one column per objective (label, relative
+    difference to the reference with its 95% interval, per-comparison counts better / no difference / worse), an
+    answer."""
     cols = [c for c in COLUMNS if any(t['variant'] == c for t in table)]
     lines = ['| need | benchmark | ' + ' | '.join(NAMES[c] for c in cols) + ' | answer |',
              '|---|---|' + '---|' * len(cols) + '---|']
@@ -56,50 +90,108 @@ def needs_table(table: Sequence[Mapping[str, Any]], benches: Sequence[str]) -> l
             cells = {t['variant']: t for t in table if t['need'] == key and t['bench'] == bench}
             if not cells:
                 continue
-            row = [f'**{cells[c]["standing"]}** {cells[c]["better"]}/{cells[c]["tie"]}/{cells[c]["worse"]}'
+            row = [f'**{cells[c]["label"]}** {effect_text(cells[c])} ({_counts_text(cells[c])})'
                    if c in cells else '–' for c in cols]
             lines.append(f'| {what} | {bench} | ' + ' | '.join(row) + f' | {answer(key, cells)} |')
     return lines
 
 
 def answer(need: str, cells: Mapping[str, Mapping[str, Any]]) -> str:
-    """The plain answer of one row of the needs table."""
-    score = lambda t: t['better'] - t['worse']  # noqa: E731
-    winners = sorted((v for v, t in cells.items() if t['standing'] in WINS and v != 'baseline_interval'),
-                     key=lambda v: -score(cells[v]))
-    names = ', '.join(NAMES[v] for v in winners)
+    """The plain answer of one row of the needs table, generated from its labels and effects: the objectives grouped
+    by label ('<label phrase>: name +x% [low, high], ...'), after a headline saying whether any objective beat
+    (or reproduced) the reference."""
+    ref = reference_name(need)
+    objectives = {v: t for v, t in cells.items() if v != 'baseline_interval'}
+    groups = []
+    for label in LABEL_ORDER:
+        members = [v for v, t in objectives.items() if t['label'] == label]
+        if members:
+            groups.append(PHRASES[label].format(ref=ref) + ': ' + ', '.join(f'{NAMES[v]} {effect_text(objectives[v])}'
+                                                                          for v in members))
+    labels = {t['label'] for t in objectives.values()}
     if need == 'reproduction':
-        return f'{names} reproduce{"s" if len(winners) == 1 else ""} CFG within the seed spread' if winners else \
-            'no one-pass model reproduces CFG within the seed spread'
-    if need == 'vs_interval':
-        if winners:
-            return f'{names} beat{"s" if len(winners) == 1 else ""} the guidance interval'
-        lose = all(t['standing'] in ('loses', 'mostly loses') for t in cells.values())
-        return 'standard CFG with a guidance interval is ' + ('better' if lose else 'as good')
-    text = f'{names} beat{"s" if len(winners) == 1 else ""} standard CFG' if winners else \
-        'standard CFG: no objective beats it'
+        head = (('some one-pass model reproduces CFG' if verdicts.REPRODUCES in labels
+                 else 'no one-pass model is shown to reproduce CFG')
+                + f' (margin: +{verdicts.REPRO_MARGIN:.0%} over the distance between two CFG seeds)')
+    elif labels and labels <= {verdicts.WORSE}:
+        head = f'{ref} is better than every objective'
+    elif verdicts.BETTER not in labels:
+        head = f'no objective detected better than {ref}'
+    else:
+        head = f'some objective is better than {ref}'
+    text = head + ' — ' + '; '.join(groups)
     interval = cells.get('baseline_interval')
     if interval is not None:
-        text += {'wins': '; a guidance interval on it beats it too', 'mostly wins': '; a guidance interval on it '
-                 'mostly beats it too', 'ties': '; a guidance interval on it is as good'}.get(
-            interval['standing'], '; a guidance interval on it is worse')
+        text += (f'; the guidance interval on standard CFG: {PHRASES[interval["label"]].format(ref=ref)} '
+                 f'{effect_text(interval)}')
     return text
 
 
 def claims_table(table: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Markdown lines of the paper's claims for aligned (the first round's table)."""
-    return ['| claim | benchmark | reference | verdict | comparisons better / tie / worse | median ratio '
-            'aligned / reference |', '|---|---|---|---|---|---|'] + [
-        f'| {t["claim"]} | {t["bench"]} ({t["metric"]}) | {t["reference"]} | **{t["verdict"]}** | '
-        f'{t["better"]} / {t["tie"]} / {t["worse"]} | {t["ratio"]:.2f} |' for t in table]
+    """Markdown lines of the paper's claims for aligned: one paired test per claim (held / reversed / not shown)."""
+    return ['| claim | benchmark | reference | verdict | relative difference aligned vs reference [95% interval] | '
+            'mean difference '
+            '[95% interval] | comparisons better / no difference / worse (description) |',
+            '|---|---|---|---|---|---|---|'] + [
+        f'| {t["claim"]} | {t["bench"]} ({t["metric"]}) | {t["reference"]} | **{t["label"]}** | {effect_text(t)} | '
+        f'{t["diff"]:.3g} [{t["diff_lo"]:.3g}, {t["diff_hi"]:.3g}] | {t["better"]} / {t["no_difference"]} / '
+        f'{t["worse"]} |' for t in table]
+
+
+def rule_text(seeds: int | None = None) -> list[str]:
+    """The rule, stated before the numbers (generated from kdiff_align.verdicts' constants)."""
+    n = f'n = {seeds} training seeds, ' if seeds else ''
+    df = f'{seeds - 1} degrees of freedom, multiplier {verdicts.t_quantile(seeds):.3g}' if seeds and seeds > 1 \
+        else 'n - 1 degrees of freedom'
+    return [
+        f'- **Paired by training seed** ({n}the same seeds for every variant): same-seed models share '
+        'initialisation and data order, and distill shares its teacher.',
+        '- **One test per cell** on a seed-level aggregate: per seed, the mean over the cell\'s comparisons (grid '
+        'points) of the relative difference (objective - reference) / reference\'s mean at that point; the effect is '
+        f'the mean of those {seeds or "n"} values (in %, negative = lower = better) with a '
+        f'{1 - verdicts.ALPHA:.0%} t interval ({df}; a '
+        'bootstrap over so few seeds under-covers), and beside it the paired mean difference in the metric\'s units '
+        'with its own interval.',
+        '- **Labels**: *better* / *worse* only when the interval lies wholly below / above 0; otherwise '
+        '*no difference detected* (not equality: the interval is how large a difference could have been missed). '
+        'The per-comparison counts better / no difference / worse are description only: a cell\'s comparisons reuse '
+        'the same models.',
+        f'- **Reproduction** is an equivalence claim: a one-pass model of seed k against standard CFG of seed k + 1 '
+        f'(another seed), relative to the distance between standard CFG of seeds k and k + 1; *reproduces* only when '
+        f'the whole interval of that relative excess lies below the margin +{verdicts.REPRO_MARGIN:.0%} (at most '
+        f'{verdicts.REPRO_MARGIN:.0%} further from CFG than another training seed of CFG is), *differs* when it lies '
+        'above 0, else *not shown*.',
+        '- **The paper\'s claims** for aligned: the same test; *held* = better, *reversed* = worse, *not shown* = no '
+        'difference detected.']
+
+
+def how_to_read(v: Mapping[str, Any], benches: Sequence[str]) -> list[str]:
+    """"How to read it", generated from the verdicts: per need and benchmark, the answer; then the claims' labels."""
+    lines = []
+    for key, what, _ in NEEDS:
+        for bench in benches:
+            cells = {t['variant']: t for t in v['needs'] if t['need'] == key and t['bench'] == bench}
+            if cells:
+                lines.append(f'- **{what}**, {bench}: {answer(key, cells)}.')
+    for label in (verdicts.HELD, verdicts.NOT_SHOWN, verdicts.REVERSED):
+        mine = [t for t in v['claims'] if t['label'] == label]
+        if mine:
+            lines.append(f'- The paper\'s claims for aligned, **{label}**: ' + ', '.join(
+                f'{t["claim"]} on {t["bench"]} against {t["reference"]} {effect_text(t)}' for t in mine) + '.')
+    return lines
 
 
 def readme_block(rows: Sequence[Mapping[str, Any]], grid: Mapping[str, Any]) -> list[str]:
-    """The README's verdict block: both tables, from the rows and the grid."""
+    """The README's verdict block: the rule, both tables and "how to read it", from the rows and the grid."""
     v = verdicts.verdicts(rows, grid)
-    return ['Which objective for which need (standing against the reference, comparisons better / tie / worse):',
-            '', *needs_table(v['needs'], list(grid['benches'])), '',
-            'The paper\'s claims for the aligned objective:', '', *claims_table(v['claims'])]
+    seeds = sorted({r['train_seed'] for r in rows if r.get('kind') == 'cell'})
+    return ['How a verdict is decided (before the numbers; kdiff_align/verdicts.py):', '', *rule_text(len(seeds)), '',
+            'Which objective for which need (label, relative difference objective vs reference with its 95% interval, '
+            'per-comparison '
+            'counts better / no difference / worse as description):', '',
+            *needs_table(v['needs'], list(grid['benches'])), '',
+            'The paper\'s claims for the aligned objective:', '', *claims_table(v['claims']), '',
+            'How to read it (generated from the numbers above):', '', *how_to_read(v, list(grid['benches']))]
 
 
 def update_readme(readme: Path, rows: Sequence[Mapping[str, Any]], grid: Mapping[str, Any]) -> bool:
@@ -372,18 +464,21 @@ def _variants_table(grid, jobs_info, variant_info) -> list[str]:
 def comparison_lines(rows, grid) -> list[str]:
     """Every comparison behind every verdict (comparisons.md)."""
     lines = ['# Claims benchmark: every comparison', '',
-             f'Objective against reference, mean ± sd over training seeds, difference ± {Z:g} standard errors; lower is '
-             'better. Generated with report.md from results.json.', '']
+             'Objective against reference, mean ± sd over training seeds; the paired difference (objective - '
+             'reference) with the half-width of its 95% t interval over seeds; lower is better. A cell\'s verdict is '
+             'ONE test on seed-level aggregates (report.md, "How a verdict is decided"); the per-comparison outcomes '
+             'below are description only. Generated with report.md from results.json.', '']
     for key, what, ref in NEEDS:
         for bench in grid['benches']:
             for v in (*verdicts.OBJECTIVES, 'baseline_interval'):
                 comps = verdicts.need_comparisons(rows, grid, bench, key, v)
                 if not comps:
                     continue
-                label, n = verdicts.standing(comps, key)
+                test = verdicts.reproduction_test if key == 'reproduction' else verdicts.cell_test
+                e = test(comps).as_dict()
                 ref_name = 'the seed-to-seed distance of standard CFG' if key == 'reproduction' else REFERENCES[ref]
-                lines += [f'## {what}: {NAMES[v]} against {ref_name}, {bench}: {label} '
-                          f'({n["better"]} / {n["tie"]} / {n["worse"]})', '',
+                lines += [f'## {what}: {NAMES[v]} against {ref_name}, {bench}: {e["label"]} {effect_text(e)} '
+                          f'({_counts_text(e)})', '',
                           '| comparison | objective | reference | difference | outcome |', '|---|---|---|---|---|']
                 lines += [_comparison_row(c) for c in comps] + ['']
     lines += ['## The paper\'s claims for aligned', '',
@@ -395,12 +490,50 @@ def comparison_lines(rows, grid) -> list[str]:
 
 
 def _comparison_row(c: Comparison) -> str:
-    diff = f'{c.diff:+.3g} ± {Z * c.se:.2g}' if c.reached else '–'
-    return f'| {c.label} | {_fmt(c.a)} | {_fmt(c.b)} | {diff} | {c.outcome} |'
+    diff = f'{c.diff:+.3g} ± {c.half_width:.2g}' if c.reached else '–'
+    return f'| {c.label} | {_fmt(c.a)} | {_fmt(c.b)} | {diff} | {c.outcome.replace("_", " ")} |'
+
+
+def self_check_lines(rows: Sequence[Mapping[str, Any]], grid: Mapping[str, Any]) -> list[str]:
+    """The rule's self-check: its label rates on synthetic identical variants and on a planted difference (and under
+    two broken rules), and the same checks on this run's own standard-CFG rows."""
+    seeds = len({r['train_seed'] for r in rows if r.get('kind') == 'cell'}) or 5
+    sc = verdicts.self_check(seeds=max(seeds, 2), cells=1000)
+    st = sc['settings']
+
+    def rate(d: Mapping[str, float], *labels: str) -> str:
+        return f'{sum(d.get(k, 0.) for k in labels):.1%}'
+
+    b, w, nd = verdicts.BETTER, verdicts.WORSE, verdicts.NO_DIFFERENCE
+    lines = ['**The rule tests itself** (kdiff_align.verdicts.self_check; the same checks run in the test suite). '
+             f'{st["cells"]} synthetic cells of {st["seeds"]} paired seeds and 8 grid points, with a shared seed '
+             'effect (initialisation and data order):', '',
+             '| rule | identical variants: better or worse (false positives; stated 5%) | planted difference of '
+             f'{st["shift_sd"]:g} model sd: worse (found) |', '|---|---|---|']
+    for name in ('rule', 'unpaired SE', '1 SE'):
+        lines.append(f'| {"this rule" if name == "rule" else "broken: " + name} | {rate(sc[name]["null"], b, w)} | '
+                     f'{rate(sc[name]["planted"], w)} |')
+    rp = sc['reproduction']
+    lines += ['', 'Reproduction: two identical models are labelled *reproduces* in '
+              f'{rate(rp["identical"], "reproduces")}'
+              f' of cells; models exactly at the margin (+{verdicts.REPRO_MARGIN:.0%}) in '
+              f'{rate(rp["at the margin"], "reproduces")} (the equivalence test\'s false-positive rate; stated at most '
+              '5%).']
+    own = verdicts.rows_check(rows, grid)
+    if own['null'] or own['planted']:
+        n_null = sum(e.label == nd for _, e in own['null'])
+        n_worse = sum(e.label == w for _, e in own['planted'])
+        lines += ['', 'On this run\'s rows (per benchmark, sampler and step count, the equal-steps points): standard '
+                  f'CFG of seed k against seed k + 1 (identical variants): *no difference detected* in {n_null} of '
+                  f'{len(own["null"])} cells; standard CFG at fewer steps against the same models at '
+                  f'{max(grid["steps"])} steps (a planted difference): *worse* in {n_worse} of {len(own["planted"])} '
+                  'cells (' + '; '.join(f'{name}: {e.label} {effect_text(e.as_dict())}'
+                                        for name, e in own['planted']) + ').']
+    return lines
 
 
 def plain_statements(table: Sequence[Mapping[str, Any]], benches: Sequence[str]) -> list[str]:
-    """One sentence per objective and benchmark: where it wins, ties and loses."""
+    """One sentence per objective and benchmark, generated from its cells' labels and effects."""
     lines = []
     for bench in benches:
         for v in COLUMNS:
@@ -408,7 +541,8 @@ def plain_statements(table: Sequence[Mapping[str, Any]], benches: Sequence[str])
             if not mine:
                 continue
             what = {k: w for k, w, _ in NEEDS}
-            parts = [f'{t["standing"]} on "{what[t["need"]]}" ({t["better"]}/{t["tie"]}/{t["worse"]})' for t in mine]
+            parts = [f'{PHRASES[t["label"]].format(ref=reference_name(t["need"]))} {effect_text(t)} on '
+                     f'"{what[t["need"]]}"' for t in mine]
             lines.append(f'- {bench}, {NAMES[v]}: ' + '; '.join(parts) + '.')
     return lines
 
@@ -428,13 +562,13 @@ def write_report(out: Path, work: Path, rows, grid, meta, jobs_info, benches_, v
              'in the same units.', '']
     if meta['quick']:
         lines += ['**--quick run: tiny models and grid, for tests only; these numbers mean nothing.**', '']
-    lines += ['## Which objective for which need', '',
-              'Each cell: the objective\'s standing against the need\'s reference (**wins** = better in every '
-              'comparison, **mostly wins** = better more often than worse, **ties**, **mostly loses**, **loses**; '
-              'reproduction: **reproduces** = never worse than the seed-to-seed spread), then the comparisons better / '
-              'tie / worse. Rule, stated before the numbers (kdiff_align/verdicts.py): lower metric is better; a '
-              f'comparison is better / worse when the difference of the means over training seeds exceeds {Z:g} '
-              'standard errors, else a tie.', '', *needs_table(v['needs'], bench_names), '',
+    lines += ['## How a verdict is decided (stated before the numbers)', '', *rule_text(len(seeds)), '',
+              *self_check_lines(rows, grid), '',
+              '## Which objective for which need', '',
+              'Each cell: the label of its one test, the relative difference objective vs reference with its 95% '
+              'interval, then the '
+              'per-comparison counts better / no difference / worse (description only).', '',
+              *needs_table(v['needs'], bench_names), '',
               '- *equal sampling steps*: the same sampler and step count; toy: energy distance to the exact guided '
               'target p_w at each guided w; digits: FD at matched class accuracy. Reference: standard CFG.',
               '- *equal sampling cost*: a one-pass model at 2N steps against CFG at N steps, N in '
@@ -446,14 +580,18 @@ def write_report(out: Path, work: Path, rows, grid, meta, jobs_info, benches_, v
               '- *the cheap fix*: against the same standard CFG models sampled with a guidance interval, at equal steps '
               '(the interval costs fewer NFE than CFG, one-pass models fewer still).',
               f'- *reproduction*: the distance between a one-pass model\'s samples and the standard model\'s CFG samples '
-              f'at the same w, {grid["repro_steps"]} steps, same training seed, against the distance between two '
-              'standard models\' CFG samples (seeds k and k + 1).', '',
+              f'at the same w, {grid["repro_steps"]} steps, against the standard model of ANOTHER training seed '
+              '(k + 1), '
+              'over the distance between two standard models\' CFG samples (seeds k and k + 1); mg only at its '
+              'one-pass w.', '',
+              'How to read it (generated from the numbers):', '', *how_to_read(v, bench_names), '',
               'Where each method stands:', '', *plain_statements(v['needs'], bench_names), '',
               '## The paper\'s claims for the aligned objective', '',
               '**C1** (fewer steps): at steps 4 and 8, each model at its best w; **C2** (robust to w): at every step '
               'count, the worst w; **C1 at matched effective w**: aligned at w_train + w (1 + w_train) against standard '
               'CFG at w (docs/design.md section 2). Metric: the first round\'s (toy: energy distance to p(x | c); '
-              'digits: FD). *held* = better in every comparison; *partly* = better more often than worse.', '',
+              'digits: FD). One paired test per claim over its comparisons: *held* = better, *reversed* = worse, '
+              '*not shown* = no difference detected.', '',
               *claims_table(v['claims']), '',
               'Every comparison behind every verdict: [comparisons.md](comparisons.md).', '']
     for bench in bench_names:
@@ -477,7 +615,8 @@ def write_report(out: Path, work: Path, rows, grid, meta, jobs_info, benches_, v
                 for w in sorted({r['w'] for r in repro}):
                     d = np.array([r['distance'] for r in repro if r['variant'] == name and r['w'] == w])
                     vals.append(_fmt(d) if len(d) else '–')
-                label = 'standard CFG seed k vs seed k + 1' if name == 'baseline' else f'{name} vs standard CFG'
+                label = 'standard CFG seed k vs seed k + 1' if name == 'baseline' else \
+                    f'{name} seed k vs standard CFG seed k + 1'
                 lines.append(f'| {label} | ' + ' | '.join(vals) + ' |')
             lines.append('')
     bench_overrides = '; '.join(f'{b}: ' + ', '.join(f'`{k}` = {json.dumps(v)}' for k, v in
