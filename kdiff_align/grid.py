@@ -117,24 +117,6 @@ def join_images(panels: Sequence[Image.Image], title: str | None = None, gap: in
     return out
 
 
-def grid_image(samples: torch.Tensor, config: Mapping[str, Any], classes: Sequence[int], ws: Sequence[float],
-               title: str | None = None) -> Image.Image:
-    """A PIL image of sample_grid's output [classes, w, n, ...]: rows = classes, columns = w (n samples per w);
-    toy 2-D samples as one scatter panel per w, coloured by class."""
-    rows, n_w, n = samples.shape[:3]
-    conditional = bool(config['dataset']['num_classes'])
-    if config['model']['type'] == 'toy_mlp':
-        from .plots import figure_image, scatter_grid
-        labels = torch.tensor(list(classes)).repeat_interleave(n)
-        cells = {'': {f'w = {w:g}' if conditional else '': (samples[:, k].reshape(-1, 2), labels)
-                      for k, w in enumerate(ws)}}
-        return figure_image(scatter_grid(cells, title=title, legend=conditional))
-    images = samples.reshape(rows * n_w * n, *samples.shape[3:])
-    return image_grid(images, rows, n_w * n, scale=default_scale(samples.shape[-2:]),
-                      row_labels=[f'class {c}' for c in classes] if conditional else None,
-                      col_labels=[f'w = {w:g}' for w in ws] if conditional else None, title=title)
-
-
 def default_scale(size: Sequence[int]) -> int:
     """An upscaling factor that makes small images (digits: 8x8) readable: about 48 px per tile."""
     return max(1, 48 // max(size))

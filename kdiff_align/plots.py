@@ -8,10 +8,15 @@ import textwrap
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+from .grid import W_CAPTION, default_scale, image_grid
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 DPI = 100
 MIN_WIDTH = 6.4   # inches: 640 px at DPI
@@ -223,12 +228,27 @@ def scatter_grid(cells: Mapping[str, Mapping[str, tuple[torch.Tensor, torch.Tens
     return fig
 
 
+def grid_image(samples: torch.Tensor, config: Mapping[str, Any], classes: Sequence[int], ws: Sequence[float],
+               title: str | None = None) -> Image.Image:
+    """A PIL image of sample_grid's output [classes, w, n, ...]: rows = classes, columns = w (n samples per w);
+    toy 2-D samples as one scatter panel per w, coloured by class."""
+    rows, n_w, n = samples.shape[:3]
+    conditional = bool(config['dataset']['num_classes'])
+    if config['model']['type'] == 'toy_mlp':
+        labels = torch.tensor(list(classes)).repeat_interleave(n)
+        cells = {'': {f'w = {w:g}' if conditional else '': (samples[:, k].reshape(-1, 2), labels)
+                      for k, w in enumerate(ws)}}
+        return figure_image(scatter_grid(cells, title=title, legend=conditional))
+    images = samples.reshape(rows * n_w * n, *samples.shape[3:])
+    return image_grid(images, rows, n_w * n, scale=default_scale(samples.shape[-2:]),
+                      row_labels=[f'class {c}' for c in classes] if conditional else None,
+                      col_labels=[f'w = {w:g}' for w in ws] if conditional else None, title=title)
+
+
 def sample_grids(out_dir: str | Path, models: Sequence[str], cells: Sequence[Any], config: Mapping[str, Any],
                  *, dest: str | Path | None = None, per: int = 4) -> list[Path]:
     """samples_<model>.png from the saved previews: the first sampler at the most steps, rows = classes, columns = w
     (per samples each; toy: one scatter panel per w)."""
-    from .grid import W_CAPTION, grid_image
-
     out_dir = Path(out_dir)
     dest = Path(dest) if dest else out_dir
     if not cells:

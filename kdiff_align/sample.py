@@ -20,7 +20,8 @@ from torch import nn
 
 from .config import ONE_PASS, SAMPLERS, ConfigError
 from .env import HelpFormatter
-from .grid import W_CAPTION, grid_image
+from .grid import W_CAPTION
+from .plots import grid_image
 
 
 def build_denoiser(config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor] | None = None,
