@@ -14,7 +14,7 @@ Every model is evaluated on w x steps x samplers (kdiff_align.evaluate's resumab
 evaluations counted, each toy cell scored against the exact guided target p_w) and, for the one-pass models and the
 baseline, at the reproduction step count with every sample kept. kdiff_align.verdicts turns the rows into verdicts
 with one pre-stated rule; kdiff_align.claims_report writes docs/claims/report.md, comparisons.md, results.json and
-the plots, and the README's verdict block. Everything is deterministic given the seeds and the thread count.
+the plots, and the verdict block of docs/evidence.md. Everything is deterministic given the seeds and the thread count.
 """
 
 from __future__ import annotations
@@ -181,9 +181,9 @@ class Bench:
 
 
 def benches(quick: bool) -> dict[str, Bench]:
-    """The two benchmarks. The full run's budget (60 minutes on 2 CPU cores, README): the toy runs the whole grid;
-    digits, whose shipped U-Net costs about 0.07 s per training step and 0.3 s per CFG sampling step of 445 images
-    on one core, trains 1000 steps and is evaluated with dpmpp_2m on w <= 4."""
+    """The two benchmarks. The full run's budget (60 minutes on 2 CPU cores, docs/evidence.md): the toy runs the
+    whole grid; digits, whose shipped U-Net costs about 0.07 s per training step and 0.3 s per CFG sampling step of
+    445 images on one core, trains 1000 steps and is evaluated with dpmpp_2m on w <= 4."""
     if quick:
         return {'toy': Bench('toy', True, 40, 64, 'energy', 200, (0., 2.)),
                 'digits': Bench('digits', True, 10, 16, 'fd', None, (0., 2.))}
@@ -479,6 +479,17 @@ def make_grid(plan: Plan, chosen: Sequence[str], benchmarks: Sequence[str], quic
     return grid
 
 
+VERDICT_DOC = Path('docs/evidence.md')   # the page whose marked block a full run into docs/claims rewrites
+
+
+def verdict_doc(doc: Path | None, out: Path, quick: bool) -> Path | None:
+    """The page whose verdict block this run rewrites: `doc` if given, else VERDICT_DOC for a full run into
+    docs/claims, else none (a --quick or elsewhere-written run leaves the committed verdicts alone)."""
+    if doc is not None:
+        return doc
+    return VERDICT_DOC if not quick and out.resolve() == Path('docs/claims').resolve() else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from . import claims_report
 
@@ -493,8 +504,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument('--threads', type=int, default=1, help='torch threads per worker')
     p.add_argument('--benchmarks', nargs='+', choices=['toy', 'digits'], default=['toy', 'digits'])
     p.add_argument('--variants', nargs='+', default=None, help='subset of variants (default: all)')
-    p.add_argument('--readme', type=Path, default=None, help='the README whose verdict block to rewrite (default: '
-                   'README.md when --out is docs/claims and not --quick)')
+    p.add_argument('--doc', '--readme', dest='doc', type=Path, default=None, help='the page whose verdict block to '
+                   f'rewrite (default: {VERDICT_DOC} when --out is docs/claims and not --quick)')
     p.add_argument('--no-progress', action='store_true')
     args = p.parse_args(argv)
     all_variants = [v.name for v in variants()]
@@ -540,10 +551,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     jobs_info = [{k: v for k, v in r.items() if k != 'rows'} for r in results]
     report = claims_report.write_all(args.out, work, rows, grid, meta, jobs_info, benches(args.quick),
                                      variant_by_name())
-    readme = args.readme or (Path('README.md') if not args.quick and args.out.resolve() == Path('docs/claims').resolve()
-                             else None)
-    if readme is not None and readme.is_file() and claims_report.update_readme(readme, rows, grid):
-        print(f'claims verdicts written into {readme}')
+    doc = verdict_doc(args.doc, args.out, args.quick)
+    if doc is not None and doc.is_file() and claims_report.update_readme(doc, rows, grid):
+        print(f'claims verdicts written into {doc}')
     print(f'claims report: {report} ({len(rows)} rows, {wall:.1f} min; commit {meta["commit"]})')
     return 0
 

@@ -195,7 +195,7 @@ def readme_block(rows: Sequence[Mapping[str, Any]], grid: Mapping[str, Any]) -> 
 
 
 def update_readme(readme: Path, rows: Sequence[Mapping[str, Any]], grid: Mapping[str, Any]) -> bool:
-    """Rewrites the README's claims-verdict block from the rows; False when the README has no such block."""
+    """Rewrites the claims-verdict block of a page (docs/evidence.md) from the rows; False when it has none."""
     text = readme.read_text()
     begin, end = README_BLOCK
     if begin not in text or end not in text:

@@ -1,5 +1,5 @@
 """The claims benchmark: the verdict rules on numbers with known outcomes, the variants' configs, `python -m
-kdiff_align.bench claims --quick` end to end (every comparison type, counted NFE, resume, README block), and the
+kdiff_align.bench claims --quick` end to end (every comparison type, counted NFE, resume, verdict block), and the
 committed docs/claims/results.json recomputed."""
 
 import csv
@@ -116,7 +116,7 @@ def test_quick_claims_end_to_end_and_resume(tmp_path):
     begin, end = claims_report.README_BLOCK
     readme.write_text(f'# title\n\nbefore\n{begin}\n| old | table |\n{end}\nafter\n')
     argv = ['claims', '--quick', '--out', str(out), '--work', str(work), '--workers', '1', '--no-progress',
-            '--readme', str(readme)]
+            '--doc', str(readme)]
     bench.main(argv)
     report = (out / 'report.md').read_text()
     rows, grid = claims_report.load_results(out / 'results.json')
@@ -213,7 +213,7 @@ def test_two_workers_run_a_job_only_after_the_jobs_it_needs(tmp_path):
     assert [t['need'] for t in verdicts.verdicts(rows, grid)['needs']] == ['equal_steps', 'equal_nfe', 'reproduction']
 
 
-def test_committed_results_reproduce_the_report_and_the_readme():
+def test_committed_results_reproduce_the_report_and_the_evidence_page():
     results = ROOT / 'docs' / 'claims' / 'results.json'
     if not isinstance(json.loads(results.read_text()), dict):
         pytest.skip('docs/claims/results.json predates the second-round benchmark (issue 12): rerun '
@@ -223,9 +223,25 @@ def test_committed_results_reproduce_the_report_and_the_readme():
                     'another seed): rerun python -m kdiff_align.bench claims to regenerate it')
     needs, claims_lines = recomputed_tables(results)
     report = (ROOT / 'docs' / 'claims' / 'report.md').read_text()
-    block = readme_block((ROOT / 'README.md').read_text())
+    block = readme_block((ROOT / 'docs' / 'evidence.md').read_text())
     for lines in (needs, claims_lines):
         assert '\n'.join(lines) in report and '\n'.join(lines) in block
+
+
+def test_a_full_run_rewrites_the_verdicts_of_the_evidence_page(monkeypatch, capsys):
+    # The one committed copy of the generated verdicts is docs/evidence.md's block; the README only links to it.
+    monkeypatch.chdir(ROOT)
+    begin, end = claims_report.README_BLOCK
+    assert claims.verdict_doc(None, Path('docs/claims'), quick=False) == Path('docs/evidence.md')
+    assert begin in Path('docs/evidence.md').read_text() and end in Path('docs/evidence.md').read_text()
+    assert begin not in Path('README.md').read_text()
+    assert claims.verdict_doc(None, Path('docs/claims'), quick=True) is None
+    assert claims.verdict_doc(None, Path('elsewhere'), quick=False) is None
+    assert claims.verdict_doc(Path('mine.md'), Path('docs/claims'), quick=True) == Path('mine.md')
+    for flag in ('--doc', '--readme'):  # --readme: the old name, still accepted
+        with pytest.raises(SystemExit):
+            claims.main([flag, 'mine.md', '--seeds', '1'])
+        assert '--seeds must be >= 2' in capsys.readouterr().err
 
 
 def test_claims_rejects_bad_flags():

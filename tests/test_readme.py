@@ -1,9 +1,10 @@
-"""The README's usage example runs as written."""
+"""The README: its usage examples run as written, it stays short, and every relative link in it and in docs/ works."""
 
 import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+README_LIMIT = 12 * 1024  # bytes: a newcomer reads it in five minutes; reference material lives in docs/
 
 
 def test_readme_examples_run(tmp_path, monkeypatch, capsys):
@@ -17,3 +18,31 @@ def test_readme_examples_run(tmp_path, monkeypatch, capsys):
     for block, out in zip(blocks, expected):
         exec(compile(block, 'README.md', 'exec'), {})
         assert capsys.readouterr().out.strip() == out
+
+
+def test_readme_is_short():
+    size = len((ROOT / 'README.md').read_bytes())
+    assert size <= README_LIMIT, f'README.md is {size} bytes, over {README_LIMIT}: move reference material to docs/'
+
+
+def _anchors(text: str) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces as hyphens."""
+    headings = re.findall(r'^#+ (.+)$', re.sub(r'```.*?```', '', text, flags=re.S), re.M)
+    return {re.sub(r'[^\w\- ]', '', h.strip().lower()).replace(' ', '-') for h in headings}
+
+
+def test_relative_links_point_at_existing_files_and_headings():
+    pages = [ROOT / 'README.md', *sorted((ROOT / 'docs').glob('*.md'))]
+    broken = []
+    for page in pages:
+        text = re.sub(r'```.*?```', '', page.read_text(), flags=re.S)  # code is not links
+        for target in re.findall(r'\[[^\]]*\]\(([^)\s]+)\)', text):
+            if re.match(r'[a-z]+:', target):  # https:, mailto:
+                continue
+            path, _, anchor = target.partition('#')
+            file = (page.parent / path).resolve() if path else page
+            if not file.is_file():
+                broken.append(f'{page.relative_to(ROOT)}: {target} (no such file)')
+            elif anchor and file.suffix == '.md' and anchor not in _anchors(file.read_text()):
+                broken.append(f'{page.relative_to(ROOT)}: {target} (no such heading)')
+    assert len(pages) > 5 and not broken, broken
