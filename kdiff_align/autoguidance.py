@@ -1,14 +1,14 @@
 """Autoguidance: guiding a model with a weaker version of itself, for every k-diffusion sampler.
 
 Karras, Kynkäänniemi, Lehtinen, Aila, Laine, "Guiding a Diffusion Model with a Bad Version of Itself"
-(NeurIPS 2024), eq. 2: D = D_guide + s·(D_main − D_guide), s ≥ 1. In this project's w (w = s − 1, the
+(NeurIPS 2024): D = D_guide + s·(D_main − D_guide), s ≥ 1. In this project's w (w = s − 1, the
 convention of classifier-free guidance, docs/design.md section 3):
 
     D_w = D_main + w·(D_main − D_guide),    w = 0: D_main, the unguided conditional model.
 
 The guide is a smaller and/or less trained model of the same task (an early EMA snapshot, a smaller config of
 the same family). Both see the same condition. It costs 2 network evaluations per step like CFG (the guide's
-training too, when it is trained separately). See /work/shared/DESIGN.md section 6.
+training too, when it is trained separately).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ __all__ = ['AutoGuidedDenoiser', 'autoguide', 'check_guide', 'load_guided']
 
 
 def autoguide(denoised_main: torch.Tensor, denoised_guide: torch.Tensor, w: torch.Tensor | float) -> torch.Tensor:
-    """D_w = D_main + w·(D_main − D_guide) (Karras et al. 2024, eq. 2 with s = 1 + w), w broadcast per row."""
+    """D_w = D_main + w·(D_main − D_guide) (Karras et al. 2024 with s = 1 + w), w broadcast per row."""
     if isinstance(w, torch.Tensor) and w.ndim:
         w = w.view(-1, *[1] * (denoised_main.ndim - 1)).to(denoised_main.dtype)
     return denoised_main + w * (denoised_main - denoised_guide)
