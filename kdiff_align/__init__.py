@@ -14,6 +14,7 @@ __version__ = '0.1.0'
 
 _EXPORTS = {
     'AlignedDenoiser': 'objective',
+    'AutoGuidedDenoiser': 'autoguidance',
     'GFTDenoiser': 'objective',
     'TeacherTargetDenoiser': 'objective',
     'OnePassDenoiser': 'guidance',
