@@ -32,15 +32,10 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt_lib
-from .checkpoint import CheckpointError
-from .config import ConfigError
+from .errors import CheckpointError, ConfigError, TrainingError  # noqa: F401 (re-exported)
 from .schedulers import make_ema_sched, make_lr_scheduler, make_optimizer, param_groups
 
 METRICS_COLUMNS = ('step', 'epoch', 'loss', 'lr', 'ema_decay', 'grad_norm', 'it_per_s', 'elapsed_s')
-
-
-class TrainingError(RuntimeError):
-    """Training cannot continue (a non-finite loss or gradient)."""
 
 
 @dataclasses.dataclass

@@ -27,7 +27,8 @@ from . import checkpoint as ckpt_lib
 from . import data as data_lib
 from . import engine
 from .checkpoint import CheckpointError
-from .config import ONE_PASS, ConfigError, align_section, load_config, make_denoiser_wrapper, make_model
+from . import registry
+from .config import ConfigError, align_section, load_config, make_denoiser_wrapper, make_model
 from .teachers import make_objective_teacher
 from .data import DataError
 from .engine import TrainingError  # noqa: F401 (re-exported: one error type for every training path)
@@ -93,12 +94,10 @@ class ImageLoss:
 
 def describe_objective(align: Mapping[str, Any]) -> str:
     """One line: the objective and its knobs."""
-    kind = align['objective']
-    text = f'{kind}, w_train = {align["w_train"]}, uncond_prob = {align["uncond_prob"]}'
-    if kind == 'aligned':
-        return text + f', mix = {align["mix"]}'
-    if kind in ('mg', 'distill'):
-        text += f', teacher = {align["teacher"]}'
+    spec = registry.of(align)
+    knobs = [k for k in spec.knobs if k not in ('stop_grad_uncond', 'warmup_steps', 'target_sigma_range')]
+    text = f'{spec.name}, w_train = {align["w_train"]}, uncond_prob = {align["uncond_prob"]}'
+    text += ''.join(f', {k} = {align[k]}' for k in knobs)
     if align['warmup_steps']:
         text += f', warm-up {align["warmup_steps"]} steps'
     return text
@@ -195,7 +194,7 @@ def train(config: Mapping[str, Any] | None, options: TrainOptions | None = None,
         print(f'Run folder: {run_dir}  (process {rank} of {world} on {device}; parameters: {n_params:,}; '
               f'{len(dataset):,} training items; seed {options.seed})', flush=True)
         w = align['w_sample']
-        passes = 'one network evaluation per step' if align['objective'] in ONE_PASS else f'cfg scale = {1 + w:g}'
+        passes = 'one network evaluation per step' if registry.of(align).one_pass else f'cfg scale = {1 + w:g}'
         print(f"Objective: {describe_objective(align)}; demos at w = {w:g} (paper's w; {passes})", flush=True)
         if ckpt is not None:
             print(f'Resuming from {ckpt["path"]} at step {run.step}', flush=True)

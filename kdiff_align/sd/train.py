@@ -32,7 +32,8 @@ import torch
 
 from .. import engine
 from ..checkpoint import CheckpointError, atomic_write
-from ..config import TELLS_W, ConfigError, load_config, make_denoiser_wrapper
+from .. import registry
+from ..config import ConfigError, load_config, make_denoiser_wrapper
 from ..teachers import make_objective_teacher
 from ..engine import TrainingError
 
@@ -204,8 +205,9 @@ def train(config: str | Path | Mapping[str, Any] | None, options: SDTrainOptions
     # The trainable UNet: LoRA on a frozen base (stored in the mixed-precision dtype), or all weights.
     unet = components.unet
     # distill's teacher: the frozen pretrained UNet, copied before the student gets its guidance embedding.
-    base = copy.deepcopy(unet).requires_grad_(False).eval() if config['align']['objective'] == 'distill' else None
-    if config['align']['objective'] in TELLS_W and unet.config.get('time_cond_proj_dim') is None:
+    spec = registry.of(config)
+    base = copy.deepcopy(unet).requires_grad_(False).eval() if spec.teacher == 'frozen' else None
+    if spec.tells_w and unet.config.get('time_cond_proj_dim') is None:
         unet = add_guidance_embedding(unet)   # diffusers' time_cond_proj_dim, zero-initialised
     if model_cfg['lora'] is not None:
         add_lora(unet, model_cfg['lora'], DTYPES[model_cfg['mixed_precision']])
