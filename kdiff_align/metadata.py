@@ -179,7 +179,8 @@ def _complete(meta: dict[str, Any]) -> None:
     if meta['objective'] in registry.UNGUIDED_OLD_NAMES:
         meta.setdefault('w_range', [0.0, 0.0])   # a standard CFG model: trained for w = 0
     spec = registry.get(meta['objective'])
-    objective, w = meta['objective'] = spec.name, meta['w_sample']
+    meta['objective'] = objective = spec.name
+    w = meta['w_sample']
     if 'w_range' not in meta:
         try:
             meta['w_range'] = [float(v) for v in spec.w_range(meta['w_train'])]

@@ -49,8 +49,8 @@ def test_shipped_configs_are_twins():
 
     aligned, baseline = (load_config(ROOT / 'configs' / f'sd_{n}.json') for n in ('aligned', 'baseline'))
     assert is_sd_config(aligned) and is_sd_config(baseline)
-    assert guidance_metadata(aligned)['objective'] == 'aligned-cfg'
-    assert guidance_metadata(baseline)['objective'] == 'standard-cfg'
+    assert guidance_metadata(aligned)['objective'] == 'aligned' and guidance_metadata(aligned)['w_range'] != [0.0, 0.0]
+    assert guidance_metadata(baseline)['objective'] == 'aligned' and guidance_metadata(baseline)['w_range'] == [0.0, 0.0]
     assert {k: v for k, v in aligned.items() if k != 'align'} == {k: v for k, v in baseline.items() if k != 'align'}
 
 
@@ -207,7 +207,7 @@ def test_lora_run_outputs(lora_run):
     assert rows[0].startswith('step,epoch,loss') and len(rows) == 5
     assert json.loads((run / 'config.json').read_text())['model']['prediction'] == 'epsilon'
     meta = read_metadata(lora_run.lora)
-    assert meta['objective'] == 'aligned-cfg' and meta['w_train'] == 1.0 and meta['cfg_scale'] == 1 + meta['w_sample']
+    assert meta['objective'] == 'aligned' and meta['w_train'] == 1.0 and meta['cfg_scale'] == 1 + meta['w_sample']
 
 
 def test_lora_reloads_in_diffusers(tiny, lora_run):
