@@ -41,6 +41,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from .checkpoint import CheckpointError, atomic_write, load_for_inference  # noqa: E402
+from . import registry  # noqa: E402
 from .config import ConfigError, load_config, make_guided_denoiser  # noqa: E402
 from .sample import build_denoiser, data_shape, sample  # noqa: E402,F401 (build_denoiser: re-exported for claims)
 
@@ -267,7 +268,7 @@ def effective_guidance(config: Mapping[str, Any], w: float) -> float:
     standard CFG, w_train = 0), so CFG at w acts as (1 + w) a - 1. gft, mg and distill take w in CFG's own units
     (config.make_guided_denoiser maps it), so their target is w."""
     align = config['align']
-    if align.get('objective', 'aligned') != 'aligned':
+    if registry.get(align.get('objective', registry.names()[0])).one_pass:
         return float(w)
     mu = float(align.get('mix', 1.0))
     m1, m2 = _moments(align['w_train'])
@@ -377,7 +378,7 @@ def default_ws(models: Iterable[tuple[Mapping[str, Any], nn.Module]]) -> list[fl
 
     ws = list(DEFAULT_WS)
     for config, _ in models:
-        if config['align']['objective'] in ('gft', 'distill'):
+        if registry.of(config).sampling == 'told-w':
             lo, hi = w_range(config)
             ws = [w for w in ws if lo <= w <= hi]
     dropped = [w for w in DEFAULT_WS if w not in ws]

@@ -64,3 +64,37 @@ def test_sd_imports_no_private_name_of_another_module():
                for target, names in targets.items() if not target.startswith('kdiff_align.sd')
                for name in names if name.startswith('_')]
     assert not private, private
+
+
+OBJECTIVE_NAMES = {'aligned', 'gft', 'mg', 'distill', 'aligned-cfg', 'standard-cfg'}
+REGISTRY_MODULES = {'kdiff_align.registry'}   # the one place that names the objectives' rules
+
+
+def objective_name_comparisons(source: str, label: str) -> list[str]:
+    """'label:line' of every ==, !=, in or not in whose operand is an objective's name (or a literal collection
+    holding one): a rule of an objective written outside its registry Spec."""
+    def names_an_objective(node: ast.AST) -> bool:
+        if isinstance(node, ast.Constant):
+            return node.value in OBJECTIVE_NAMES
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            return any(names_an_objective(e) for e in node.elts)
+        return False
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Compare) and any(names_an_objective(n) for n in [node.left, *node.comparators]):
+            found.append(f'{label}:{node.lineno}')
+    return found
+
+
+def test_no_string_branch_on_objective_names_outside_the_registry():
+    branches = [hit for path in sorted(PACKAGE.rglob('*.py')) if module_name(path) not in REGISTRY_MODULES
+                for hit in objective_name_comparisons(path.read_text(), str(path.relative_to(PACKAGE.parent)))]
+    assert not branches, 'compare objective names only in kdiff_align/registry.py (read the Spec): ' + ', '.join(
+        branches)
+
+
+def test_the_name_check_finds_a_branch():
+    """The check above is live: it finds the kind of line it forbids."""
+    source = "def f(kind):\n    return kind == 'mg' or kind in ('gft', 'x') or kind != 'x'\n"
+    assert objective_name_comparisons(source, 'probe.py') == ['probe.py:2', 'probe.py:2']
