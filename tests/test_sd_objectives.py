@@ -109,7 +109,7 @@ def test_distill_full_finetune_learns_from_the_frozen_base_unet(tiny, tmp_path):
     config = sd_tiny.sd_config(tiny['pipe'], tiny['data'], lora=False, objective='distill', teacher='base',
                                w_train={'type': 'uniform', 'min_value': 0.0, 'max_value': 4.0})
     config['model']['gradient_checkpointing'] = False
-    seen, original = [], TeacherTargetDenoiser.loss
+    seen, original = [], GuidanceObjective.loss
 
     def spy(self, *args, **kwargs):
         teacher_unet = self.teacher.inner_model.unet
@@ -117,11 +117,11 @@ def test_distill_full_finetune_learns_from_the_frozen_base_unet(tiny, tmp_path):
         seen.append((teacher_unet is not student_unet, teacher_unet.config.time_cond_proj_dim,
                      any(p.requires_grad for p in teacher_unet.parameters())))
         return original(self, *args, **kwargs)
-    TeacherTargetDenoiser.loss = spy
+    GuidanceObjective.loss = spy
     try:
         result = run(config, tmp_path, 'distill', steps=2)
     finally:
-        TeacherTargetDenoiser.loss = original
+        GuidanceObjective.loss = original
     assert seen == [(True, None, False)] * 2   # a separate, frozen base UNet without the embedding
     tuned = UNet2DConditionModel.from_pretrained(str(result.unet_dir), local_files_only=True)
     assert tuned.config.time_cond_proj_dim == 256
