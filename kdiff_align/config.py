@@ -105,6 +105,22 @@ def _load_kdiffusion_config(raw: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+def apply_overrides(config: Mapping[str, Any], *, lr: float | None = None, w_train: float | None = None,
+                    w_sample: float | None = None, mixed_precision: str | None = None) -> dict[str, Any]:
+    """A (raw or loaded) config with a training run's overrides (--lr, --w-train, --w-sample and, for a Stable
+    Diffusion config, --mixed-precision), loaded and validated."""
+    config = copy.deepcopy(dict(config))
+    if lr is not None:
+        config['optimizer']['lr'] = lr
+    if w_train is not None:
+        config['align']['w_train'] = w_train
+    if w_sample is not None:
+        config['align']['w_sample'] = w_sample
+    if mixed_precision is not None and is_sd_config(config):
+        config['model']['mixed_precision'] = mixed_precision
+    return load_config(config)
+
+
 def align_section(config: Mapping[str, Any]) -> dict[str, Any]:
     """The align section with defaults resolved against the upstream sections and the objective: w_sample
     defaults to the w the model was trained for (gft / distill: the mean of the w range; mg: its effective

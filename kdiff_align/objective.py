@@ -16,9 +16,8 @@ and distillation models sample guided in one network evaluation per step (guidan
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import nn

@@ -336,13 +336,23 @@ def test_full_finetune_v_prediction(tiny, tmp_path):
                         '--out', str(out), '--device', 'cpu']) == 0 and out.is_file()
 
 
-def test_train_cli_flags_forwardable(capsys):
-    from kdiff_align.sd.train import SDTrainOptions, options_from_args, parse_args
+def test_one_parser_for_both_trainers(capsys):
+    """One parser holds both trainers' flags; omitted flags take the chosen trainer's defaults, and flags it lacks
+    are reported, not refused."""
+    from kdiff_align import train as ktrain
+    from kdiff_align import train_cli
+    from kdiff_align.sd import train as sdtrain
 
-    args = parse_args(['--config', 'c.json', '--demo-every', '5', '--compile', '--batch-size', '3', '--end-step', '7'])
-    assert 'warning: --demo-every, --compile do not apply' in capsys.readouterr().err
-    options = options_from_args(args)
-    assert (options.batch_size, options.end_step, options.grad_clip) == (3, 7, SDTrainOptions().grad_clip)
+    argv = ['--config', 'c.json', '--demo-every', '5', '--compile', '--batch-size', '3', '--end-step', '7']
+    args = train_cli.make_parser().parse_args(argv)
+    options = train_cli.options_from_args(args, sdtrain)
+    assert 'warning: --demo-every, --compile do not apply to Stable Diffusion fine-tuning' in capsys.readouterr().err
+    assert (options.batch_size, options.end_step, options.grad_clip) == (3, 7, sdtrain.SDTrainOptions().grad_clip)
+    options = train_cli.options_from_args(train_cli.make_parser().parse_args(argv[:2]), ktrain)
+    assert options == ktrain.TrainOptions(config_path='c.json') and not capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_cli.make_parser().parse_args(['--cache-batch-size', '0'])
+    assert '--cache-batch-size: must be an integer >= 1, got 0' in capsys.readouterr().err
 
 
 # Checkpoints: the engine's exact resume, and nothing but tensors is unpickled.
