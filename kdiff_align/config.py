@@ -105,11 +105,12 @@ def _load_kdiffusion_config(raw: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-def apply_overrides(config: Mapping[str, Any], *, lr: float | None = None, w_train: float | None = None,
-                    w_sample: float | None = None, mixed_precision: str | None = None) -> dict[str, Any]:
-    """A (raw or loaded) config with a training run's overrides (--lr, --w-train, --w-sample and, for a Stable
-    Diffusion config, --mixed-precision), loaded and validated."""
-    config = copy.deepcopy(dict(config))
+def apply_overrides(config: str | Path | Mapping[str, Any], *, lr: float | None = None,
+                    w_train: float | None = None, w_sample: float | None = None,
+                    mixed_precision: str | None = None) -> dict[str, Any]:
+    """A config (path, shipped name, raw or loaded dict) with a training run's overrides (--lr, --w-train,
+    --w-sample and, for a Stable Diffusion config, --mixed-precision), loaded and validated."""
+    config = copy.deepcopy(dict(config if isinstance(config, Mapping) else load_config(config)))
     if lr is not None:
         config['optimizer']['lr'] = lr
     if w_train is not None:
@@ -136,8 +137,8 @@ def align_section(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def w_range(config: Mapping[str, Any]) -> tuple[float, float]:
-    """The w range a one-pass model was trained for ([w, w] for a fixed w; mg: its effective w)."""
-    return registry.w_range(config['align']['objective'], config['align']['w_train'])
+    """The w range the config's model was trained for ([w, w] for a fixed w; mg: its effective w): Spec.w_range."""
+    return registry.of(config).w_range(config['align']['w_train'])
 
 
 mg_effective_w = registry.mg_effective_w

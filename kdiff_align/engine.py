@@ -218,7 +218,7 @@ def check_resume(config: Mapping[str, Any], ckpt: Mapping[str, Any], batch_size:
               'order continues approximately, not exactly', file=sys.stderr)
 
 
-def resolve_config(config: Mapping[str, Any] | None, ckpt: Mapping[str, Any] | None, options: RunOptions, *,
+def resolve_config(config: Any, ckpt: Mapping[str, Any] | None, options: RunOptions, *,
                    resolve: Callable[[Mapping[str, Any]], dict[str, Any]]) -> dict[str, Any]:
     """The run's config: the given one (or the resumed checkpoint's) through the caller's `resolve` (its CLI
     overrides, validation, what the config points at), checked against the checkpoint; options.seed defaults to
@@ -250,8 +250,7 @@ class Start:
     is_main = property(lambda self: self.accelerator.is_main_process)
 
 
-def start(config: Mapping[str, Any] | None, options: RunOptions, *,
-          resolve: Callable[[Mapping[str, Any]], dict[str, Any]],
+def start(config: Any, options: RunOptions, *, resolve: Callable[[Any], dict[str, Any]],
           accelerator_options: Callable[[Mapping[str, Any]], Mapping[str, Any]] = lambda config: {}) -> Start:
     """The preamble of every run, before any model: the options' ranges, the run folder, the checkpoint to resume,
     the config (resolve_config), accelerate (make_accelerator(**accelerator_options(config))) and one seed for

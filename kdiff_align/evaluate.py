@@ -249,9 +249,9 @@ def make_task(config: Mapping[str, Any], n: int | None = None, seed: int = 0, **
 
 def _moments(spec: Any) -> tuple[float, float]:
     """(E[w], E[w^2]) of a training w: a number or a uniform / log-uniform distribution."""
-    from .objective import ScaleDistribution, make_guidance_scale
+    from .registry import ScaleDistribution, make_w
 
-    w = make_guidance_scale(spec)
+    w = make_w(spec)
     if not isinstance(w, ScaleDistribution):
         return w, w * w
     a, b = w.min_value, w.max_value

@@ -24,7 +24,7 @@ from torch import nn
 
 from . import conditioning, registry
 from .registry import (GuidanceScale, ScaleDistribution, Spec, check_sigma_interval,  # noqa: F401 (re-exported)
-                       make_guidance_scale, mg_effective_w, zero_outside)
+                       make_guidance_scale, make_w, mg_effective_w, zero_outside)
 
 WEIGHTINGS = ('karras', 'soft-min-snr', 'snr')
 SCALE_DISTRIBUTIONS = registry.SCALE_DISTRIBUTIONS
@@ -35,16 +35,6 @@ def append_dims(x: torch.Tensor, target_dims: int) -> torch.Tensor:
     from k_diffusion.utils import append_dims as upstream
 
     return upstream(x, target_dims)
-
-
-def trained_w_range(objective: str, w_train: GuidanceScale) -> tuple[float, float]:
-    """[lo, hi] of the w a model of this objective was trained for (registry.w_range)."""
-    return registry.w_range(objective, w_train)
-
-
-def default_w_sample(objective: str, w_train: GuidanceScale) -> float:
-    """align.w_sample's default: the trained w (a distribution's mean; mg: its effective w)."""
-    return registry.get(objective).default_w_sample(w_train)
 
 
 def parameterization(inner_model: nn.Module) -> str:
@@ -126,7 +116,7 @@ class GuidanceObjective(nn.Module):
             self.get_scalings = self._upstream[0].get_scalings
 
         spec = self.spec
-        self.w_train = make_guidance_scale(_alias(w_train, guidance_scale, 'w_train', 'guidance_scale')
+        self.w_train = make_w(_alias(w_train, guidance_scale, 'w_train', 'guidance_scale')
                                            if (w_train, guidance_scale) != (None, None) else spec.w_train_default)
         if spec.w_train_ok is not None and not spec.w_train_ok(self.w_train):
             raise ValueError(f'w_train: got {self.w_train!r}; allowed: {spec.w_train_rule}')
@@ -167,7 +157,7 @@ class GuidanceObjective(nn.Module):
 
     def _require_null(self) -> None:
         if not self.uncond:
-            raise ValueError('uncond (the null condition) is required when uncond_prob > 0 or guidance_scale != 0; '
+            raise ValueError('uncond (the null condition) is required when uncond_prob > 0 or w_train != 0; '
                              'pass e.g. uncond={"class_cond": num_classes}')
 
     @property
@@ -191,11 +181,13 @@ class GuidanceObjective(nn.Module):
         c_skip, c_out, c_in = [append_dims(x, input.ndim) for x in self.get_scalings(sigma)]
         return self.inner_model(input * c_in, sigma, **kwargs) * c_out + input * c_skip
 
-    def sample_guidance_scale(self, n: int, device: torch.device | str) -> torch.Tensor:
+    def sample_w(self, n: int, device: torch.device | str) -> torch.Tensor:
         """The training-time w for n rows."""
         if isinstance(self.w_train, ScaleDistribution):
             return self.w_train(n, device)
         return torch.full((n,), self.w_train, device=device)
+
+    sample_guidance_scale = sample_w   # the older name
 
     def uses_fixed_rows(self, input: torch.Tensor) -> bool:
         return self.fixed_rows if self.fixed_rows is not None else input.is_cuda
@@ -258,7 +250,7 @@ class GuidanceObjective(nn.Module):
         batch_size, device = input.shape[0], input.device
         model_input, target, c_weight, anchor, cond_kwargs = self.prepare(input, noise, sigma, kwargs)
         conditional = torch.ones(batch_size, dtype=torch.bool, device=device) if anchor is None else ~anchor
-        w = self.sample_guidance_scale(batch_size, device) if self.guides else torch.zeros(batch_size, device=device)
+        w = self.sample_w(batch_size, device) if self.guides else torch.zeros(batch_size, device=device)
         if not self.active:
             w = torch.zeros_like(w)
         w = zero_outside(w, sigma, self.target_sigma_range)

@@ -17,7 +17,7 @@ upstream's loss bit for bit. Metadata reads the older export names 'aligned-cfg'
 "aligned" (OLD_NAMES).
 
 This module also holds what every reader of w shares: the w distribution (ScaleDistribution,
-make_guidance_scale), sigma intervals, and the w range a model was trained for (w_range).
+make_w) and sigma intervals; Spec.w_range is the w range a model was trained for.
 """
 
 from __future__ import annotations
@@ -69,8 +69,8 @@ class ScaleDistribution:
 GuidanceScale = Union[float, ScaleDistribution, Mapping[str, Any]]
 
 
-def make_guidance_scale(spec: GuidanceScale) -> float | ScaleDistribution:
-    """A number, or {'type': 'uniform' | 'log-uniform', 'min_value': a, 'max_value': b}."""
+def make_w(spec: GuidanceScale) -> float | ScaleDistribution:
+    """The paper's w for training: a number, or {'type': 'uniform' | 'log-uniform', 'min_value': a, 'max_value': b}."""
     if isinstance(spec, ScaleDistribution):
         return spec
     if isinstance(spec, bool) or not isinstance(spec, (int, float, Mapping)):
@@ -87,9 +87,12 @@ def make_guidance_scale(spec: GuidanceScale) -> float | ScaleDistribution:
     return float(spec)
 
 
+make_guidance_scale = make_w   # the older name
+
+
 def w_bounds(w_train: GuidanceScale) -> tuple[float, float]:
     """[lo, hi] of a w or w distribution ([w, w] for a fixed w)."""
-    w = make_guidance_scale(w_train)
+    w = make_w(w_train)
     return (w.min_value, w.max_value) if isinstance(w, ScaleDistribution) else (w, w)
 
 
@@ -231,7 +234,7 @@ class Spec:
 
     def default_w_sample(self, w_train: GuidanceScale) -> float:
         """align.w_sample's default: the trained w (a distribution's mean; mg: its effective w)."""
-        w = make_guidance_scale(w_train)
+        w = make_w(w_train)
         return self.effective_w(w.mean if isinstance(w, ScaleDistribution) else w)
 
     def plan(self, w: float, w_range: Sequence[float] | None) -> tuple[str, float | None]:
@@ -292,11 +295,6 @@ def of(config_or_align: Mapping[str, Any]) -> Spec:
     """The Spec of a config (or its align section)."""
     align = config_or_align.get('align', config_or_align)
     return get(align['objective'])
-
-
-def w_range(objective: str, w_train: GuidanceScale) -> tuple[float, float]:
-    """[lo, hi] of the w a model of this objective trained at w_train samples (mg: its effective w)."""
-    return get(objective).w_range(w_train)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -69,7 +69,7 @@ def validate_align(align: Mapping[str, Any]) -> None:
     choice('align.objective', align['objective'], objectives())
     spec = registry.get(align['objective'])
     try:
-        w_train = registry.make_guidance_scale(align['w_train'])
+        w_train = registry.make_w(align['w_train'])
     except (TypeError, ValueError) as err:
         raise ConfigError(f'config key \'align.w_train\': got {align["w_train"]!r}; {err}') from None
     if spec.w_train_ok is not None and not spec.w_train_ok(w_train):

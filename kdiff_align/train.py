@@ -24,7 +24,7 @@ from torch import nn
 from . import checkpoint as ckpt_lib
 from . import data as data_lib
 from . import engine, registry, train_cli
-from .config import ConfigError, align_section, load_config, make_denoiser_wrapper, make_model
+from .config import ConfigError, align_section, make_denoiser_wrapper, make_model
 from .engine import option
 from .errors import CheckpointError, DataError, TrainingError  # noqa: F401 (re-exported: one error type each)
 from .sample import data_shape, grid_image, sample, sample_grid
@@ -154,8 +154,6 @@ def train(config: str | Path | Mapping[str, Any] | None, options: TrainOptions |
     import k_diffusion as K
 
     options = copy.deepcopy(options or TrainOptions())
-    if config is not None and not isinstance(config, Mapping):
-        config = load_config(config)
     begin = engine.start(config, options, resolve=partial(train_cli.resolve, options=options),
                          accelerator_options=lambda config: {
                              'mixed_precision': options.mixed_precision,

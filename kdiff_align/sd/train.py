@@ -31,7 +31,7 @@ import torch
 
 from .. import engine, registry, train_cli
 from ..checkpoint import atomic_write
-from ..config import ConfigError, load_config, make_denoiser_wrapper
+from ..config import ConfigError, make_denoiser_wrapper
 from ..engine import option
 from ..errors import CheckpointError, TrainingError  # noqa: F401 (re-exported)
 from ..teachers import make_objective_teacher
@@ -184,7 +184,7 @@ def train(config: str | Path | Mapping[str, Any] | None, options: SDTrainOptions
     from .model import add_guidance_embedding, load_components, make_denoiser, null_condition
 
     options = dataclasses.replace(options or SDTrainOptions())
-    begin = engine.start(None if config is None else load_config(config), options,
+    begin = engine.start(config, options,
                          resolve=lambda c: resolve_model(train_cli.resolve(c, options)),   # weights, prediction, size
                          accelerator_options=lambda c: {'mixed_precision': c['model']['mixed_precision']})
     run_dir, ckpt, config, accelerator = begin.run_dir, begin.ckpt, begin.config, begin.accelerator
