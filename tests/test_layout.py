@@ -98,3 +98,17 @@ def test_the_name_check_finds_a_branch():
     """The check above is live: it finds the kind of line it forbids."""
     source = "def f(kind):\n    return kind == 'mg' or kind in ('gft', 'x') or kind != 'x'\n"
     assert objective_name_comparisons(source, 'probe.py') == ['probe.py:2', 'probe.py:2']
+
+
+def test_errors_is_a_leaf_and_the_lower_modules_do_not_import_config():
+    """errors imports nothing of ours; data, schedulers and engine take ConfigError from errors, not config (so that
+    importing them loads no schema); the registry sits below the schema; config reaches the Stable Diffusion
+    schema only through its load_config facade (an import inside that function, not at import time)."""
+    edges = graph()
+    assert edges['kdiff_align.errors'] == {}
+    for low in ('kdiff_align.data', 'kdiff_align.schedulers', 'kdiff_align.engine', 'kdiff_align.registry'):
+        assert not {'kdiff_align.config', 'kdiff_align.schema'} & set(edges[low]), low
+    top_level = [n for n in ast.parse((PACKAGE / 'config.py').read_text()).body
+                 if isinstance(n, (ast.Import, ast.ImportFrom))]
+    assert not [n for n in top_level if isinstance(n, ast.ImportFrom) and (n.module or '').startswith('sd')]
+    assert 'kdiff_align.sd.config' not in edges['kdiff_align.metadata']
