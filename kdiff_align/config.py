@@ -201,6 +201,8 @@ def make_denoiser_wrapper(config: Mapping[str, Any], *, teacher: nn.Module | Non
              'target_sigma_range': align['target_sigma_range'],
              'warmup_steps': align['warmup_steps'] if steps_done is not None else 0}   # no loop, no warm-up
     kwargs.update({k: v for k, v in knobs.items() if k in spec.knobs})
+    if 'guidance_scale' in overrides:   # the older name of w_train
+        overrides['w_train'] = overrides.pop('guidance_scale')
     return partial(objective.GuidanceObjective, **{**kwargs, **overrides})
 
 

@@ -5,13 +5,17 @@ Sampling with guidance uses F_w = (1 + w) F_c - w F_u, so the aligned objective 
 
     L_aligned = lambda(sigma) mean((F_w - T)^2)                                  (eq. A)
 
-A fraction uncond_prob of rows (the anchor) gets the standard loss on the null condition, and on the
-conditional rows L = mix L_aligned + (1 - mix) L_standard. mix = 0 or w = 0 is upstream CFG training.
+The family is one equation with one loss body (GuidanceObjective.loss), its rules read from the objective's
+registry.Spec:
 
-The family: AlignedDenoiser and GFTDenoiser are one coefficient form, a G + b F_u -> T, on either side of
-beta = 1 (a = beta = 1 + w, or 1 / (1 + w) with G told w); TeacherTargetDenoiser trains F_c toward a guided
-target built by a no-grad teacher (model-guidance with the EMA model, or guidance distillation). GFT, MG
-and distillation models sample guided in one network evaluation per step (guidance.OnePassDenoiser).
+    L = lambda(sigma) mean((a(w) F_c + b(w) F_u - target)^2)
+
+aligned: (a, b) = (1 + w, -w), target T; gft: (1 / (1 + w), w / (1 + w)) with F_c told w and F_u without
+gradient; mg and distill: a = 1, b = 0 and a target built by a no-grad teacher, T + w (F^t_c - F^t_u) or
+(1 + w) F^t_c - w F^t_u. A fraction uncond_prob of rows (the anchor) gets the standard loss on the null
+condition; with mix < 1, L = mix L + (1 - mix) L_standard on the conditional rows. w = 0 (or mix = 0) is
+upstream's loss bit for bit. GFT, MG and distillation models sample guided in one network evaluation per step
+(guidance.OnePassDenoiser).
 """
 
 from __future__ import annotations
