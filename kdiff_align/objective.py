@@ -50,14 +50,18 @@ def parameterization(inner_model: nn.Module) -> str:
     return 'karras'
 
 
+# The raw prediction F of each parameterisation, for preconditioned input c_in x.
+PREDICTIONS: dict[str, Callable[..., torch.Tensor]] = {
+    'karras': lambda model, input, sigma, **kwargs: model(input, sigma, **kwargs),
+    'eps': lambda model, input, sigma, **kwargs: model.get_eps(input, model.sigma_to_t(sigma), **kwargs),
+    'v': lambda model, input, sigma, **kwargs: model.get_v(input, model.sigma_to_t(sigma), **kwargs),
+}
+
+
 def raw_prediction(model: nn.Module, kind: str, input: torch.Tensor, sigma: torch.Tensor, **kwargs: Any
                    ) -> torch.Tensor:
     """The raw prediction F of a model of parameterization kind (eps or v for the DDPM wrappers)."""
-    if kind == 'eps':
-        return model.get_eps(input, model.sigma_to_t(sigma), **kwargs)
-    if kind == 'v':
-        return model.get_v(input, model.sigma_to_t(sigma), **kwargs)
-    return model(input, sigma, **kwargs)
+    return PREDICTIONS[kind](model, input, sigma, **kwargs)
 
 
 def _alias(new: Any, old: Any, new_name: str, old_name: str) -> Any:
@@ -102,22 +106,24 @@ class GuidanceObjective(nn.Module):
         super().__init__()
         self.spec = objective if isinstance(objective, Spec) else registry.get(objective)
         self.inner_model = inner_model
-        # The parameterisation, chosen once: the preconditioning and the raw prediction F.
-        self.parameterization = parameterization(inner_model)
-        if self.parameterization != 'karras':
+        # The parameterisation, chosen once: the preconditioning (c_skip, c_out, c_in), the raw prediction F, the
+        # denoiser D and the target. A Karras network gets upstream's Denoiser (its scalings, weighting and
+        # forward, held outside this module's tree); a DDPM wrapper its own scalings and eps / v prediction.
+        self.parameterization = kind = parameterization(inner_model)
+        if kind != 'karras':
             sigma_data = getattr(inner_model, 'sigma_data', sigma_data)
         if not callable(weighting) and weighting not in WEIGHTINGS:
             raise ValueError(f'weighting must be one of {WEIGHTINGS} or a callable, got {weighting!r}')
-        # Upstream's Denoiser supplies the Karras scalings and the weighting (held outside the module tree).
-        self._upstream = (K.layers.Denoiser(None, sigma_data, 'karras' if callable(weighting) else weighting),)
+        upstream = K.layers.Denoiser(inner_model, sigma_data, 'karras' if callable(weighting) else weighting)
+        self._upstream = (upstream,)
         self.sigma_data = sigma_data
-        self.weighting = weighting if callable(weighting) else self._upstream[0].weighting
-        if self.parameterization == 'eps':
-            self.get_scalings = lambda sigma: (torch.ones_like(sigma), *inner_model.get_scalings(sigma))
-        elif self.parameterization == 'v':
-            self.get_scalings = inner_model.get_scalings
-        else:
-            self.get_scalings = self._upstream[0].get_scalings
+        self.weighting = weighting if callable(weighting) else upstream.weighting
+        self.get_scalings = {
+            'karras': upstream.get_scalings,
+            'eps': lambda sigma: (torch.ones_like(sigma), *inner_model.get_scalings(sigma)),
+            'v': lambda sigma: inner_model.get_scalings(sigma)}[kind]
+        self._denoise = upstream.__call__ if kind == 'karras' else inner_model.__call__   # bound: no submodule
+        self._eps_target = kind == 'eps'   # the eps wrapper's target is the noise itself
 
         spec = self.spec
         self.w_train = make_w(_alias(w_train, guidance_scale, 'w_train', 'guidance_scale')
@@ -180,10 +186,7 @@ class GuidanceObjective(nn.Module):
 
     def forward(self, input: torch.Tensor, sigma: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """The denoiser D(x; sigma, c) = c_skip x + c_out F(c_in x; sigma, c)."""
-        if self.parameterization != 'karras':
-            return self.inner_model(input, sigma, **kwargs)
-        c_skip, c_out, c_in = [append_dims(x, input.ndim) for x in self.get_scalings(sigma)]
-        return self.inner_model(input * c_in, sigma, **kwargs) * c_out + input * c_skip
+        return self._denoise(input, sigma, **kwargs)
 
     def sample_w(self, n: int, device: torch.device | str) -> torch.Tensor:
         """The training-time w for n rows."""
@@ -202,7 +205,7 @@ class GuidanceObjective(nn.Module):
         batch_size, device = input.shape[0], input.device
         c_skip, c_out, c_in = [append_dims(x, input.ndim) for x in self.get_scalings(sigma)]
         noised_input = input + noise * append_dims(sigma, input.ndim)
-        target = noise if self.parameterization == 'eps' else (input - c_skip * noised_input) / c_out
+        target = noise if self._eps_target else (input - c_skip * noised_input) / c_out
         # Anchor rows (CFG's condition dropout) are trained on the null condition.
         anchor = torch.rand(batch_size, device=device) < self.uncond_prob if self.uncond_prob > 0 else None
         if anchor is not None and anchor.any():
