@@ -25,17 +25,24 @@ ALIGN_DEFAULTS: dict[str, Any] = {
     'objective': 'aligned',      # a registered objective: aligned | gft | mg | distill (docs/design.md 6)
     'w_train': None,             # training-time w: a number >= 0, or {"type": "uniform"|"log-uniform", ...};
                                  # null: the objective's default (registry.Spec.w_train_default)
-    **{key: knob.default for key, knob in KNOBS.items()},   # the objectives' own knobs (registry.KNOBS):
-    # teacher (mg: "ema" or "online"; distill: a checkpoint, run folder or export), warmup_steps (mg),
-    # target_sigma_range (mg / distill: [sigma_lo, sigma_hi], the training-time range of the teacher target),
-    # stop_grad_uncond and mix (aligned: no gradient through F_u; L = mix L_aligned + (1 - mix) L_standard)
+    # The objectives' own knobs (registry.KNOBS, which hold their defaults and checks; the Specs say whose):
+    'teacher': KNOBS['teacher'].default,         # mg: "ema" (default) or "online"; distill: a checkpoint, run
+                                                 # folder or export
+    'warmup_steps': KNOBS['warmup_steps'].default,   # mg: steps with the standard loss first
+    'target_sigma_range': KNOBS['target_sigma_range'].default,   # mg / distill: [sigma_lo, sigma_hi], the
+                                                 # training-time noise range where the teacher target applies
     'uncond_prob': None,         # anchor fraction in [0, 1]; null: dataset.cond_dropout_rate
+    'stop_grad_uncond': KNOBS['stop_grad_uncond'].default,   # aligned: no gradient through F_u
+    'mix': KNOBS['mix'].default,   # aligned: L = mix L_aligned + (1 - mix) L_standard on conditional rows
     'w_sample': None,            # sampling w for demos and evaluation; null: w_train (its mean if sampled)
     'sigma_interval': None,      # [sigma_lo, sigma_hi]: the sampling-time guidance interval (Kynkäänniemi 2024)
     'sampler': 'dpmpp_2m',       # a k_diffusion.sampling.sample_* name
     'sample_steps': 32,
     'class_embed_dim': None,     # image_v1 class embedding width; null: model.mapping_out
 }
+
+
+assert set(KNOBS) <= set(ALIGN_DEFAULTS), 'every knob is an align key'
 
 
 def objectives() -> tuple[str, ...]:
