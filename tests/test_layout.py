@@ -112,3 +112,17 @@ def test_errors_is_a_leaf_and_the_lower_modules_do_not_import_config():
                  if isinstance(n, (ast.Import, ast.ImportFrom))]
     assert not [n for n in top_level if isinstance(n, ast.ImportFrom) and (n.module or '').startswith('sd')]
     assert 'kdiff_align.sd.config' not in edges['kdiff_align.metadata']
+
+
+def test_the_engine_knows_no_objective():
+    """The training engine's options hold no objective fields; the objectives' overrides are the trainers' (their
+    shared base in train_cli)."""
+    import dataclasses
+
+    from kdiff_align import engine, train_cli
+
+    engine_fields = {f.name for f in dataclasses.fields(engine.RunOptions)}
+    assert not engine_fields & {'w_train', 'w_sample', 'objective'}
+    assert {'w_train', 'w_sample'} <= {f.name for f in dataclasses.fields(train_cli.TrainerOptions)}
+    source = (PACKAGE / 'engine.py').read_text()
+    assert "['align']" not in source and "getattr(options, '" not in source   # no subclass field by name
