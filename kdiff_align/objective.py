@@ -126,8 +126,8 @@ class GuidanceObjective(nn.Module):
         self._eps_target = kind == 'eps'   # the eps wrapper's target is the noise itself
 
         spec = self.spec
-        self.w_train = make_w(_alias(w_train, guidance_scale, 'w_train', 'guidance_scale')
-                                           if (w_train, guidance_scale) != (None, None) else spec.w_train_default)
+        given = _alias(w_train, guidance_scale, 'w_train', 'guidance_scale')
+        self.w_train = make_w(spec.w_train_default if given is None else given)
         if spec.w_train_ok is not None and not spec.w_train_ok(self.w_train):
             raise ValueError(f'w_train: got {self.w_train!r}; allowed: {spec.w_train_rule}')
         self.uncond = conditioning.check_uncond(uncond)
