@@ -28,15 +28,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import CheckpointError  # noqa: F401 (re-exported)
+
 FORMAT = 'kdiff-align-checkpoint'
 VERSION = 1
 LATEST = 'latest.json'
 REQUIRED_KEYS = ('config', 'model', 'model_ema', 'opt', 'sched', 'ema_sched', 'step', 'epoch', 'batches_seen',
                  'rng')
-
-
-class CheckpointError(ValueError):
-    """A checkpoint or export that is missing, unreadable or not from kdiff-align."""
 
 
 def _umask() -> int:

@@ -39,7 +39,7 @@ cli_defaults()  # before k-diffusion is imported
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from . import evaluate  # noqa: E402
+from . import evaluate, registry  # noqa: E402
 from .checkpoint import load_for_inference  # noqa: E402
 from .config import align_section, load_config, mg_effective_w, w_range  # noqa: E402
 from .shipped import CONFIGS  # noqa: E402
@@ -109,12 +109,7 @@ def flop_ratio(config: Mapping[str, Any]) -> float:
     """Training FLOPs per step relative to standard CFG at the same batch, at uncond_prob p (docs/design.md sections
     4 and 6): aligned 2 - p ((4 - p) / 3 with stop-gradient), gft (4 - p) / 3, mg and distill (5 - 2p) / 3."""
     align = align_section(config)
-    p, kind = float(align['uncond_prob']), align['objective']
-    if kind == 'aligned':
-        if align['w_train'] == 0 or align['mix'] == 0:
-            return 1.0
-        return (4 - p) / 3 if align['stop_grad_uncond'] else 2 - p
-    return (4 - p) / 3 if kind == 'gft' else (5 - 2 * p) / 3
+    return registry.of(align).flop_ratio(align)
 
 
 @dataclass(frozen=True)
@@ -231,7 +226,7 @@ def make_plan(quick: bool, benchmarks: Sequence[str]) -> Plan:
 def eval_cells(plan: Plan, bench: Bench, variant: Variant, config: Mapping[str, Any]
                ) -> tuple[list[evaluate.Cell], list[evaluate.Cell]]:
     """(the grid cells, the reproduction cells) a variant is evaluated on."""
-    kind = config['align']['objective']
+    sampling = registry.of(config).sampling
     mg_w = plan.mg_w.get(bench.name)
     ws = set(bench.ws)
     repro: set[float] = set()
@@ -239,14 +234,14 @@ def eval_cells(plan: Plan, bench: Bench, variant: Variant, config: Mapping[str, 
         ws |= {mg_w} if mg_w is not None else set()
         if variant.role == 'baseline':
             repro = set(plan.compare_ws) | ({mg_w} if mg_w is not None else set())
-    elif kind == 'aligned':
+    elif sampling == 'cfg':   # aligned
         w_t = float(config['align']['w_train'])
         if variant.role == 'objective':   # matched effective guidance
             ws |= {matched_w(w, w_t) for w in bench.ws}
-    elif kind == 'mg':
-        ws |= {mg_effective_w(float(config['align']['w_train']))}
-        repro = {mg_effective_w(float(config['align']['w_train']))}
-    else:   # gft, distill: the w range they were trained for
+    elif sampling == 'trained-w':   # mg: its one pass at its effective w
+        ws |= {w_range(config)[1]}
+        repro = {w_range(config)[1]}
+    else:   # told w (gft, distill): the w range they were trained for
         lo, hi = w_range(config)
         ws = {w for w in ws if lo <= w <= hi}
         repro = {w for w in plan.compare_ws if lo <= w <= hi}
@@ -351,7 +346,8 @@ def job_cost(job: Job) -> float:
     """A rough cost for ordering (longest first): digits over toy, training FLOPs, two-pass sampling."""
     v = variant_by_name()[job.variant]
     cost = {'digits': 20., 'toy': 1.}[job.bench]
-    return cost * (job.steps_factor + (0.5 if v.config in ('baseline', 'aligned') else 0.3))
+    one_pass = v.config in registry.names() and registry.get(v.config).one_pass
+    return cost * (job.steps_factor + (0.3 if one_pass else 0.5))
 
 
 def run_jobs(jobs: list[Job], workers: int, progress: bool) -> list[dict]:
@@ -466,7 +462,8 @@ def make_grid(plan: Plan, chosen: Sequence[str], benchmarks: Sequence[str], quic
     grid: dict[str, Any] = {'steps': list(plan.steps), 'nfe_steps': list(plan.nfe_steps),
                             'repro_steps': plan.repro_steps, 'variants': list(chosen), 'benches': {}}
     for b in benchmarks:
-        mg_w = plan.mg_w.get(b) if 'mg' in chosen else None
+        trained_w = [v for v in chosen if v in registry.names() and registry.get(v).sampling == 'trained-w']
+        mg_w = plan.mg_w.get(b) if trained_w else None
         bench = all_benches[b]
         info = {'ws': list(bench.ws), 'samplers': list(bench.samplers), 'train_steps': bench.steps,
                 'w_train': float(bench.config['align']['w_train']), 'compare_ws': list(plan.compare_ws), 'mg_w': mg_w}

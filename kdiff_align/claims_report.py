@@ -16,6 +16,8 @@ import torch
 from . import evaluate, plots, verdicts
 from .verdicts import NEEDS, REFERENCES, Comparison
 
+FIRST_ROUND = ('baseline', 'aligned', 'baseline_equal_flops')   # the variants of the first round's plots
+
 NAMES = {'baseline': 'standard CFG', 'baseline_interval': 'guidance interval', 'aligned': 'aligned', 'gft': 'gft',
          'mg': 'mg', 'distill': 'distill', 'baseline_equal_flops': 'standard CFG, equal FLOPs',
          'aligned_w1': 'aligned w_train 1'}
@@ -656,7 +658,7 @@ def write_all(out: Path, work: Path, rows: list[dict], grid: dict, meta: dict, j
         cells = [r for r in rows if r.get('kind') == 'cell' and r['bench'] == bench and r['w'] in info['ws']]
         floor = [r[f'{info["claims_metric"]}_floor'] for r in cells if f'{info["claims_metric"]}_floor' in r]
         plots.sweep_plots(cells, info['claims_metric'], out, group='variant', floor=float(np.mean(floor)) if floor
-                          else None, groups=[v for v in ('baseline', 'aligned', 'baseline_equal_flops') if v in shown],
+                          else None, groups=[v for v in FIRST_ROUND if v in shown],
                           stem=f'{bench}_')
         nfe_plot(rows, grid, bench, shown, out)
         if grid['benches'][bench]['metric'] == 'fd':

@@ -16,11 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import objective
+from . import objective, registry
+from .errors import ConfigError, choice, fail, number  # noqa: F401 (re-exported)
 from .guidance import guided_denoiser
-from .schema import (ALIGN_DEFAULTS, ONE_PASS, SAMPLERS, TELLS_W, ConfigError, choice, config_path,  # noqa: F401
-                     fail, number, read_config, resolve_align, validate_align)
-from .sd import config as sd_config
+from .schema import (ALIGN_DEFAULTS, SAMPLERS, config_path, is_sd_config, read_config, resolve_align,  # noqa: F401
+                     validate_align)
 
 __all__ = ['ALIGN_DEFAULTS', 'SAMPLERS', 'ConfigError', 'load_config', 'align_section', 'null_condition',
            'make_model', 'make_denoiser_wrapper', 'make_guided_denoiser', 'get_sampler',
@@ -80,12 +80,19 @@ def _validate_upstream(config: Mapping[str, Any]) -> None:
 
 def load_config(path_or_dict: str | Path | Mapping[str, Any]) -> dict[str, Any]:
     """Upstream's load_config plus the validated "align" section (defaults merged); a Stable Diffusion config
-    (model.type "stable_diffusion") loads with kdiff_align.sd.config's schema."""
+    (model.type "stable_diffusion") loads with kdiff_align.sd.config's schema. The one facade over both
+    schemas: nothing else dispatches between them."""
+    raw, base = read_config(path_or_dict, SECTIONS)
+    if is_sd_config(raw):
+        from .sd import config as sd_config
+
+        return sd_config.make_config(raw, base)
+    return _load_kdiffusion_config(raw)
+
+
+def _load_kdiffusion_config(raw: dict[str, Any]) -> dict[str, Any]:
     from k_diffusion import config as K_config
 
-    raw, base = read_config(path_or_dict, SECTIONS)
-    if sd_config.is_sd_config(raw):
-        return sd_config.make_config(raw, base)
     for section in ('model', 'dataset'):
         if not isinstance(raw.get(section), dict):
             raise ConfigError(f'config section {section!r} is missing or not an object')
@@ -93,11 +100,29 @@ def load_config(path_or_dict: str | Path | Mapping[str, Any]) -> dict[str, Any]:
     choice('model.type', raw['model'].get('type'), MODEL_TYPES + ('stable_diffusion',))
     config = K_config.load_config(raw)
     _validate_upstream(config)
-    if align['objective'] != 'aligned' and not config['dataset']['num_classes']:
-        fail('align.objective', align['objective'], '"aligned" for an unconditional model (dataset.num_classes 0): '
-             'the guided objectives need classes and their null condition')
+    if registry.get(align['objective']).needs_classes and not config['dataset']['num_classes']:
+        fail('align.objective', align['objective'], ' or '.join(
+            f'"{n}"' for n in registry.names() if not registry.get(n).needs_classes) + ' for an unconditional '
+            'model (dataset.num_classes 0): the guided objectives need classes and their null condition')
     config['align'] = align
     return config
+
+
+def apply_overrides(config: str | Path | Mapping[str, Any], *, lr: float | None = None,
+                    w_train: float | None = None, w_sample: float | None = None,
+                    mixed_precision: str | None = None) -> dict[str, Any]:
+    """A config (path, shipped name, raw or loaded dict) with a training run's overrides (--lr, --w-train,
+    --w-sample and, for a Stable Diffusion config, --mixed-precision), loaded and validated."""
+    config = copy.deepcopy(dict(config if isinstance(config, Mapping) else load_config(config)))
+    if lr is not None:
+        config['optimizer']['lr'] = lr
+    if w_train is not None:
+        config['align']['w_train'] = w_train
+    if w_sample is not None:
+        config['align']['w_sample'] = w_sample
+    if mixed_precision is not None and is_sd_config(config):
+        config['model']['mixed_precision'] = mixed_precision
+    return load_config(config)
 
 
 def align_section(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -108,18 +133,18 @@ def align_section(config: Mapping[str, Any]) -> dict[str, Any]:
     if align['uncond_prob'] is None:
         align['uncond_prob'] = config['dataset']['cond_dropout_rate']
     if align['w_sample'] is None:
-        align['w_sample'] = objective.default_w_sample(align['objective'], align['w_train'])
+        align['w_sample'] = registry.get(align['objective']).default_w_sample(align['w_train'])
     if align['class_embed_dim'] is None:
         align['class_embed_dim'] = config['model'].get('mapping_out', 256)
     return align
 
 
 def w_range(config: Mapping[str, Any]) -> tuple[float, float]:
-    """The w range a one-pass model was trained for ([w, w] for a fixed w; mg: its effective w)."""
-    return objective.trained_w_range(config['align']['objective'], config['align']['w_train'])
+    """The w range the config's model was trained for ([w, w] for a fixed w; mg: its effective w): Spec.w_range."""
+    return registry.of(config).w_range(config['align']['w_train'])
 
 
-mg_effective_w = objective.mg_effective_w
+mg_effective_w = registry.mg_effective_w
 
 
 def null_condition(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -137,7 +162,7 @@ def make_model(config: Mapping[str, Any]) -> nn.Module:
     from .models import ClassConditionedModel, GuidanceToldTransformer
 
     num_classes = config['dataset']['num_classes']
-    told = config['align']['objective'] in TELLS_W
+    told = registry.of(config).tells_w
     model_type = config['model']['type']
     if model_type == 'toy_mlp':
         from .toy import ToyMLP
@@ -157,28 +182,31 @@ def make_model(config: Mapping[str, Any]) -> nn.Module:
 
 def make_denoiser_wrapper(config: Mapping[str, Any], *, teacher: nn.Module | None = None,
                           steps_done: Callable[[], int] | None = None, **overrides: Any) -> partial:
-    """A partial of the config's objective taking the inner model, like upstream's make_denoiser_wrapper:
-    AlignedDenoiser (aligned), GFTDenoiser (gft) or TeacherTargetDenoiser (mg, distill). teacher: mg's
-    teacher network (None: the model's own current weights, "online"), distill's frozen teacher (None: a
-    wrapper that samples but cannot train); kdiff_align.teachers builds both. steps_done: the training loop's
-    optimizer steps, which end mg's warm-up (align.warmup_steps; without them, a wrapper for sampling, none)."""
+    """A partial of the config's objective taking the inner model, like upstream's make_denoiser_wrapper: the
+    family's loss (objective.GuidanceObjective; AlignedDenoiser for "aligned") with the objective's knobs.
+    teacher: a teacher-target objective's teacher (mg: None is the model's own current weights, "online";
+    distill: None is a wrapper that samples but cannot train); kdiff_align.teachers builds both. steps_done:
+    the training loop's optimizer steps, which end a warm-up (align.warmup_steps; without them, a wrapper for
+    sampling, none)."""
     align = align_section(config)
-    kind = align['objective']
+    spec = registry.get(align['objective'])
     kwargs = dict(
         sigma_data=config['model'].get('sigma_data', 1.),   # DDPM wrappers (Stable Diffusion) have their own
         weighting=config['model']['loss_weighting'],
-        guidance_scale=align['w_train'],
+        objective=spec.name,
+        w_train=align['w_train'],
         uncond=null_condition(config),
         uncond_prob=align['uncond_prob'],
+        teacher=teacher,
+        steps_done=steps_done,
     )
-    if kind == 'aligned':
-        kwargs.update(stop_grad_uncond=align['stop_grad_uncond'], mix=align['mix'])
-        return partial(objective.AlignedDenoiser, **{**kwargs, **overrides})
-    if kind == 'gft':
-        return partial(objective.GFTDenoiser, **{**kwargs, **overrides})
-    kwargs.update(kind=kind, sigma_range=align['target_sigma_range'], steps_done=steps_done,
-                  warmup_steps=align['warmup_steps'] if steps_done is not None else 0)   # no loop, no warm-up
-    return partial(objective.TeacherTargetDenoiser, teacher=teacher, **{**kwargs, **overrides})
+    knobs = {'stop_grad_uncond': align['stop_grad_uncond'], 'mix': align['mix'],
+             'target_sigma_range': align['target_sigma_range'],
+             'warmup_steps': align['warmup_steps'] if steps_done is not None else 0}   # no loop, no warm-up
+    kwargs.update({k: v for k, v in knobs.items() if k in spec.knobs})
+    if 'guidance_scale' in overrides:   # the older name of w_train
+        overrides['w_train'] = overrides.pop('guidance_scale')
+    return partial(objective.GuidanceObjective, **{**kwargs, **overrides})
 
 
 def make_guided_denoiser(config: Mapping[str, Any], denoiser: nn.Module, *, w: float | None = None,
@@ -187,10 +215,9 @@ def make_guided_denoiser(config: Mapping[str, Any], denoiser: nn.Module, *, w: f
     for aligned and standard models, one network evaluation per step for gft, mg and distill
     (guidance.guided_denoiser; a ConfigError for a w outside a one-pass model's trained range)."""
     align = align_section(config)
-    kind = align['objective']
     try:
-        return guided_denoiser(denoiser, kind, float(align['w_sample'] if w is None else w),
-                               w_range=None if kind == 'aligned' else w_range(config),
+        return guided_denoiser(denoiser, align['objective'], float(align['w_sample'] if w is None else w),
+                               w_range=w_range(config),
                                uncond=null_condition(config) if uncond is None else uncond,
                                sigma_interval=align['sigma_interval'])
     except ValueError as err:

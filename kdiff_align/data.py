@@ -22,15 +22,11 @@ from typing import Any
 import torch
 from torch.utils import data
 
-from .config import ConfigError
+from .errors import ConfigError, DataError  # noqa: F401 (re-exported)
 
 CIFAR10_FILES = ('data_batch_1', 'data_batch_2', 'data_batch_3', 'data_batch_4', 'data_batch_5', 'test_batch',
                  'batches.meta')
 CIFAR10_URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz'
-
-
-class DataError(RuntimeError):
-    """Training data that is missing or does not match the config."""
 
 
 class TensorItems(data.Dataset):

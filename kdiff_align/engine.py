@@ -32,38 +32,85 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt_lib
-from .checkpoint import CheckpointError
-from .config import ConfigError
-from .env import HelpFormatter
+from .errors import CheckpointError, ConfigError, TrainingError  # noqa: F401 (re-exported)
 from .schedulers import make_ema_sched, make_lr_scheduler, make_optimizer, param_groups
 
 METRICS_COLUMNS = ('step', 'epoch', 'loss', 'lr', 'ema_decay', 'grad_norm', 'it_per_s', 'elapsed_s')
 
 
-class TrainingError(RuntimeError):
-    """Training cannot continue (a non-finite loss or gradient)."""
+def option(default: Any, help: str, *, lo: float | None = None, strict: bool = False,
+           choices: Sequence[str] | None = None, valid: tuple[Callable[[Any], bool], str] | None = None,
+           flag: str | None = None, cli: bool = True) -> Any:
+    """A field of a run's options with its range, stated once: check_options checks a value against it and
+    add_option_flags makes the CLI flag (an argparse type that checks the same). lo: the least value (> lo when
+    strict); choices; valid: (predicate, what is allowed); flag: the CLI flag (default: --field-name); cli False:
+    a library-only option."""
+    return dataclasses.field(default=default, metadata={'help': help, 'lo': lo, 'strict': strict, 'choices': choices,
+                                                        'valid': valid, 'flag': flag, 'cli': cli})
+
+
+def _folder_name(name: Any) -> bool:
+    return isinstance(name, str) and bool(name) and '/' not in name and name not in ('.', '..')
 
 
 @dataclasses.dataclass
 class RunOptions:
-    """The options that every training CLI shares (upstream train.py's flag names)."""
+    """The options that every training CLI shares (upstream train.py's flag names), each with its range."""
 
-    name: str = 'model'                 # run name: outputs go to <out_dir>/<name>/
-    out_dir: str = 'runs'               # parent folder of run folders
-    batch_size: int = 64                # per process, per micro-batch
-    grad_accum_steps: int = 1           # micro-batches per optimizer step
-    lr: float | None = None             # overrides optimizer.lr
-    mixed_precision: str | None = None  # 'no', 'fp16', 'bf16' (None: the config's, or accelerate's default)
-    grad_clip: float = 0.               # max global grad norm; 0: no clipping (upstream does not clip)
-    save_every: int = 10000             # checkpoint (+ export) every this many steps, and always at the end
-    end_step: int | None = None         # stop after this many optimizer steps (None: until interrupted)
-    resume: str | None = None           # a checkpoint, or a run folder (its latest.json)
-    seed: int | None = None             # None: a random seed, recorded in the checkpoint
-    log_every: int = 25                 # metrics.csv row every this many steps
-    w_train: float | None = None        # overrides align.w_train (paper's w)
-    w_sample: float | None = None       # overrides align.w_sample (paper's w; cfg scale = 1 + w)
-    progress: bool = True               # tqdm progress bar
-    save_final: bool = True             # checkpoint + export at the end (False: library callers that keep nothing)
+    name: str = option('model', 'the name of the run (its folder under --out-dir)',
+                       valid=(_folder_name, 'a folder name without "/"'))
+    out_dir: str = option('runs', 'the parent folder of run folders')
+    batch_size: int = option(64, 'the batch size per process', lo=1)
+    grad_accum_steps: int = option(1, 'the number of gradient accumulation steps', lo=1)
+    lr: float | None = option(None, 'the learning rate (overrides optimizer.lr)', lo=0, strict=True)
+    mixed_precision: str | None = option(None, "the mixed precision type (None: the config's, or accelerate's)",
+                                         choices=('no', 'fp16', 'bf16'))
+    grad_clip: float = option(0., 'clip the global gradient norm to this (0: off)', lo=0)
+    save_every: int = option(10000, 'save a checkpoint (and the export) every this many steps', lo=0)
+    end_step: int | None = option(None, 'stop after this many steps (None: run until ^C)', lo=0)
+    resume: str | None = option(None, 'the checkpoint (or run folder) to resume from')
+    seed: int | None = option(None, 'the random seed (None: random, recorded in checkpoints)')
+    log_every: int = option(25, 'a metrics.csv row every this many steps', lo=1)
+    progress: bool = option(True, 'tqdm progress bar', flag='--no-progress')
+    save_final: bool = option(True, 'checkpoint + export at the end (False: library callers that keep nothing)',
+                              cli=False)
+
+
+def _allowed(f: dataclasses.Field) -> str:
+    meta = f.metadata
+    if meta['valid'] is not None:
+        return meta['valid'][1]
+    if meta['choices'] is not None:
+        return ', '.join(repr(c) for c in meta['choices'])
+    kind = 'an integer' if 'int' in str(f.type) else 'a number'
+    return f'{kind} {">" if meta["strict"] else ">="} {meta["lo"]:g}'
+
+
+def _ok(f: dataclasses.Field, value: Any) -> bool:
+    meta = f.metadata
+    if value is None and f.default is None:
+        return True
+    if meta['valid'] is not None:
+        return meta['valid'][0](value)
+    if meta['choices'] is not None:
+        return value in meta['choices']
+    if meta['lo'] is not None:
+        return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                and (value > meta['lo'] if meta['strict'] else value >= meta['lo']))
+    return True
+
+
+def flag_of(f: dataclasses.Field) -> str:
+    """The CLI flag of an options field."""
+    return f.metadata.get('flag') or '--' + f.name.replace('_', '-')
+
+
+def check_options(options: RunOptions) -> None:
+    """Every option's range (its field's option(...)), before any work; the CLI's flags check the same."""
+    for f in dataclasses.fields(options):
+        value = getattr(options, f.name)
+        if 'help' in f.metadata and not _ok(f, value):
+            raise ConfigError(f'{flag_of(f) if f.metadata["cli"] else f.name}: got {value!r}; allowed: {_allowed(f)}')
 
 
 def bounded(kind: type, minimum: float, *, strict: bool = False) -> Callable[[str], Any]:
@@ -78,38 +125,36 @@ def bounded(kind: type, minimum: float, *, strict: bool = False) -> Callable[[st
     return parse
 
 
-positive_int, nonnegative_int = bounded(int, 1), bounded(int, 0)
-nonnegative_float, positive_float = bounded(float, 0), bounded(float, 0, strict=True)
+def option_flags(cls: type) -> dict[str, dataclasses.Field]:
+    """flag -> field of an options class's CLI flags."""
+    return {flag_of(f): f for f in dataclasses.fields(cls) if f.metadata.get('cli')}
 
 
-def make_parser(prog: str, description: str, config_help: str, d: RunOptions) -> argparse.ArgumentParser:
-    """A training CLI's parser with --config and RunOptions' flags (d's defaults); callers add their own."""
-    p = argparse.ArgumentParser(prog=prog, description=description,
-                                formatter_class=HelpFormatter)
-    p.add_argument('--config', help=config_help)
-    p.add_argument('--name', default=d.name, help='the name of the run (its folder under --out-dir)')
-    p.add_argument('--out-dir', default=d.out_dir, help='the parent folder of run folders')
-    p.add_argument('--batch-size', type=positive_int, default=d.batch_size, help='the batch size per process')
-    p.add_argument('--grad-accum-steps', type=positive_int, default=d.grad_accum_steps,
-                   help='the number of gradient accumulation steps')
-    p.add_argument('--lr', type=positive_float, help='the learning rate (overrides optimizer.lr)')
-    p.add_argument('--mixed-precision', choices=('no', 'fp16', 'bf16'), help='the mixed precision type')
-    p.add_argument('--grad-clip', type=nonnegative_float, default=d.grad_clip,
-                   help='clip the global gradient norm to this (0: off)')
-    p.add_argument('--save-every', type=nonnegative_int, default=d.save_every,
-                   help='save a checkpoint (and the export) every this many steps')
-    p.add_argument('--end-step', type=nonnegative_int, default=d.end_step,
-                   help='stop after this many steps' + (' (default: run until ^C)' if d.end_step is None else ''))
-    p.add_argument('--resume', help='the checkpoint (or run folder) to resume from')
-    p.add_argument('--seed', type=int, help='the random seed (default: random, recorded in checkpoints)')
-    p.add_argument('--log-every', type=positive_int, default=d.log_every,
-                   help='a metrics.csv row every this many steps')
-    p.add_argument('--w-train', type=nonnegative_float,
-                   help="overrides align.w_train: the training w (paper's; 0 = standard CFG training)")
-    p.add_argument('--w-sample', type=nonnegative_float,
-                   help="overrides align.w_sample: the demo/evaluation w (paper's; cfg scale = 1 + w)")
-    p.add_argument('--no-progress', action='store_true', help='no progress bar')
-    return p
+def add_option_flags(parser: argparse.ArgumentParser, classes: Sequence[tuple[str, type]]) -> None:
+    """The flags of every (label, options class), each once. An omitted flag stays out of the namespace, so that
+    the options class's own default applies; defaults that differ between the classes are said per label."""
+    seen: set[str] = set()
+    for _, cls in classes:
+        for flag, f in option_flags(cls).items():
+            if flag in seen:
+                continue
+            seen.add(flag)
+            defaults = [(label, c.__dataclass_fields__[f.name].default) for label, c in classes
+                        if f.name in c.__dataclass_fields__ and f.metadata.get('cli')]
+            shown = '; '.join(f'{label} {d}' for label, d in defaults) if len({repr(d) for _, d in defaults}) > 1 \
+                else str(defaults[0][1])
+            where = f' (only {", ".join(label for label, _ in defaults)})' if len(defaults) < len(classes) else ''
+            help = f'{f.metadata["help"]} (default: {shown}){where}'.replace('%', '%%')
+            meta = f.metadata
+            if meta['flag'] == '--no-' + f.name.replace('_', '-'):   # a boolean that the flag switches off
+                parser.add_argument(flag, dest=f.name, action='store_false', default=argparse.SUPPRESS, help=help)
+            elif 'bool' in str(f.type):
+                parser.add_argument(flag, dest=f.name, action='store_true', default=argparse.SUPPRESS, help=help)
+            else:
+                kind = int if 'int' in str(f.type) else float if 'float' in str(f.type) else str
+                arg_type = bounded(kind, meta['lo'], strict=meta['strict']) if meta['lo'] is not None else kind
+                parser.add_argument(flag, dest=f.name, type=arg_type, choices=meta['choices'],
+                                    default=argparse.SUPPRESS, help=help)
 
 
 @dataclasses.dataclass
@@ -190,49 +235,6 @@ def check_resume(config: Mapping[str, Any], ckpt: Mapping[str, Any], batch_size:
               'order continues approximately, not exactly', file=sys.stderr)
 
 
-def apply_overrides(config: Mapping[str, Any], options: Any) -> dict[str, Any]:
-    """The config with the CLI's --lr / --w-train / --w-sample (and SD's --mixed-precision), validated."""
-    config = copy.deepcopy(dict(config))
-    if options.lr is not None:
-        config['optimizer']['lr'] = options.lr
-    if options.w_train is not None:
-        config['align']['w_train'] = options.w_train
-    if options.w_sample is not None:
-        config['align']['w_sample'] = options.w_sample
-    if getattr(options, 'mixed_precision', None) is not None and config['model'].get('type') == 'stable_diffusion':
-        config['model']['mixed_precision'] = options.mixed_precision
-    from .config import load_config
-
-    return load_config(config)
-
-
-def check_options(options: Any) -> None:
-    """Every option's range, before any work (the CLI's argparse types check the same for flags)."""
-    def need(ok: bool, flag: str, value: Any, allowed: str) -> None:
-        if not ok:
-            raise ConfigError(f'{flag}: got {value!r}; allowed: {allowed}')
-    need(options.batch_size >= 1, '--batch-size', options.batch_size, 'an integer >= 1')
-    need(options.grad_accum_steps >= 1, '--grad-accum-steps', options.grad_accum_steps, 'an integer >= 1')
-    need(options.lr is None or (math.isfinite(options.lr) and options.lr > 0), '--lr', options.lr, 'a number > 0')
-    need(options.mixed_precision in (None, 'no', 'fp16', 'bf16'), '--mixed-precision', options.mixed_precision,
-         "'no', 'fp16' or 'bf16'")
-    need(math.isfinite(options.grad_clip) and options.grad_clip >= 0, '--grad-clip', options.grad_clip,
-         'a number >= 0 (0: off)')
-    for flag in ('demo_every', 'sample_n', 'evaluate_every', 'evaluate_n', 'save_every'):
-        value = getattr(options, flag, 0)
-        need(value >= 0, '--' + flag.replace('_', '-'), value, 'an integer >= 0')
-    need(options.log_every >= 1, '--log-every', options.log_every, 'an integer >= 1')
-    need(options.end_step is None or options.end_step >= 0, '--end-step', options.end_step, 'an integer >= 0')
-    need(getattr(options, 'num_workers', None) is None or options.num_workers >= 0, '--num-workers',
-         getattr(options, 'num_workers', None), 'an integer >= 0 (0: load in the main process)')
-    for flag in ('w_train', 'w_sample'):
-        value = getattr(options, flag)
-        need(value is None or (math.isfinite(value) and value >= 0), '--' + flag.replace('_', '-'), value,
-             "a number >= 0 (the paper's w; cfg scale = 1 + w)")
-    need(bool(options.name) and '/' not in options.name and options.name not in ('.', '..'), '--name',
-         options.name, 'a folder name without "/"')
-
-
 def runs_code(dataset: Any) -> str | None:
     """What in a dataset section would run code from a file (a custom hook, CIFAR-10 pickles without their
     checksums), or None: such a section is taken from a config the user passes, never from a checkpoint."""
@@ -246,11 +248,11 @@ def runs_code(dataset: Any) -> str | None:
     return None
 
 
-def resolve_config(config: Mapping[str, Any] | None, ckpt: Mapping[str, Any] | None, options: Any, *,
-                   resolve: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> dict[str, Any]:
-    """The run's config: the given one (or the resumed checkpoint's) with the CLI's overrides and `resolve`
-    applied (e.g. what the config points at), checked against the checkpoint; options.seed defaults to the
-    checkpoint's."""
+def resolve_config(config: Any, ckpt: Mapping[str, Any] | None, options: RunOptions, *,
+                   resolve: Callable[[Mapping[str, Any]], dict[str, Any]]) -> dict[str, Any]:
+    """The run's config: the given one (or the resumed checkpoint's) through the caller's `resolve` (its CLI
+    overrides, validation, what the config points at), checked against the checkpoint; options.seed defaults to
+    the checkpoint's."""
     if config is None:
         if ckpt is None:
             raise ConfigError('no config: pass --config, or --resume a checkpoint (which carries its config)')
@@ -260,14 +262,41 @@ def resolve_config(config: Mapping[str, Any] | None, ckpt: Mapping[str, Any] | N
             raise ConfigError(f'the checkpoint {ckpt["path"]!r} was trained on {code}, which is not loaded from a '
                               'checkpoint\'s config; pass --config with the config that names it (its model '
                               'section must match the checkpoint\'s)')
-    config = apply_overrides(config, options)
-    if resolve is not None:
-        config = resolve(config)
+    config = resolve(config)
     if ckpt is not None:
         check_resume(config, ckpt, options.batch_size)
         if options.seed is None:
             options.seed = ckpt['args'].get('seed')
     return config
+
+
+@dataclasses.dataclass
+class Start:
+    """What every run starts from (start()): its folder, the checkpoint it resumes, its config, accelerate."""
+
+    run_dir: Path
+    ckpt: dict[str, Any] | None
+    config: dict[str, Any]
+    accelerator: Any
+
+    device = property(lambda self: self.accelerator.device)
+    rank = property(lambda self: self.accelerator.process_index)
+    world = property(lambda self: self.accelerator.num_processes)
+    is_main = property(lambda self: self.accelerator.is_main_process)
+
+
+def start(config: Any, options: RunOptions, *, resolve: Callable[[Any], dict[str, Any]],
+          accelerator_options: Callable[[Mapping[str, Any]], Mapping[str, Any]] = lambda config: {}) -> Start:
+    """The preamble of every run, before any model: the options' ranges, the run folder, the checkpoint to resume,
+    the config (resolve_config), accelerate (make_accelerator(**accelerator_options(config))) and one seed for
+    every process (options.seed)."""
+    check_options(options)
+    run_dir = make_run_dir(options.out_dir, options.name)
+    ckpt = find_checkpoint(options.resume, run_dir)
+    config = resolve_config(config, ckpt, options, resolve=resolve)
+    accelerator = make_accelerator(**accelerator_options(config))
+    options.seed = shared_seed(options.seed, accelerator)
+    return Start(run_dir, ckpt, config, accelerator)
 
 
 def make_accelerator(mixed_precision: str | None, *, find_unused_parameters: bool = False):
@@ -288,43 +317,6 @@ def make_accelerator(mixed_precision: str | None, *, find_unused_parameters: boo
         raise ConfigError(f'--mixed-precision {mixed_precision!r}: {err}') from None
     torch.backends.cuda.matmul.allow_tf32 = True
     return accelerator
-
-
-def describe_objective(align: Mapping[str, Any]) -> str:
-    """One line: the objective and its knobs (the aligned objective at w_train 0 is standard CFG training)."""
-    kind = align['objective']
-    if kind == 'aligned' and align['w_train'] == 0:
-        return f'standard CFG (w_train = 0), uncond_prob = {align["uncond_prob"]}'
-    text = f'{kind}, w_train = {align["w_train"]}, uncond_prob = {align["uncond_prob"]}'
-    if kind == 'aligned':
-        return text + f', mix = {align["mix"]}'
-    if kind in ('mg', 'distill'):
-        text += f', teacher = {align["teacher"]}'
-    if align['warmup_steps']:
-        text += f', warm-up {align["warmup_steps"]} steps'
-    return text
-
-
-def print_run_header(accelerator, run_dir: Path, config: Mapping[str, Any], *, parameters: int, items: str,
-                     seed: int, ckpt: Mapping[str, Any] | None, step: int, what: str = 'samples at') -> None:
-    """The header every trainer prints (main process): the run folder, the objective with its sampling w
-    (`what` w = align.w_sample, e.g. 'demos at') and passes per step, and the checkpoint it resumes."""
-    from .config import align_section
-    from .guidance import sampling_passes
-    from .objective import trained_w_range
-
-    if not accelerator.is_main_process:
-        return
-    print(f'Run folder: {run_dir}  (process {accelerator.process_index} of {accelerator.num_processes} on '
-          f'{accelerator.device}; trainable parameters: {parameters:,}; {items}; seed {seed})', flush=True)
-    align = align_section(config)
-    kind, w = align['objective'], float(align['w_sample'])
-    w_range = None if kind == 'aligned' else trained_w_range(kind, align['w_train'])
-    passes = ('one network evaluation per step' if sampling_passes(kind, w, w_range) == 1
-              else f'two per step, cfg scale = {1 + w:g}')
-    print(f"Objective: {describe_objective(align)}; {what} w = {w:g} (paper's w; {passes})", flush=True)
-    if ckpt is not None:
-        print(f'Resuming from {ckpt["path"]} at step {step}', flush=True)
 
 
 def loss_text(loss: float | None, step: int, end_step: int | None) -> str:

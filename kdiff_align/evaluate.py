@@ -42,6 +42,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from .checkpoint import CheckpointError, atomic_write, load_for_inference  # noqa: E402
+from . import registry  # noqa: E402
 from .config import ConfigError, load_config, make_guided_denoiser  # noqa: E402
 from .sample import (build_denoiser, data_shape, passes_per_step, sample,  # noqa: E402,F401 (build_denoiser: claims)
                      trained_w)
@@ -250,9 +251,9 @@ def make_task(config: Mapping[str, Any], n: int | None = None, seed: int = 0, **
 
 def _moments(spec: Any) -> tuple[float, float]:
     """(E[w], E[w^2]) of a training w: a number or a uniform / log-uniform distribution."""
-    from .objective import ScaleDistribution, make_guidance_scale
+    from .registry import ScaleDistribution, make_w
 
-    w = make_guidance_scale(spec)
+    w = make_w(spec)
     if not isinstance(w, ScaleDistribution):
         return w, w * w
     a, b = w.min_value, w.max_value
@@ -269,7 +270,7 @@ def effective_guidance(config: Mapping[str, Any], w: float) -> float:
     standard CFG, w_train = 0), so CFG at w acts as (1 + w) a - 1. gft, mg and distill take w in CFG's own units
     (config.make_guided_denoiser maps it), so their target is w."""
     align = config['align']
-    if align.get('objective', 'aligned') != 'aligned':
+    if registry.get(align.get('objective', registry.names()[0])).one_pass:
         return float(w)
     mu = float(align.get('mix', 1.0))
     m1, m2 = _moments(align['w_train'])
@@ -392,7 +393,7 @@ def default_ws(models: Iterable[tuple[Mapping[str, Any], nn.Module]]) -> list[fl
     models = list(models)
     ws = sorted({*DEFAULT_WS, *(trained_w(c) for c, _ in models if c['align']['objective'] in ONE_PASS)})
     for config, _ in models:
-        if config['align']['objective'] in ('gft', 'distill'):
+        if registry.of(config).sampling == 'told-w':
             lo, hi = w_range(config)
             ws = [w for w in ws if lo <= w <= hi]
     dropped = [w for w in DEFAULT_WS if w not in ws]

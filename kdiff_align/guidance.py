@@ -8,15 +8,14 @@ the two are converted.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Union
 
 import torch
 from torch import nn
 
-from . import conditioning
-from .objective import OBJECTIVES, TELLS_W, check_sigma_interval, zero_outside  # noqa: F401 (re-exported)
+from . import conditioning, registry
+from .registry import check_sigma_interval, same_w, zero_outside  # noqa: F401 (re-exported)
 
 GuidanceSchedule = Union[float, Callable[[torch.Tensor], Union[torch.Tensor, float]]]
 
@@ -41,31 +40,36 @@ def guide(denoised_cond: torch.Tensor, denoised_uncond: torch.Tensor, w: torch.T
 class GuidedDenoiser(nn.Module):
     """A k-diffusion denoiser with classifier-free guidance: model(x, sigma, **extra_args) -> D_w.
 
-    guidance_scale is the paper's w: a number, or a schedule sigma -> w (a callable of the sigma tensor [B]).
-    uncond holds the keyword arguments that replace extra_args for the unconditional branch. Both branches
-    run in one batched call; rows with w = 0 or sigma outside sigma_interval (guidance interval,
-    Kynkäänniemi et al. 2024) skip the unconditional branch, and a step where every row does so makes a
-    single conditional call.
+    w is the paper's w (older keyword: guidance_scale): a number, or a schedule sigma -> w (a callable of the
+    sigma tensor [B]). uncond holds the keyword arguments that replace extra_args for the unconditional
+    branch. Both branches run in one batched call; rows with w = 0 or sigma outside sigma_interval (the
+    guidance interval, Kynkäänniemi et al. 2024) skip the unconditional branch, and a step where every row
+    does so makes a single conditional call.
     """
 
-    def __init__(self, denoiser: nn.Module, guidance_scale: GuidanceSchedule, *,
+    def __init__(self, denoiser: nn.Module, w: GuidanceSchedule | None = None, *,
                  uncond: Mapping[str, Any] | None = None,
-                 sigma_interval: Sequence[float] | None = None):
+                 sigma_interval: Sequence[float] | None = None, guidance_scale: GuidanceSchedule | None = None):
         super().__init__()
-        if not callable(guidance_scale) and not isinstance(guidance_scale, (int, float)):
+        if w is not None and guidance_scale is not None:
+            raise TypeError('pass w or its older name guidance_scale, not both')
+        w = guidance_scale if w is None else w
+        if not callable(w) and not isinstance(w, (int, float)):
             raise TypeError(f'guidance_scale must be a number (the paper\'s w) or a callable sigma -> w, '
-                            f'got {type(guidance_scale).__name__}')
+                            f'got {type(w).__name__}')
         self.inner_model = denoiser
-        self.guidance_scale = guidance_scale
+        self.w = w
         self.uncond = conditioning.check_uncond(uncond)
         self.sigma_interval = check_sigma_interval(sigma_interval)
-        if not self.uncond and not (isinstance(guidance_scale, (int, float)) and guidance_scale == 0):
+        if not self.uncond and not (isinstance(w, (int, float)) and w == 0):
             raise ValueError('guidance needs the null condition: pass uncond, e.g. {"class_cond": num_classes} '
                              'or {"cond": empty_prompt_embedding}')
 
+    guidance_scale = property(lambda self: self.w)   # the older name of the paper's w
+
     def scale_at(self, sigma: torch.Tensor) -> torch.Tensor:
         """The paper's w for each row, 0 where sigma lies outside the guidance interval."""
-        w = self.guidance_scale(sigma) if callable(self.guidance_scale) else self.guidance_scale
+        w = self.w(sigma) if callable(self.w) else self.w
         return zero_outside(torch.as_tensor(w, dtype=sigma.dtype, device=sigma.device).expand(sigma.shape), sigma,
                             self.sigma_interval)
 
@@ -112,63 +116,47 @@ class OnePassDenoiser(nn.Module):
         return self.inner_model(input, sigma, **extra_args)
 
 
-W_REL_TOL = 1e-5   # a w as the tools print it ('%g': 6 significant digits) names the w it was printed from
-
-
-def same_w(a: float, b: float) -> bool:
-    """Whether two w are the same up to W_REL_TOL, so that a w copied from any printout (e.g. an MG model's trained
-    w_mg = w / (1 - w), printed as 0.818182) selects the path of the w it was printed from."""
-    return math.isclose(a, b, rel_tol=W_REL_TOL, abs_tol=1e-9)
-
-
 def sampling_passes(objective: str, w: float, w_range: Sequence[float] | None) -> int:
-    """Network evaluations per sampling step at w: 1 for gft and distill, and for mg at its trained w_mg
-    (w_range's, up to same_w); 2 otherwise (CFG, also on top of an mg model at any other w)."""
-    if objective in TELLS_W or (objective == 'mg' and same_w(w, w_range[1])):
-        return 1
-    return 2
+    """Network evaluations per sampling step at w (registry.Spec.passes): 1 for a model told w, and for an mg
+    model at its trained w_mg (w_range's); 2 otherwise (CFG, also on top of an mg model at any other w)."""
+    return registry.get(objective).passes(w, w_range)
+
+
+w_on_top_of_mg = registry.w_on_top
 
 
 def trained_w(objective: str, w_range: Sequence[float] | None, w_sample: float) -> float:
-    """The w to sample at when none is given (`--w trained`): an mg model's trained w_mg (its one-pass w), else
-    w_sample (gft, distill: within the trained range; aligned: the config's)."""
-    return float(w_range[1]) if objective == 'mg' else float(w_sample)
-
-
-def w_on_top_of_mg(w: float, w_mg: float) -> float:
-    """The CFG w' that samples an MG model (trained guidance w_mg) at effective guidance w:
-    (1 + w')(1 + w_mg) - 1 = w."""
-    return (1 + w) / (1 + w_mg) - 1
+    """The w to sample at when none is given (`--w trained`): registry.Spec.trained_w."""
+    return registry.get(objective).trained_w(w_range, w_sample)
 
 
 def check_w(objective: str, w: float, w_range: Sequence[float] | None) -> None:
     """Raises ValueError for a w a model of this objective cannot be sampled at (gft, distill: outside w_range)."""
-    if objective not in OBJECTIVES:
-        raise ValueError(f'objective must be one of {", ".join(map(repr, OBJECTIVES))}; got {objective!r}')
-    if objective != 'aligned' and w_range is None:
-        raise ValueError(f'a {objective} model needs the w range it was trained for (w_range)')
-    inside = w_range is not None and (w_range[0] <= w <= w_range[1] or any(same_w(w, end) for end in w_range))
-    if objective in TELLS_W and not inside:
-        raise ValueError(f'w {w:g} is outside the range [{w_range[0]:g}, {w_range[1]:g}] that this {objective} model '
-                         'was trained for (align.w_train); sample it at a w in that range')
+    registry.get(objective).plan(w, w_range)
+
+
+# The sampling-time methods: two-pass CFG (with the guidance interval) and one pass of a model trained to be
+# guided. Every sampler, export and host integration chooses between them here, from the objective's Spec.
+SAMPLING_METHODS: dict[str, Callable[..., nn.Module]] = {
+    'cfg': lambda denoiser, w, uncond, sigma_interval: GuidedDenoiser(denoiser, w, uncond=uncond,
+                                                                      sigma_interval=sigma_interval),
+    'one-pass': lambda denoiser, w, uncond, sigma_interval: OnePassDenoiser(
+        denoiser, w, sigma_interval=sigma_interval if w is not None else None),
+}
 
 
 def guided_denoiser(denoiser: nn.Module, objective: str, w: float, *, w_range: Sequence[float] | None = None,
                     uncond: Mapping[str, Any] | None = None, sigma_interval: Sequence[float] | None = None
                     ) -> nn.Module:
     """The k-diffusion denoiser that samples a model of the given objective at the paper's w (docs/design.md
-    section 6). w_range is the w range a one-pass model was trained for (mg: its effective guidance w_mg).
+    section 6), as its Spec plans it. w_range is the w range a one-pass model was trained for (mg: its
+    effective guidance w_mg).
 
     - 'aligned' (and standard CFG): two-pass CFG, GuidedDenoiser, with the guidance interval;
     - 'gft', 'distill': ONE network evaluation per step, the network told w (OnePassDenoiser), for w in
-      w_range (check_w's ValueError otherwise); the guidance interval tells it w = 0 outside;
+      w_range (a ValueError otherwise); the guidance interval tells it w = 0 outside;
     - 'mg': one pass of the plain conditional model at w = w_mg; any other w is two-pass CFG on top of it at
       w_on_top_of_mg(w, w_mg).
     """
-    check_w(objective, w, w_range)
-    if objective in TELLS_W:
-        return OnePassDenoiser(denoiser, w, sigma_interval=sigma_interval)
-    if objective == 'mg' and sampling_passes(objective, w, w_range) == 1:
-        return OnePassDenoiser(denoiser)
-    cfg_w = w_on_top_of_mg(w, w_range[1]) if objective == 'mg' else w
-    return GuidedDenoiser(denoiser, cfg_w, uncond=uncond, sigma_interval=sigma_interval)
+    method, method_w = registry.get(objective).plan(w, w_range)
+    return SAMPLING_METHODS[method](denoiser, method_w, uncond, sigma_interval)

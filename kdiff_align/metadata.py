@@ -3,8 +3,10 @@
 A model must be sampled the way it was trained. Exports carry, as safetensors metadata (a flat dict of
 strings, keys prefixed "kdiff_align."):
 
-    objective       'aligned-cfg' or 'standard-cfg' (align.objective "aligned"; two passes per step), or 'gft',
-                    'mg', 'distill' (trained to be guided in one pass; docs/design.md section 6)
+    objective       the objective's registered name (kdiff_align.registry): 'aligned' (two passes per step; a
+                    standard CFG model is 'aligned' with w_range [0, 0]), 'gft', 'mg', 'distill' (trained to be
+                    guided in one pass; docs/design.md section 6). Before format 3: 'aligned-cfg' or
+                    'standard-cfg', read as 'aligned' (the latter with w_range [0, 0])
     passes          network evaluations per sampling step: 1 (guidance is in the network; the host adds no CFG)
                     or 2 (the host's CFG). An mg model is 1 at its trained effective w, 2 at any other w_sample
     w_train         the paper's w used in training: a number, or {"type", "min_value", "max_value"}
@@ -35,13 +37,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .guidance import check_sigma_interval, check_w, sampling_passes, w_on_top_of_mg, w_to_cfg_scale
-from .objective import ONE_PASS, TELLS_W
+from . import registry
+from .errors import MetadataError  # noqa: F401 (re-exported)
+from .guidance import w_to_cfg_scale
+from .registry import check_sigma_interval
+from .schema import is_sd_config
 
 PREFIX = 'kdiff_align.'
-FORMAT_VERSION = 2  # 2: one-pass objectives (gft, mg, distill), passes, w_range, w_input; cfg_scale is the host's
-TWO_PASS = ('aligned-cfg', 'standard-cfg')
-OBJECTIVES = TWO_PASS + ONE_PASS
+# 2: one-pass objectives (gft, mg, distill), passes, w_range, w_input; cfg_scale is the host's.
+# 3: objective is the registered name ('aligned', not 'aligned-cfg' / 'standard-cfg').
+FORMAT_VERSION = 3
 W_INPUTS = ('guidance_cond', 'timestep_cond')
 CONVENTION = ("w_train, w_range and w_sample are the paper's guidance weight w (Ho & Salimans 2022; w = 0 is "
               "unguided conditional sampling); w_sample is the w of the result. cfg_scale is the hosts' CFG scale "
@@ -58,62 +63,42 @@ KEYS = ('format_version', 'objective', 'passes', 'w_train', 'w_range', 'w_sample
 SIGMA_CONVENTIONS = ('k-diffusion', 'flow')
 
 
-class MetadataError(ValueError):
-    """kdiff_align metadata that is present but malformed."""
-
-
 def host_cfg_scale(objective: str, w_sample: float, w_range: tuple[float, float] | list[float]) -> float:
     """The host's CFG scale for the recommended sampling: 1 + w_sample for two-pass models, 1.0 for one-pass ones,
     and (1 + w_sample) / (1 + w_mg) for CFG on top of an mg model (docs/design.md section 6)."""
-    if sampling_passes(objective, w_sample, w_range) == 1:
-        return 1.0
-    return w_to_cfg_scale(w_on_top_of_mg(w_sample, w_range[1]) if objective == 'mg' else w_sample)
-
-
-def trained_w_range(objective: str, w_train: Any) -> list[float]:
-    """[lo, hi] of the w a model was trained for, from its w_train (mg: the effective w; standard-cfg: [0, 0])."""
-    from .objective import trained_w_range as w_range
-
-    return [0.0, 0.0] if objective == 'standard-cfg' else [float(v) for v in w_range(objective, w_train)]
+    method, w = registry.get(objective).plan(w_sample, w_range)
+    return 1.0 if method == 'one-pass' else w_to_cfg_scale(w)
 
 
 def guidance_metadata(config: Mapping[str, Any], *, w_sample: float | None = None) -> dict[str, Any]:
     """The sampling metadata of a loaded config (load_config's output): typed values, not strings yet."""
-    from .objective import default_w_sample, make_guidance_scale
-    from .sd.config import is_sd_config
-
     align = config['align']
-    kind = align['objective']
-    if kind == 'aligned':
-        aligned = align['mix'] > 0 and make_guidance_scale(align['w_train']) != 0
-        objective = 'aligned-cfg' if aligned else 'standard-cfg'
-    else:
-        objective = kind
+    spec = registry.get(align['objective'])
     if w_sample is None:
-        w_sample = default_w_sample(kind, align['w_train']) if align['w_sample'] is None else align['w_sample']
+        w_sample = spec.default_w_sample(align['w_train']) if align['w_sample'] is None else align['w_sample']
     w = float(w_sample)
     if not math.isfinite(w):
         raise MetadataError(f'w_sample must be a finite number (the paper\'s w), got {w_sample!r}')
-    w_range = trained_w_range(objective, align['w_train'])
+    # A model trained without guidance (w_train 0, or mix 0: standard CFG) was trained for w = 0.
+    w_range = [float(v) for v in spec.w_range(align['w_train'])] if align['mix'] > 0 else [0.0, 0.0]
     try:
-        check_w(kind, w, w_range)
+        method, method_w = spec.plan(w, w_range)
     except ValueError as err:
         raise MetadataError(f'w_sample: {err}') from None
-    passes = sampling_passes(objective, w, w_range)
     interval = check_sigma_interval(align['sigma_interval'])
-    if objective == 'mg' and passes == 1:
-        interval = None   # the plain conditional model's one pass has no interval (OnePassDenoiser)
+    if method == 'one-pass' and method_w is None:
+        interval = None   # a model not told w samples its trained guidance; no interval (OnePassDenoiser)
     w_input = None
-    if objective in TELLS_W:   # Stable Diffusion UNets get diffusers' time_cond_proj_dim (kdiff_align.sd.model)
+    if spec.tells_w:   # Stable Diffusion UNets get diffusers' time_cond_proj_dim (kdiff_align.sd.model)
         w_input = 'timestep_cond' if is_sd_config(config) else 'guidance_cond'
     return {
         'format_version': FORMAT_VERSION,
-        'objective': objective,
-        'passes': passes,
+        'objective': spec.name,
+        'passes': 1 if method == 'one-pass' else 2,
         'w_train': align['w_train'] if isinstance(align['w_train'], Mapping) else float(align['w_train']),
         'w_range': w_range,
         'w_sample': w,
-        'cfg_scale': host_cfg_scale(objective, w, w_range),
+        'cfg_scale': host_cfg_scale(spec.name, w, w_range),
         'w_input': w_input,
         'sigma_interval': list(interval) if interval is not None else None,
         'sigma_convention': 'k-diffusion',  # every model kdiff-align trains (k-diffusion and Stable Diffusion)
@@ -169,8 +154,11 @@ def parse_metadata(header: Mapping[str, str] | None) -> dict[str, Any] | None:
     if version > FORMAT_VERSION:
         raise MetadataError(f'{PREFIX}format_version is {version}: written by a newer kdiff-align than this one '
                             f'(which reads up to {FORMAT_VERSION}); update kdiff-align to sample this model')
-    if meta['objective'] not in OBJECTIVES:
-        raise MetadataError(f'{PREFIX}objective is {meta["objective"]!r}; expected one of {OBJECTIVES}')
+    try:
+        registry.get(meta['objective'])
+    except ValueError:
+        raise MetadataError(f'{PREFIX}objective is {meta["objective"]!r}; expected one of {registry.names()} '
+                            f'(or, before format 3, {tuple(registry.OLD_NAMES)})') from None
     if not _finite(meta['w_sample']):
         raise MetadataError(f'{PREFIX}w_sample must be a finite number (the paper\'s w), got {meta["w_sample"]!r}')
     meta['w_sample'] = float(meta['w_sample'])
@@ -188,10 +176,14 @@ def parse_metadata(header: Mapping[str, str] | None) -> dict[str, Any] | None:
 
 def _complete(meta: dict[str, Any]) -> None:
     """Fills and checks w_range, w_input, passes and cfg_scale; missing ones take the older two-pass meaning."""
-    objective, w = meta['objective'], meta['w_sample']
+    if meta['objective'] in registry.UNGUIDED_OLD_NAMES:
+        meta.setdefault('w_range', [0.0, 0.0])   # a standard CFG model: trained for w = 0
+    spec = registry.get(meta['objective'])
+    meta['objective'] = objective = spec.name
+    w = meta['w_sample']
     if 'w_range' not in meta:
         try:
-            meta['w_range'] = trained_w_range(objective, meta['w_train'])
+            meta['w_range'] = [float(v) for v in spec.w_range(meta['w_train'])]
         except (TypeError, ValueError) as err:
             raise MetadataError(f'{PREFIX}w_train {meta["w_train"]!r} is not a w or w distribution: {err}') from None
     w_range = meta['w_range']
@@ -200,7 +192,7 @@ def _complete(meta: dict[str, Any]) -> None:
         raise MetadataError(f'{PREFIX}w_range must be [lo, hi] with 0 <= lo <= hi, got {w_range!r}')
     meta['w_range'] = [float(v) for v in w_range]
     w_input = meta.setdefault('w_input', None)
-    if objective in TELLS_W:
+    if spec.tells_w:
         if w_input not in W_INPUTS:
             raise MetadataError(f'{PREFIX}w_input is {w_input!r}; a {objective} model is told w, so it must be one '
                                 f'of {W_INPUTS}')
@@ -209,7 +201,7 @@ def _complete(meta: dict[str, Any]) -> None:
             raise MetadataError(f'{PREFIX}w_sample {w:g} is outside the trained w_range [{lo:g}, {hi:g}]')
     elif w_input is not None:
         raise MetadataError(f'{PREFIX}w_input is {w_input!r}, but a {objective} model is not told w (expected null)')
-    passes = sampling_passes(objective, w, meta['w_range'])
+    passes = spec.passes(w, meta['w_range'])
     if meta.setdefault('passes', passes) != passes:
         raise MetadataError(f'{PREFIX}passes is {meta["passes"]!r}, but a {objective} model at w_sample {w:g} '
                             f'samples in {passes} network evaluation(s) per step')

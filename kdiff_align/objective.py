@@ -5,127 +5,40 @@ Sampling with guidance uses F_w = (1 + w) F_c - w F_u, so the aligned objective 
 
     L_aligned = lambda(sigma) mean((F_w - T)^2)                                  (eq. A)
 
-A fraction uncond_prob of rows (the anchor) gets the standard loss on the null condition, and on the
-conditional rows L = mix L_aligned + (1 - mix) L_standard. mix = 0 or w = 0 is upstream CFG training.
+The family is one equation with one loss body (GuidanceObjective.loss), its rules read from the objective's
+registry.Spec:
 
-The family: AlignedDenoiser and GFTDenoiser are one coefficient form, a G + b F_u -> T, on either side of
-beta = 1 (a = beta = 1 + w, or 1 / (1 + w) with G told w); TeacherTargetDenoiser trains F_c toward a guided
-target built by a no-grad teacher (model-guidance with the EMA model, or guidance distillation). GFT, MG
-and distillation models sample guided in one network evaluation per step (guidance.OnePassDenoiser).
+    L = lambda(sigma) mean((a(w) F_c + b(w) F_u - target)^2)
+
+aligned: (a, b) = (1 + w, -w), target T; gft: (1 / (1 + w), w / (1 + w)) with F_c told w and F_u without
+gradient; mg and distill: a = 1, b = 0 and a target built by a no-grad teacher, T + w (F^t_c - F^t_u) or
+(1 + w) F^t_c - w F^t_u. A fraction uncond_prob of rows (the anchor) gets the standard loss on the null
+condition; with mix < 1, L = mix L + (1 - mix) L_standard on the conditional rows. w = 0 (or mix = 0) is
+upstream's loss bit for bit. GFT, MG and distillation models sample guided in one network evaluation per step
+(guidance.OnePassDenoiser).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import nn
 
-from . import conditioning
+from . import conditioning, registry
+from .registry import (GuidanceScale, ScaleDistribution, Spec, check_sigma_interval,  # noqa: F401 (re-exported)
+                       make_guidance_scale, make_w, mg_effective_w, zero_outside)
 
 WEIGHTINGS = ('karras', 'soft-min-snr', 'snr')
-# The family (docs/design.md section 6): gft, mg and distill sample guided in one network evaluation per step.
-OBJECTIVES = ('aligned', 'gft', 'mg', 'distill')
-ONE_PASS = ('gft', 'mg', 'distill')
-TELLS_W = ('gft', 'distill')     # the network is told w (a guidance embedding)
-SCALE_DISTRIBUTIONS = ('uniform', 'log-uniform')
+SCALE_DISTRIBUTIONS = registry.SCALE_DISTRIBUTIONS
 
 
 def append_dims(x: torch.Tensor, target_dims: int) -> torch.Tensor:
-    """Appends singleton dimensions to x until it has target_dims dimensions."""
-    return x[(...,) + (None,) * (target_dims - x.ndim)]
+    """k_diffusion.utils.append_dims (imported when first used: importing this module loads no k-diffusion)."""
+    from k_diffusion.utils import append_dims as upstream
 
-
-def check_sigma_interval(sigma_interval: Sequence[float] | None) -> tuple[float, float] | None:
-    """Validates a guidance interval [sigma_lo, sigma_hi]."""
-    if sigma_interval is None:
-        return None
-    try:
-        lo, hi = (float(s) for s in sigma_interval)
-    except (TypeError, ValueError):
-        raise ValueError(f'sigma_interval must be two noise levels [sigma_lo, sigma_hi], got {sigma_interval!r}')
-    if not 0 <= lo <= hi:
-        raise ValueError(f'sigma_interval must satisfy 0 <= sigma_lo <= sigma_hi, got [{lo}, {hi}]')
-    return lo, hi
-
-
-def zero_outside(w: torch.Tensor, sigma: torch.Tensor, sigma_interval: tuple[float, float] | None) -> torch.Tensor:
-    """w per row, 0 where sigma lies outside sigma_interval (None: everywhere inside)."""
-    if sigma_interval is None:
-        return w
-    lo, hi = sigma_interval
-    return torch.where((sigma >= lo) & (sigma <= hi), w, torch.zeros_like(w))
-
-
-class ScaleDistribution:
-    """A training-time guidance weight w drawn per row: uniform or log-uniform on [min_value, max_value]."""
-
-    def __init__(self, type: str, min_value: float, max_value: float):
-        if type not in SCALE_DISTRIBUTIONS:
-            raise ValueError(f'guidance_scale type must be one of {SCALE_DISTRIBUTIONS}, got {type!r}')
-        if not 0 <= min_value <= max_value:
-            raise ValueError(f'guidance_scale needs 0 <= min_value <= max_value, got [{min_value}, {max_value}]')
-        if type == 'log-uniform' and min_value <= 0:
-            raise ValueError(f'log-uniform guidance_scale needs min_value > 0, got {min_value}')
-        self.type, self.min_value, self.max_value = type, float(min_value), float(max_value)
-
-    def __call__(self, n: int, device: torch.device | str = 'cpu') -> torch.Tensor:
-        u = torch.rand(n, device=device)
-        if self.type == 'uniform':
-            return self.min_value + (self.max_value - self.min_value) * u
-        lo, hi = math.log(self.min_value), math.log(self.max_value)
-        return torch.exp(lo + (hi - lo) * u)
-
-    @property
-    def mean(self) -> float:
-        if self.type == 'uniform' or self.min_value == self.max_value:
-            return (self.min_value + self.max_value) / 2
-        return (self.max_value - self.min_value) / math.log(self.max_value / self.min_value)
-
-    def __repr__(self) -> str:
-        return f'ScaleDistribution({self.type!r}, {self.min_value}, {self.max_value})'
-
-
-GuidanceScale = Union[float, ScaleDistribution, Mapping[str, Any]]
-
-
-def make_guidance_scale(spec: GuidanceScale) -> float | ScaleDistribution:
-    """A number, or {'type': 'uniform' | 'log-uniform', 'min_value': a, 'max_value': b}."""
-    if isinstance(spec, ScaleDistribution):
-        return spec
-    if isinstance(spec, bool) or not isinstance(spec, (int, float, Mapping)):
-        raise TypeError(f'guidance_scale must be a number (the paper\'s w) or a dict '
-                        f'{{"type": "uniform"|"log-uniform", "min_value": a, "max_value": b}}, got {spec!r}')
-    if isinstance(spec, Mapping):
-        unknown = set(spec) - {'type', 'min_value', 'max_value'}
-        if unknown or not {'type', 'min_value', 'max_value'} <= set(spec):
-            raise ValueError(f'guidance_scale distribution needs exactly the keys type, min_value, max_value; '
-                             f'got {sorted(spec)}')
-        return ScaleDistribution(spec['type'], spec['min_value'], spec['max_value'])
-    if not math.isfinite(spec) or spec < 0:
-        raise ValueError(f'guidance_scale (the paper\'s w) must be a finite number >= 0, got {spec}')
-    return float(spec)
-
-
-def mg_effective_w(w_train: float) -> float:
-    """The CFG w that a model-guidance model trained at w samples in one pass: w / (1 - w) (docs/design.md 6(b))."""
-    return w_train / (1 - w_train)
-
-
-def trained_w_range(kind: str, w_train: GuidanceScale) -> tuple[float, float]:
-    """[lo, hi] of the w a model of objective kind was trained for ([w, w] for a fixed w; mg: its effective w)."""
-    w = make_guidance_scale(w_train)
-    lo, hi = (w.min_value, w.max_value) if isinstance(w, ScaleDistribution) else (w, w)
-    return (mg_effective_w(lo), mg_effective_w(hi)) if kind == 'mg' else (lo, hi)
-
-
-def default_w_sample(kind: str, w_train: GuidanceScale) -> float:
-    """align.w_sample's default: the trained w (a distribution's mean; mg: its effective w)."""
-    w = make_guidance_scale(w_train)
-    w = w.mean if isinstance(w, ScaleDistribution) else w
-    return mg_effective_w(w) if kind == 'mg' else w
+    return upstream(x, target_dims)
 
 
 def parameterization(inner_model: nn.Module) -> str:
@@ -137,23 +50,42 @@ def parameterization(inner_model: nn.Module) -> str:
     return 'karras'
 
 
+# The raw prediction F of each parameterisation, for preconditioned input c_in x.
+PREDICTIONS: dict[str, Callable[..., torch.Tensor]] = {
+    'karras': lambda model, input, sigma, **kwargs: model(input, sigma, **kwargs),
+    'eps': lambda model, input, sigma, **kwargs: model.get_eps(input, model.sigma_to_t(sigma), **kwargs),
+    'v': lambda model, input, sigma, **kwargs: model.get_v(input, model.sigma_to_t(sigma), **kwargs),
+}
+
+
 def raw_prediction(model: nn.Module, kind: str, input: torch.Tensor, sigma: torch.Tensor, **kwargs: Any
                    ) -> torch.Tensor:
     """The raw prediction F of a model of parameterization kind (eps or v for the DDPM wrappers)."""
-    if kind == 'eps':
-        return model.get_eps(input, model.sigma_to_t(sigma), **kwargs)
-    if kind == 'v':
-        return model.get_v(input, model.sigma_to_t(sigma), **kwargs)
-    return model(input, sigma, **kwargs)
+    return PREDICTIONS[kind](model, input, sigma, **kwargs)
+
+
+def _alias(new: Any, old: Any, new_name: str, old_name: str) -> Any:
+    """A keyword argument under its new name or its older one (not both)."""
+    if old is not None and new is not None:
+        raise TypeError(f'pass {new_name} or its older name {old_name}, not both')
+    return old if new is None else new
 
 
 class GuidanceObjective(nn.Module):
-    """What every training-time guidance objective shares: k-diffusion's preconditioning and weighting, the
-    null condition, the anchor rows and the one-shape option. Subclasses define loss().
+    """The family's one loss (docs/design.md section 6; the objective's rules come from its registry.Spec):
+
+        L = lambda(sigma) mean((a(w) F_c + b(w) F_u - target)^2)
+
+    on guided rows; anchor rows (uncond_prob, CFG's condition dropout) get the standard loss on the null
+    condition, and with mix < 1, L = mix L + (1 - mix) L_standard. objective: a registered name or a Spec.
 
     inner_model is a Karras network F(c_in x, sigma, **cond), or one of k-diffusion's DDPM wrappers
-    (DiscreteEpsDDPMDenoiser and subclasses, DiscreteVDDPMDenoiser), whose own preconditioning and
-    eps / v target are then used.
+    (DiscreteEpsDDPMDenoiser and subclasses, DiscreteVDDPMDenoiser), whose own preconditioning and eps / v
+    target are then used; the Karras preconditioning and weighting are upstream's k_diffusion.layers.Denoiser.
+    w_train (older name guidance_scale): the paper's w, a number or a distribution drawn per row (None: the
+    objective's default). teacher: a teacher-target objective's teacher (None: the model itself under no_grad
+    for an EMA teacher). target_sigma_range (older name sigma_range): where the teacher target applies;
+    warmup_steps: optimizer steps (steps_done()) with the standard loss first.
 
     fixed_rows evaluates F_u for every row, anchors included, and drops the anchors' afterwards, so the
     network always sees the same number of rows instead of a count that changes with each draw of the anchor
@@ -163,51 +95,90 @@ class GuidanceObjective(nn.Module):
     """
 
     def __init__(self, inner_model: nn.Module, sigma_data: float = 1., weighting: str | Callable = 'karras', *,
-                 guidance_scale: GuidanceScale = 2., uncond: Mapping[str, Any] | None = None,
-                 uncond_prob: float = 0.1, fixed_rows: bool | None = None):
+                 objective: str | Spec = 'aligned', w_train: GuidanceScale | None = None,
+                 guidance_scale: GuidanceScale | None = None, uncond: Mapping[str, Any] | None = None,
+                 uncond_prob: float = 0.1, teacher: nn.Module | None = None, stop_grad_uncond: bool = False,
+                 mix: float = 1., target_sigma_range: Sequence[float] | None = None,
+                 sigma_range: Sequence[float] | None = None, warmup_steps: int = 0,
+                 steps_done: Callable[[], int] | None = None, fixed_rows: bool | None = None):
+        import k_diffusion as K
+
         super().__init__()
+        self.spec = objective if isinstance(objective, Spec) else registry.get(objective)
         self.inner_model = inner_model
-        self.parameterization = parameterization(inner_model)
-        self.sigma_data = getattr(inner_model, 'sigma_data', sigma_data) if self.parameterization != 'karras' \
-            else sigma_data
-        if callable(weighting):
-            self.weighting = weighting
-        elif weighting == 'karras':
-            self.weighting = torch.ones_like
-        elif weighting == 'soft-min-snr':
-            self.weighting = self._weighting_soft_min_snr
-        elif weighting == 'snr':
-            self.weighting = self._weighting_snr
-        else:
+        # The parameterisation, chosen once: the preconditioning (c_skip, c_out, c_in), the raw prediction F, the
+        # denoiser D and the target. A Karras network gets upstream's Denoiser (its scalings, weighting and
+        # forward, held outside this module's tree); a DDPM wrapper its own scalings and eps / v prediction.
+        self.parameterization = kind = parameterization(inner_model)
+        if kind != 'karras':
+            sigma_data = getattr(inner_model, 'sigma_data', sigma_data)
+        if not callable(weighting) and weighting not in WEIGHTINGS:
             raise ValueError(f'weighting must be one of {WEIGHTINGS} or a callable, got {weighting!r}')
-        self.guidance_scale = make_guidance_scale(guidance_scale)
+        upstream = K.layers.Denoiser(inner_model, sigma_data, 'karras' if callable(weighting) else weighting)
+        self._upstream = (upstream,)
+        self.sigma_data = sigma_data
+        self.weighting = weighting if callable(weighting) else upstream.weighting
+        self.get_scalings = {
+            'karras': upstream.get_scalings,
+            'eps': lambda sigma: (torch.ones_like(sigma), *inner_model.get_scalings(sigma)),
+            'v': lambda sigma: inner_model.get_scalings(sigma)}[kind]
+        self._denoise = upstream.__call__ if kind == 'karras' else inner_model.__call__   # bound: no submodule
+        self._eps_target = kind == 'eps'   # the eps wrapper's target is the noise itself
+
+        spec = self.spec
+        given = _alias(w_train, guidance_scale, 'w_train', 'guidance_scale')
+        self.w_train = make_w(spec.w_train_default if given is None else given)
+        if spec.w_train_ok is not None and not spec.w_train_ok(self.w_train):
+            raise ValueError(f'w_train: got {self.w_train!r}; allowed: {spec.w_train_rule}')
         self.uncond = conditioning.check_uncond(uncond)
+        if spec.tells_w and spec.uncond != 'teacher':   # the network's own F_u is evaluated at w = 0
+            self.uncond = {**self.uncond, 'guidance_cond': 0.}
         if not 0 <= uncond_prob <= 1:
             raise ValueError(f'uncond_prob must lie in [0, 1], got {uncond_prob}')
+        if not 0 <= mix <= 1:
+            raise ValueError(f'mix must lie in [0, 1], got {mix}')
+        if teacher is not None and parameterization(teacher) != self.parameterization:
+            raise ValueError(f'the teacher predicts {parameterization(teacher)!r}, the student '
+                             f'{self.parameterization!r}; both must be the same kind of model')
+        if not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f'warmup_steps must be an integer >= 0, got {warmup_steps!r}')
+        if warmup_steps and steps_done is None:
+            raise ValueError('warmup_steps needs steps_done, the training loop\'s count of optimizer steps')
         self.uncond_prob, self.fixed_rows = float(uncond_prob), fixed_rows
+        self.stop_grad_uncond, self.mix = spec.uncond == 'stop-grad' or bool(stop_grad_uncond), float(mix)
+        self.target_sigma_range = check_sigma_interval(_alias(target_sigma_range, sigma_range,
+                                                              'target_sigma_range', 'sigma_range'))
+        self.warmup_steps, self.steps_done = warmup_steps, steps_done
+        self._teacher = [teacher]   # a list: not a submodule, so no parameters, gradient or state_dict entries
+        if self.uncond_prob > 0 or spec.uncond == 'teacher' or self.guides:
+            self._require_null()
 
-    def _require_null(self, needed: bool) -> None:
-        if needed and not self.uncond:
-            raise ValueError('uncond (the null condition) is required when uncond_prob > 0 or guidance_scale != 0; '
+    # Names: the paper's w is w_train; guidance_scale, kind and sigma_range are the older names.
+    guidance_scale = property(lambda self: self.w_train, lambda self, value: setattr(self, 'w_train', value))
+    sigma_range = property(lambda self: self.target_sigma_range)
+    objective = property(lambda self: self.spec.name)
+    kind = objective
+    tells_w = property(lambda self: self.spec.tells_w)
+
+    @property
+    def guides(self) -> bool:
+        """Whether any row can get the guided loss (w_train != 0 and mix > 0)."""
+        return self.mix > 0 and self.w_train != 0
+
+    def _require_null(self) -> None:
+        if not self.uncond:
+            raise ValueError('uncond (the null condition) is required when uncond_prob > 0 or w_train != 0; '
                              'pass e.g. uncond={"class_cond": num_classes}')
 
-    def _weighting_soft_min_snr(self, sigma: torch.Tensor) -> torch.Tensor:
-        return (sigma * self.sigma_data) ** 2 / (sigma ** 2 + self.sigma_data ** 2) ** 2
+    @property
+    def active(self) -> bool:
+        """Whether the guided target applies: after warmup_steps optimizer steps (steps_done())."""
+        return not self.warmup_steps or self.steps_done() >= self.warmup_steps
 
-    def _weighting_snr(self, sigma: torch.Tensor) -> torch.Tensor:
-        return self.sigma_data ** 2 / (sigma ** 2 + self.sigma_data ** 2)
-
-    def get_scalings(self, sigma: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(c_skip, c_out, c_in) of the preconditioning (Karras et al. 2022, table 1)."""
-        if self.parameterization == 'eps':
-            c_out, c_in = self.inner_model.get_scalings(sigma)
-            return torch.ones_like(sigma), c_out, c_in
-        if self.parameterization == 'v':
-            return self.inner_model.get_scalings(sigma)
-        c_skip = self.sigma_data ** 2 / (sigma ** 2 + self.sigma_data ** 2)
-        c_out = sigma * self.sigma_data / (sigma ** 2 + self.sigma_data ** 2) ** 0.5
-        c_in = 1 / (sigma ** 2 + self.sigma_data ** 2) ** 0.5
-        return c_skip, c_out, c_in
+    @property
+    def teacher(self) -> nn.Module:
+        """The teacher network (the model itself under no_grad for an EMA teacher without an EMA)."""
+        return self._teacher[0] if self._teacher[0] is not None else self.inner_model
 
     def network(self, input: torch.Tensor, sigma: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """The raw prediction F (eps or v for the DDPM wrappers) for preconditioned input c_in x."""
@@ -215,16 +186,15 @@ class GuidanceObjective(nn.Module):
 
     def forward(self, input: torch.Tensor, sigma: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """The denoiser D(x; sigma, c) = c_skip x + c_out F(c_in x; sigma, c)."""
-        if self.parameterization != 'karras':
-            return self.inner_model(input, sigma, **kwargs)
-        c_skip, c_out, c_in = [append_dims(x, input.ndim) for x in self.get_scalings(sigma)]
-        return self.inner_model(input * c_in, sigma, **kwargs) * c_out + input * c_skip
+        return self._denoise(input, sigma, **kwargs)
 
-    def sample_guidance_scale(self, n: int, device: torch.device | str) -> torch.Tensor:
+    def sample_w(self, n: int, device: torch.device | str) -> torch.Tensor:
         """The training-time w for n rows."""
-        if isinstance(self.guidance_scale, ScaleDistribution):
-            return self.guidance_scale(n, device)
-        return torch.full((n,), self.guidance_scale, device=device)
+        if isinstance(self.w_train, ScaleDistribution):
+            return self.w_train(n, device)
+        return torch.full((n,), self.w_train, device=device)
+
+    sample_guidance_scale = sample_w   # the older name
 
     def uses_fixed_rows(self, input: torch.Tensor) -> bool:
         return self.fixed_rows if self.fixed_rows is not None else input.is_cuda
@@ -235,7 +205,7 @@ class GuidanceObjective(nn.Module):
         batch_size, device = input.shape[0], input.device
         c_skip, c_out, c_in = [append_dims(x, input.ndim) for x in self.get_scalings(sigma)]
         noised_input = input + noise * append_dims(sigma, input.ndim)
-        target = noise if self.parameterization == 'eps' else (input - c_skip * noised_input) / c_out
+        target = noise if self._eps_target else (input - c_skip * noised_input) / c_out
         # Anchor rows (CFG's condition dropout) are trained on the null condition.
         anchor = torch.rand(batch_size, device=device) < self.uncond_prob if self.uncond_prob > 0 else None
         if anchor is not None and anchor.any():
@@ -244,82 +214,90 @@ class GuidanceObjective(nn.Module):
             kwargs = conditioning.where_rows(anchor, null, kwargs)
         return noised_input * c_in, target, self.weighting(sigma), anchor, dict(kwargs)
 
-class AlignedDenoiser(GuidanceObjective):
-    """A drop-in for k_diffusion.layers.Denoiser whose loss trains the guided prediction (eq. A).
+    def paired(self, network: nn.Module, model_input: torch.Tensor, sigma: torch.Tensor, kwargs: Mapping[str, Any],
+               rows: torch.Tensor, *, whole_batch: bool = True, grad_uncond: bool = True
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The paired conditional / null-condition evaluation: (F_c, F_u[rows]), in one batched call where
+        possible. whole_batch: F_c of every row (the student), else of `rows` only (a teacher, one call of
+        both halves). grad_uncond False: F_u under no_grad in a second call. With fixed_rows, F_u is evaluated
+        for every row and the others' dropped, so that every call has one shape."""
+        batch_size, device = model_input.shape[0], model_input.device
+        fixed = self.uses_fixed_rows(model_input)
+        twins = torch.arange(batch_size, device=device) if fixed else rows   # the rows that get F_u
+        n = twins.shape[0]
+        null = conditioning.null_rows(kwargs, self.uncond, twins, batch_size, device)
 
-    The coefficient form of docs/design.md section 6(a): on guided rows L = lambda mean((a G + b F_u - T)^2)
-    with (a, b) = coefficients(w); here (1 + w, -w), so a G + b F_u = (1 + w) F_c - w F_u is CFG's
-    combination at the training w. GFTDenoiser is the same loss with other coefficients. Anchor rows get the
-    standard loss on the null condition; on the other rows L = mix L_aligned + (1 - mix) L_standard.
-    See GuidanceObjective for inner_model and fixed_rows.
-    """
+        def call(x: torch.Tensor, s: torch.Tensor, kw: Mapping[str, Any]) -> torch.Tensor:
+            return raw_prediction(network, self.parameterization, x, s, **kw)
 
-    tells_w = False   # whether the network is told w (guidance_cond), as GFT's is
-
-    def __init__(self, inner_model: nn.Module, sigma_data: float = 1., weighting: str | Callable = 'karras', *,
-                 guidance_scale: GuidanceScale = 2., uncond: Mapping[str, Any] | None = None,
-                 uncond_prob: float = 0.1, stop_grad_uncond: bool = False, mix: float = 1.,
-                 fixed_rows: bool | None = None):
-        super().__init__(inner_model, sigma_data, weighting, guidance_scale=guidance_scale, uncond=uncond,
-                         uncond_prob=uncond_prob, fixed_rows=fixed_rows)
-        if not 0 <= mix <= 1:
-            raise ValueError(f'mix must lie in [0, 1], got {mix}')
-        self.stop_grad_uncond, self.mix = bool(stop_grad_uncond), float(mix)
-        self._require_null(self.uncond_prob > 0 or (self.mix > 0 and self.guidance_scale != 0))
-
-    @staticmethod
-    def coefficients(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(a, b) with a + b = 1 of the guided prediction a G + b F_u: (1 + w, -w), i.e. beta = 1 + w."""
-        return 1 + w, -w
+        if not whole_batch:
+            cond = conditioning.take_rows(kwargs, twins, batch_size)
+            out = call(model_input[twins].repeat(2, *[1] * (model_input.ndim - 1)), sigma[twins].repeat(2),
+                       conditioning.cat_rows(cond, null, n, n))
+            f_c, f_u = out[:n], out[n:]
+            if fixed:
+                f_c = f_c[rows]
+        elif grad_uncond:
+            out = call(torch.cat([model_input, model_input[twins]]), torch.cat([sigma, sigma[twins]]),
+                       conditioning.cat_rows(kwargs, null, batch_size, n))
+            f_c, f_u = out[:batch_size], out[batch_size:]
+        else:
+            f_c = call(model_input, sigma, kwargs)
+            with torch.no_grad():
+                f_u = call(model_input[twins], sigma[twins], null)
+        return f_c, f_u[rows] if fixed else f_u
 
     def loss(self, input: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        """The per-row loss [B]: the coefficient form on guided rows, the standard loss on anchor rows."""
+        """The per-row loss [B]: lambda mean((a F_c + b F_u - target)^2) on guided rows, the standard loss on
+        the others (anchor rows on the null condition)."""
+        spec = self.spec
+        if spec.teacher == 'frozen' and self._teacher[0] is None:
+            raise ValueError(f'{spec.name} needs a teacher to train: a frozen model trained with CFG on the same data '
+                             '(without one, this wrapper only samples)')
         batch_size, device = input.shape[0], input.device
-        model_input, target, c_weight, anchor, main_kwargs = self.prepare(input, noise, sigma, kwargs)
-
-        # Conditional rows with w != 0 also need F_u, in the same batched call.
-        guided = torch.zeros(batch_size, dtype=torch.bool, device=device)
-        w = None
-        if self.mix > 0 and self.guidance_scale != 0:
-            w = self.sample_guidance_scale(batch_size, device)
-            guided = w != 0 if anchor is None else (w != 0) & ~anchor
-            if self.tells_w:  # the network is told w on guided rows, 0 elsewhere (anchors: the standard loss)
-                main_kwargs['guidance_cond'] = torch.where(guided, w, torch.zeros_like(w))
-        elif self.tells_w:
-            main_kwargs['guidance_cond'] = torch.zeros(batch_size, device=device)
+        model_input, target, c_weight, anchor, cond_kwargs = self.prepare(input, noise, sigma, kwargs)
+        conditional = torch.ones(batch_size, dtype=torch.bool, device=device) if anchor is None else ~anchor
+        w = self.sample_w(batch_size, device) if self.guides else torch.zeros(batch_size, device=device)
+        if not self.active:
+            w = torch.zeros_like(w)
+        w = zero_outside(w, sigma, self.target_sigma_range)
+        # The rows trained toward a guided target: a teacher's own target replaces every conditional row's.
+        guided = conditional if spec.target == 'teacher' else conditional & (w != 0)
         rows = guided.nonzero().squeeze(1)
-        n = rows.shape[0]
-        if n == 0:
-            model_output = self.network(model_input, sigma, **main_kwargs)
+        student_kwargs = dict(cond_kwargs)
+        if spec.tells_w:   # told w on conditional rows, 0 on anchors (the standard loss)
+            student_kwargs['guidance_cond'] = torch.where(conditional, w, torch.zeros_like(w))
+        f_u = None
+        if rows.shape[0] and spec.uncond == 'teacher':
+            with torch.no_grad():
+                t_c, t_u = self.paired(self.teacher, model_input, sigma, cond_kwargs, rows, whole_batch=False)
+            w_rows = append_dims(w[rows], input.ndim).to(t_c.dtype)
+            base = t_c if spec.target == 'teacher' else target[rows]
+            target = target.index_put((rows,), (base + w_rows * (t_c - t_u)).to(target.dtype))
+            f_c = self.network(model_input, sigma, **student_kwargs)
+        elif rows.shape[0]:
+            f_c, f_u = self.paired(self.inner_model, model_input, sigma, student_kwargs, rows,
+                                   grad_uncond=not self.stop_grad_uncond)
         else:
-            fixed = self.uses_fixed_rows(input)
-            twins = torch.arange(batch_size, device=device) if fixed else rows  # the rows that get F_u
-            null = conditioning.null_rows(main_kwargs, self.uncond, twins, batch_size, device)
-            if self.stop_grad_uncond:
-                model_output = self.network(model_input, sigma, **main_kwargs)
-                with torch.no_grad():
-                    uncond_output = self.network(model_input[twins], sigma[twins], **null)
-            else:
-                both = conditioning.cat_rows(main_kwargs, null, batch_size, twins.shape[0])
-                output = self.network(torch.cat([model_input, model_input[twins]]),
-                                      torch.cat([sigma, sigma[twins]]), **both)
-                model_output, uncond_output = output[:batch_size], output[batch_size:]
-            if fixed:
-                uncond_output = uncond_output[rows]
-
-        sq_error = ((model_output - target) ** 2).flatten(1).mean(1)
-        if n:
-            a, b = (append_dims(c, input.ndim).to(model_output.dtype) for c in self.coefficients(w[rows]))
-            guided_output = a * model_output[rows] + b * uncond_output
-            aligned = ((guided_output - target[rows]) ** 2).flatten(1).mean(1)
-            if self.mix < 1:
-                aligned = self.mix * aligned + (1 - self.mix) * sq_error[rows]
-            sq_error = sq_error.index_put((rows,), aligned)
+            f_c = self.network(model_input, sigma, **student_kwargs)
+        prediction = f_c
+        if f_u is not None:
+            a, b = (append_dims(c, input.ndim).to(f_c.dtype) for c in spec.coefficients(w[rows]))
+            prediction = f_c.index_put((rows,), a * f_c[rows] + b * f_u)
+        sq_error = ((prediction - target) ** 2).flatten(1).mean(1)
+        if f_u is not None and self.mix < 1:
+            standard = ((f_c - target) ** 2).flatten(1).mean(1)
+            sq_error = standard.index_put((rows,), self.mix * sq_error[rows] + (1 - self.mix) * standard[rows])
         return sq_error * c_weight
 
 
-class GFTDenoiser(AlignedDenoiser):
-    """Guidance-free training (Chen et al. 2025): the coefficient form at beta = 1 / (1 + w).
+# The seed paper's name for the family's loss (its default objective): a drop-in for k_diffusion.layers.Denoiser
+# whose loss trains the guided prediction (1 + w) F_c - w F_u (eq. A); w = 0 or mix = 0 is upstream's loss.
+AlignedDenoiser = GuidanceObjective
+
+
+class GFTDenoiser(GuidanceObjective):
+    """Guidance-free training (Chen et al. 2025): the family's loss with objective "gft", beta = 1 / (1 + w).
 
     Guided rows train a G + b F_u toward T with (a, b) = (1 / (1 + w), w / (1 + w)), G the network told w
     (keyword argument guidance_cond) and F_u its null-condition output at w = 0 without gradient; anchor rows
@@ -328,108 +306,47 @@ class GFTDenoiser(AlignedDenoiser):
     row (default uniform on [0, 4]); the network needs a w input (models.GuidanceEmbedding).
     """
 
-    tells_w = True
-
     def __init__(self, inner_model: nn.Module, sigma_data: float = 1., weighting: str | Callable = 'karras', *,
-                 guidance_scale: GuidanceScale | None = None, uncond: Mapping[str, Any] | None = None,
-                 uncond_prob: float = 0.1, fixed_rows: bool | None = None):
-        if guidance_scale is None:
-            guidance_scale = {'type': 'uniform', 'min_value': 0., 'max_value': 4.}
-        super().__init__(inner_model, sigma_data, weighting, guidance_scale=guidance_scale, uncond=uncond,
-                         uncond_prob=uncond_prob, stop_grad_uncond=True, mix=1., fixed_rows=fixed_rows)
-        self.uncond = {**self.uncond, 'guidance_cond': 0.}
-
-    @staticmethod
-    def coefficients(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(1 / (1 + w), w / (1 + w)): beta = 1 / (1 + w)."""
-        return 1 / (1 + w), w / (1 + w)
-
-
-TEACHER_KINDS = ('mg', 'distill')
+                 guidance_scale: GuidanceScale | None = None, w_train: GuidanceScale | None = None,
+                 uncond: Mapping[str, Any] | None = None, uncond_prob: float = 0.1, fixed_rows: bool | None = None):
+        super().__init__(inner_model, sigma_data, weighting, objective='gft', w_train=w_train,
+                         guidance_scale=guidance_scale, uncond=uncond, uncond_prob=uncond_prob,
+                         fixed_rows=fixed_rows)
 
 
 class TeacherTargetDenoiser(GuidanceObjective):
-    """The teacher-target form (docs/design.md section 6(b)): L = lambda mean((G - T')^2) on conditional rows,
+    """The teacher-target form (docs/design.md section 6(b)): L = lambda mean((F_c - T')^2) on conditional rows,
     with a guided target T' = base + w (F^t_c - F^t_u) from a teacher evaluated without gradient.
 
-    - kind 'mg' (model-guidance, Tang et al. 2025): base = T, teacher = the EMA of the model itself (None:
-      the model's current weights), w fixed in [0, 1); rows with sigma outside sigma_range, and every row
+    - "mg" (model-guidance, Tang et al. 2025): base = T, teacher = the EMA of the model itself (None: the
+      model's current weights), w fixed in [0, 1); rows with sigma outside target_sigma_range, and every row
       during the first warmup_steps optimizer steps (counted by the training loop's steps_done), get the
-      standard loss. The fixed point is CFG at
-      w / (1 - w) with no w input: one-pass sampling of the plain conditional model.
-    - kind 'distill' (guidance distillation, Meng et al. 2023, stage 1): base = F^t_c, a frozen teacher
-      trained with CFG, w drawn per row and told to the student (guidance_cond).
+      standard loss. The fixed point is CFG at w / (1 - w) with no w input: one-pass sampling of the plain
+      conditional model.
+    - "distill" (guidance distillation, Meng et al. 2023, stage 1): base = F^t_c, a frozen teacher trained
+      with CFG, w drawn per row and told to the student (guidance_cond).
 
-    The teacher is held outside the module's parameters and state_dict: it gets no gradient, is not in the
-    optimizer and is not saved with the student. Anchor rows get the standard loss on the null condition.
+    objective (older name kind): a registered teacher-target objective. The teacher is held outside the
+    module's parameters and state_dict: it gets no gradient, is not in the optimizer and is not saved with the
+    student. Anchor rows get the standard loss on the null condition.
     """
 
     def __init__(self, inner_model: nn.Module, teacher: nn.Module | None, sigma_data: float = 1.,
-                 weighting: str | Callable = 'karras', *, kind: str, guidance_scale: GuidanceScale = 0.45,
-                 uncond: Mapping[str, Any] | None = None, uncond_prob: float = 0.1,
+                 weighting: str | Callable = 'karras', *, objective: str | Spec | None = None,
+                 kind: str | None = None, guidance_scale: GuidanceScale | None = None,
+                 w_train: GuidanceScale | None = None, uncond: Mapping[str, Any] | None = None,
+                 uncond_prob: float = 0.1, target_sigma_range: Sequence[float] | None = None,
                  sigma_range: Sequence[float] | None = None, warmup_steps: int = 0,
                  steps_done: Callable[[], int] | None = None, fixed_rows: bool | None = None):
-        super().__init__(inner_model, sigma_data, weighting, guidance_scale=guidance_scale, uncond=uncond,
-                         uncond_prob=uncond_prob, fixed_rows=fixed_rows)
-        if kind not in TEACHER_KINDS:
-            raise ValueError(f'kind must be one of {TEACHER_KINDS}, got {kind!r}')
-        if kind == 'mg' and not (isinstance(self.guidance_scale, float) and 0 <= self.guidance_scale < 1):
-            raise ValueError(f"model-guidance needs a fixed w in [0, 1) (its fixed point is CFG at w / (1 - w)), "
-                             f"got {self.guidance_scale!r}")
-        if teacher is not None and parameterization(teacher) != self.parameterization:
-            raise ValueError(f'the teacher predicts {parameterization(teacher)!r}, the student '
-                             f'{self.parameterization!r}; both must be the same kind of model')
-        if not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f'warmup_steps must be an integer >= 0, got {warmup_steps!r}')
-        if warmup_steps and steps_done is None:
-            raise ValueError('warmup_steps needs steps_done, the training loop\'s count of optimizer steps')
-        self.kind, self.tells_w = kind, kind == 'distill'
-        self.sigma_range = check_sigma_interval(sigma_range)
-        self.warmup_steps, self.steps_done = warmup_steps, steps_done
-        self._teacher = [teacher]   # a list: not a submodule, so no parameters, gradient or state_dict entries
-        self._require_null(True)
-
-    @property
-    def active(self) -> bool:
-        """Whether the guided target applies: after warmup_steps optimizer steps (steps_done())."""
-        return not self.warmup_steps or self.steps_done() >= self.warmup_steps
-
-    @property
-    def teacher(self) -> nn.Module:
-        """The teacher network (the model itself under no_grad for MG without an EMA)."""
-        return self._teacher[0] if self._teacher[0] is not None else self.inner_model
-
-    def loss(self, input: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        """The per-row loss [B]: (G - T')^2 on conditional rows, the standard loss on anchor rows."""
-        if self.kind == 'distill' and self._teacher[0] is None:
-            raise ValueError('guidance distillation needs a teacher to train: a frozen model trained with CFG on '
-                             'the same data (without one, this wrapper only samples)')
-        batch_size, device = input.shape[0], input.device
-        model_input, target, c_weight, anchor, main_kwargs = self.prepare(input, noise, sigma, kwargs)
-        conditional = torch.ones(batch_size, dtype=torch.bool, device=device) if anchor is None else ~anchor
-        w = self.sample_guidance_scale(batch_size, device)
-        if not self.active:
-            w = torch.zeros_like(w)
-        w = zero_outside(w, sigma, self.sigma_range)
-        # MG changes the target of rows with w != 0; distillation replaces the target of every conditional row.
-        targeted = conditional & (w != 0) if self.kind == 'mg' else conditional
-        teacher_kwargs = dict(main_kwargs)
-        if self.tells_w:
-            main_kwargs['guidance_cond'] = torch.where(conditional, w, torch.zeros_like(w))
-        rows = targeted.nonzero().squeeze(1)
-        if rows.shape[0]:
-            twins = torch.arange(batch_size, device=device) if self.uses_fixed_rows(input) else rows
-            n = twins.shape[0]
-            cond = conditioning.take_rows(teacher_kwargs, twins, batch_size)
-            null = conditioning.null_rows(teacher_kwargs, self.uncond, twins, batch_size, device)
-            with torch.no_grad():
-                out = raw_prediction(self.teacher, self.parameterization, model_input[twins].repeat(2, *[1] * (
-                    input.ndim - 1)), sigma[twins].repeat(2), **conditioning.cat_rows(cond, null, n, n))
-            if twins.shape[0] != rows.shape[0]:
-                out = torch.cat([out[:n][rows], out[n:][rows]])
-            t_cond, t_uncond = out.chunk(2)
-            w_rows = append_dims(w[rows], input.ndim).to(t_cond.dtype)
-            base = target[rows] if self.kind == 'mg' else t_cond
-            target = target.index_put((rows,), (base + w_rows * (t_cond - t_uncond)).to(target.dtype))
-        output = self.network(model_input, sigma, **main_kwargs)
-        return ((output - target) ** 2).flatten(1).mean(1) * c_weight
+        objective = _alias(objective, kind, 'objective', 'kind')
+        teacher_kinds = tuple(n for n in registry.names() if registry.get(n).uncond == 'teacher')
+        spec = objective if isinstance(objective, Spec) else \
+            registry.get(objective) if objective in teacher_kinds else None
+        if spec is None or spec.uncond != 'teacher':
+            raise ValueError(f'kind must be one of {teacher_kinds} (the teacher-target objectives), got {objective!r}')
+        if (w_train, guidance_scale) == (None, None):
+            w_train = 0.45   # this class's default since its first version
+        super().__init__(inner_model, sigma_data, weighting, objective=spec, w_train=w_train,
+                         guidance_scale=guidance_scale, uncond=uncond, uncond_prob=uncond_prob, teacher=teacher,
+                         target_sigma_range=target_sigma_range, sigma_range=sigma_range,
+                         warmup_steps=warmup_steps, steps_done=steps_done, fixed_rows=fixed_rows)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import ConfigError
+from .errors import ConfigError
 
 LR_SCHEDULES = ('constant', 'inverse', 'exponential')
 

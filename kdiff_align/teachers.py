@@ -9,11 +9,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import registry
 from .checkpoint import load_for_inference
 from .config import load_config, make_model
-from .schema import fail
-
-TEACHER_OBJECTIVES = ('aligned',)   # distillation teachers: standard CFG (w_train 0) or aligned models
+from .errors import fail
 _TRAINING_ONLY = {'sigma_sample_density', 'loss_weighting', 'loss_config', 'loss_scales', 'dropout_rate',
                   'augment_prob'}
 
@@ -28,7 +27,7 @@ def make_teacher(config: Mapping[str, Any], device: torch.device | str = 'cpu') 
                 if k not in _TRAINING_ONLY and config['model'].get(k) != teacher_config['model'].get(k)]
     problems += [f'dataset.{k}' for k in ('type', 'num_classes', 'location')
                  if config['dataset'].get(k) != teacher_config['dataset'].get(k)]
-    if teacher_config['align']['objective'] not in TEACHER_OBJECTIVES:
+    if registry.of(teacher_config).sampling != 'cfg':   # a frozen teacher: a model that samples with CFG
         problems.append(f'align.objective ({teacher_config["align"]["objective"]!r}; a teacher samples with CFG: '
                         'a standard or aligned model)')
     if problems:
@@ -51,11 +50,11 @@ def make_objective_teacher(config: Mapping[str, Any], ema: Any, device: torch.de
     of the model being trained (ema: the run's engine.EMA; a view that follows every update), or None (mg
     "online": the current weights under no_grad). wrap turns a network into what the objective calls (Stable
     Diffusion: its DDPM denoiser)."""
-    align = config['align']
+    align, kind = config['align'], registry.of(config).teacher
     teacher = None
-    if align['objective'] == 'distill':
+    if kind == 'frozen':
         teacher = make_teacher(config, device)
-    elif align['objective'] == 'mg' and align['teacher'] == 'ema':
+    elif kind == 'ema' and align['teacher'] == 'ema':
         if ema is None:
             fail('align.teacher', 'ema', "'online' when the config has no ema_sched (the EMA teacher needs the EMA "
                  'model)')

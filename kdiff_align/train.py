@@ -9,10 +9,8 @@ Outputs go to <out-dir>/<name>/: config.json, args.json, metrics.csv, demo/, che
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
-import json
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -25,32 +23,38 @@ from torch import nn
 
 from . import checkpoint as ckpt_lib
 from . import data as data_lib
-from . import engine
-from .checkpoint import CheckpointError
-from .config import ConfigError, align_section, load_config, make_denoiser_wrapper, make_model
-from .teachers import make_objective_teacher
-from .data import DataError
-from .engine import TrainingError  # noqa: F401 (re-exported: one error type for every training path)
+from . import engine, train_cli
+from .config import ConfigError, align_section, make_denoiser_wrapper, make_model
+from .engine import option
+from .errors import CheckpointError, DataError, TrainingError  # noqa: F401 (re-exported: one error type each)
 from .grid import w_title
 from .sample import data_shape, grid_image, sample, sample_grid
-from .sd.config import is_sd_config
-from .shipped import find_config
+from .teachers import make_objective_teacher
 
 
 @dataclasses.dataclass
-class TrainOptions(engine.RunOptions):
+class TrainOptions(train_cli.TrainerOptions):
     """The training run's options: upstream train.py's flags plus the aligned objective's overrides."""
 
-    demo_every: int = 500               # demo grid every this many steps (0: only at the end)
-    sample_n: int = 64                  # images in a demo grid
-    evaluate_every: int = 0             # FID/KID every this many steps (0: off; needs Inception weights)
-    evaluate_n: int = 2000              # samples and reference images for FID/KID
-    num_workers: int | None = None      # data loader workers (None: 0 for in-memory data, else up to 8)
-    compile: bool = False               # torch.compile the model
-    wandb_project: str | None = None    # enables wandb
-    wandb_entity: str | None = None
-    wandb_group: str | None = None
+    demo_every: int = option(500, 'save a demo grid every this many steps (0: only at the end)', lo=0)
+    sample_n: int = option(64, 'the number of images to sample for demo grids', lo=0)
+    evaluate_every: int = option(0, 'compute FID/KID every this many steps (0: off; needs the Inception weights)',
+                                 lo=0)
+    evaluate_n: int = option(2000, 'the number of samples to draw to evaluate', lo=0)
+    num_workers: int | None = option(None, 'the number of data loader workers (None: 0 for digits/toy, else up to 8)',
+                                     lo=0)
+    compile: bool = option(False, 'compile the model')
+    wandb_project: str | None = option(None, 'the wandb project name (specify this to enable wandb)')
+    wandb_entity: str | None = option(None, 'the wandb entity name')
+    wandb_group: str | None = option(None, 'the wandb group name')
     config_path: str | None = None      # for the custom dataset hook (location is relative to the config)
+
+
+# The one training CLI (kdiff_align.train_cli) runs this trainer for k-diffusion configs.
+OPTIONS = TrainOptions
+LABEL = 'k-diffusion training'
+NOT_HERE = ''
+STOP_MESSAGE = 'finishing this step and saving a checkpoint'
 
 
 @dataclasses.dataclass
@@ -133,29 +137,27 @@ class WandbLog:
         self.wandb.log(logged, step=step)
 
 
-def train(config: Mapping[str, Any] | None, options: TrainOptions | None = None, *,
+def train(config: str | Path | Mapping[str, Any] | None, options: TrainOptions | None = None, *,
           should_stop: Callable[[], bool] | None = None) -> TrainResult:
-    """Trains (or resumes) a run; config None takes the resumed checkpoint's. Returns where the outputs are. A run
-    that fails before it writes anything leaves no run folder behind."""
+    """Trains (or resumes) a run; config (a path, shipped name or dict) None takes the resumed checkpoint's.
+    Returns where the outputs are. A run that fails before it writes anything leaves no run folder behind."""
     options = copy.deepcopy(options or TrainOptions())
-    engine.check_options(options)
     with engine.removed_if_empty_on_error(Path(options.out_dir) / options.name):
         return _train(config, options, should_stop)
 
 
-def _train(config: Mapping[str, Any] | None, options: TrainOptions, should_stop: Callable[[], bool] | None
-           ) -> TrainResult:
+def _train(config: str | Path | Mapping[str, Any] | None, options: TrainOptions,
+           should_stop: Callable[[], bool] | None) -> TrainResult:
     import k_diffusion as K
 
-    run_dir = engine.make_run_dir(options.out_dir, options.name)
-    ckpt = engine.find_checkpoint(options.resume, run_dir)
-    config = engine.resolve_config(config, ckpt, options)
-    dataset_config = config['dataset']
-    accelerator = engine.make_accelerator(options.mixed_precision,
-                                          find_unused_parameters=config['model'].get('skip_stages', 0) > 0)
-    options.seed = engine.shared_seed(options.seed, accelerator)
-    device, rank, world, is_main = (accelerator.device, accelerator.process_index, accelerator.num_processes,
-                                    accelerator.is_main_process)
+
+    begin = engine.start(config, options, resolve=partial(train_cli.resolve, options=options),
+                         accelerator_options=lambda config: {
+                             'mixed_precision': options.mixed_precision,
+                             'find_unused_parameters': config['model'].get('skip_stages', 0) > 0})
+    run_dir, ckpt, config, accelerator = begin.run_dir, begin.ckpt, begin.config, begin.accelerator
+    align, dataset_config = align_section(config), config['dataset']
+    device, rank, world, is_main = begin.device, begin.rank, begin.world, begin.is_main
 
     # Data (checked before any work starts).
     dataset = data_lib.make_dataset(config, 'train', Path(options.config_path).parent if options.config_path else None)
@@ -186,8 +188,8 @@ def _train(config: Mapping[str, Any] | None, options: TrainOptions, should_stop:
                      device=device)
     batches = data_lib.batches(dataset, options.batch_size, options.seed, run.batches_seen, num_workers=num_workers,
                                rank=rank, world_size=world, seeded_items=data_lib.needs_item_rng(config))
-    engine.print_run_header(accelerator, run_dir, config, parameters=n_params, seed=options.seed, ckpt=ckpt,
-                            step=run.step, items=f'{len(dataset):,} training items', what='demos at')
+    train_cli.print_run_header(accelerator, run_dir, align, parameters=n_params, seed=options.seed, ckpt=ckpt,
+                               step=run.step, items=f'{len(dataset):,} training items', what='demos at')
 
     # Hooks: demo grids, the export, FID/KID, wandb (all with the EMA weights swapped in by the engine).
     ema_denoiser = objective(run.unwrapped)
@@ -257,81 +259,17 @@ class Evaluator:
                 f.write(f'{step},{fid},{kid},{self.n},{w}\n')
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """The CLI: upstream train.py's flags plus the objective's."""
-    d = TrainOptions()
-    p = engine.make_parser('python -m kdiff_align.train', __doc__,
-                           'the configuration file (upstream format + "align"); optional with --resume', d)
-    nonnegative_int = engine.nonnegative_int
-    p.add_argument('--demo-every', type=nonnegative_int, default=d.demo_every,
-                   help='save a demo grid every this many steps (0: only at the end)')
-    p.add_argument('--sample-n', type=nonnegative_int, default=d.sample_n,
-                   help='the number of images to sample for demo grids')
-    p.add_argument('--evaluate-every', type=nonnegative_int, default=d.evaluate_every,
-                   help='compute FID/KID every this many steps (0: off; needs the Inception weights)')
-    p.add_argument('--evaluate-n', type=nonnegative_int, default=d.evaluate_n,
-                   help='the number of samples to draw to evaluate')
-    p.add_argument('--num-workers', type=nonnegative_int,
-                   help='the number of data loader workers (default: 0 for digits/toy, else up to 8)')
-    p.add_argument('--compile', action='store_true', help='compile the model')
-    p.add_argument('--wandb-project', help='the wandb project name (specify this to enable wandb)')
-    p.add_argument('--wandb-entity', help='the wandb entity name')
-    p.add_argument('--wandb-group', help='the wandb group name')
-    return p.parse_args(argv)
-
-
-def options_from_args(args: argparse.Namespace) -> TrainOptions:
-    """TrainOptions from parsed CLI arguments."""
-    fields = {f.name for f in dataclasses.fields(TrainOptions)}
-    values = {k: v for k, v in vars(args).items() if k in fields}
-    return TrainOptions(**values, progress=not args.no_progress, config_path=args.config)
-
-
-def _is_sd_run(argv: Sequence[str]) -> bool:
-    """Whether --config (or the run folder given to --resume) is a Stable Diffusion fine-tuning config."""
-    probe = argparse.ArgumentParser(add_help=False)
-    probe.add_argument('--config')
-    probe.add_argument('--resume')
-    known, _ = probe.parse_known_args(argv)
-    candidates = [find_config(known.config) or Path(known.config)] if known.config else []
-    if known.resume:
-        candidates.append(Path(known.resume) / 'config.json')
-    for path in candidates:
-        try:
-            return is_sd_config(json.loads(path.read_text()))
-        except (OSError, ValueError):
-            continue  # load_config / the checkpoint loader report unreadable files with their own errors
-    return False
+def describe(result: TrainResult, options: TrainOptions) -> str:
+    """The CLI's closing line."""
+    return (f'Done: step {result.step}, {engine.loss_text(result.loss, result.step, options.end_step)}, '
+            f'{result.seconds:.0f} s. Checkpoint: {result.checkpoint}; export: {result.export}; demo grid: '
+            f'{result.demo}; metrics: {result.metrics}')
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The CLI entry point; returns the exit status (2 for bad input, 1 for a failed run, 128 + the signal's number
-    (130 for ^C) when SIGINT / SIGTERM stopped it after saving)."""
-    from .env import cli_defaults
-    cli_defaults()  # before k-diffusion is imported
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if _is_sd_run(argv):
-        from .sd.train import main as sd_main
-        return sd_main(argv)
-    args = parse_args(argv)
-    try:
-        with engine.StopRequest() as stop:
-            config = load_config(args.config) if args.config else None
-            result = train(config, options_from_args(args), should_stop=stop)
-    except (ConfigError, DataError, CheckpointError) as err:
-        print(f'error: {err}', file=sys.stderr)
-        return 2
-    except TrainingError as err:
-        print(f'error: {err}', file=sys.stderr)
-        return 1
-    finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()  # gloo's threads can abort the process at exit otherwise
-    if result.is_main:
-        print(f'Done: step {result.step}, {engine.loss_text(result.loss, result.step, args.end_step)}, '
-              f'{result.seconds:.0f} s. Checkpoint: {result.checkpoint}; export: {result.export}; demo grid: '
-              f'{result.demo}; metrics: {result.metrics}')
-    return stop.exit_status if result.interrupted else 0
+    """python -m kdiff_align.train: the one training CLI (kdiff_align.train_cli.main; a Stable Diffusion config
+    runs kdiff_align.sd.train)."""
+    return train_cli.main(argv, 'python -m kdiff_align.train')
 
 
 if __name__ == '__main__':

@@ -52,6 +52,8 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from . import registry
+
 ALPHA = 0.05            # every interval is a two-sided 1 - ALPHA = 95% interval
 REPRO_MARGIN = 0.5      # "reproduces": X's distance to CFG exceeds the distance between two CFG seeds by < 50%
 FEW_STEPS = (4, 8)
@@ -322,7 +324,8 @@ def targets(grid: Mapping[str, Any], bench: str, variant: str) -> list[float]:
     """The guided targets w at which a variant is compared: the bench's compare_ws, plus mg's one-pass w for mg."""
     info = grid['benches'][bench]
     ws = list(info['compare_ws'])
-    if variant == 'mg' and info.get('mg_w') is not None:
+    trained_w = variant in registry.names() and registry.get(variant).sampling == 'trained-w'
+    if trained_w and info.get('mg_w') is not None:   # a one-pass model of its trained guidance (mg)
         ws.append(info['mg_w'])
     return ws
 
@@ -424,8 +427,10 @@ def matched_comparisons(rows, bench, metric, w_train, *, steps_grid, samplers, w
 # ---------------------------------------------------------------------------------------------------------------
 # The verdicts of a run.
 
-OBJECTIVES = ('aligned', 'gft', 'mg', 'distill')
-ONE_PASS = ('gft', 'mg', 'distill')
+# The benchmark's objective variants are named after their objectives (registry).
+OBJECTIVES = registry.names()
+SEED_VARIANT = 'aligned'   # the variant whose paper's claims (C1, C2) are checked
+ONE_PASS = tuple(n for n in OBJECTIVES if registry.get(n).one_pass)
 NEEDS = (   # (key, what a user asks, reference)
     ('equal_steps', 'best samples at equal sampling steps', 'baseline'),
     ('equal_nfe', 'best samples at equal sampling cost (NFE, counted)', 'baseline'),
@@ -459,7 +464,7 @@ def claims_families(rows: Rows, grid: Mapping[str, Any]) -> list[tuple[str, str,
     for bench, info in grid['benches'].items():
         metric = info['claims_metric']
         present = {r['variant'] for r in rows if r['bench'] == bench}
-        if 'aligned' not in present:
+        if SEED_VARIANT not in present:
             continue
         for ref in ('baseline', 'baseline_equal_flops'):
             if ref not in present:

@@ -70,4 +70,4 @@ def test_cifar_aligned_trains_on_torchvision_layout(tmp_path):
 def test_every_shipped_config_loads_from_the_one_entry_point(path):
     config = load_config(path)   # Stable Diffusion configs included
     assert load_config(config) == config
-    assert make_denoiser_wrapper(config, uncond={}).keywords['guidance_scale'] == config['align']['w_train']
+    assert make_denoiser_wrapper(config, uncond={}).keywords['w_train'] == config['align']['w_train']

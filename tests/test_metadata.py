@@ -27,7 +27,7 @@ def test_aligned_config_round_trips_through_a_safetensors_file(tmp_path):
     save_file({'w': torch.zeros(2)}, path, metadata={**strings, 'other': 'kept'})
     meta = read_metadata(path)
     assert meta == guidance_metadata(config)
-    assert meta['objective'] == 'aligned-cfg'
+    assert meta['objective'] == 'aligned'
     assert meta['w_train'] == 2.0 and meta['w_sample'] == 1.5
     assert meta['cfg_scale'] == w_to_cfg_scale(1.5) == 2.5
     assert meta['sigma_interval'] == [0.3, 5.0]
@@ -38,10 +38,11 @@ def test_aligned_config_round_trips_through_a_safetensors_file(tmp_path):
 
 def test_defaults_standard_objective_and_distributions():
     meta = guidance_metadata(load_config(tiny_config()))
-    assert meta['objective'] == 'aligned-cfg' and meta['w_sample'] == meta['w_train'] == 2.0
-    assert meta['sigma_interval'] is None
-    assert guidance_metadata(load_config(tiny_config(mix=0.0)))['objective'] == 'standard-cfg'
-    assert guidance_metadata(load_config(tiny_config(w_train=0.0)))['objective'] == 'standard-cfg'
+    assert meta['objective'] == 'aligned' and meta['w_sample'] == meta['w_train'] == 2.0
+    assert meta['sigma_interval'] is None and meta['w_range'] == [2.0, 2.0]
+    for standard in (tiny_config(mix=0.0), tiny_config(w_train=0.0)):   # standard CFG: aligned, trained for w = 0
+        meta = guidance_metadata(load_config(standard))
+        assert meta['objective'] == 'aligned' and meta['w_range'] == [0.0, 0.0] and meta['passes'] == 2
     dist = {'type': 'uniform', 'min_value': 1.0, 'max_value': 3.0}
     meta = parse_metadata(export_metadata(load_config(tiny_config(w_train=dist))))
     assert meta['w_train'] == dist and meta['w_sample'] == 2.0  # the distribution's mean
@@ -102,8 +103,8 @@ def test_sigma_convention_is_carried_and_defaults_for_older_exports():
 MG_W = 0.45 / (1 - 0.45)   # the effective w of the MG paper's w_train 0.45
 # config -> (objective, passes, cfg_scale, w_input, w_range, w_sample)
 OBJECTIVE_CASES = {
-    'digits_aligned': ('aligned-cfg', 2, 3.0, None, [2.0, 2.0], 2.0),
-    'digits_baseline': ('standard-cfg', 2, 3.0, None, [0.0, 0.0], 2.0),
+    'digits_aligned': ('aligned', 2, 3.0, None, [2.0, 2.0], 2.0),
+    'digits_baseline': ('aligned', 2, 3.0, None, [0.0, 0.0], 2.0),
     'toy_gft': ('gft', 1, 1.0, 'guidance_cond', [0.0, 4.0], 2.0),
     'toy_mg': ('mg', 1, 1.0, None, [MG_W, MG_W], MG_W),
     'toy_distill': ('distill', 1, 1.0, 'guidance_cond', [0.0, 4.0], 2.0),
@@ -128,7 +129,7 @@ def test_each_objective_round_trips_with_passes_w_range_and_host_cfg(tmp_path, n
     meta = read_metadata(path)
     assert meta == guidance_metadata(config)
     objective, passes, cfg_scale, w_input, w_range, w_sample = OBJECTIVE_CASES[name]
-    assert meta['format_version'] == FORMAT_VERSION == 2
+    assert meta['format_version'] == FORMAT_VERSION == 3
     assert (meta['objective'], meta['passes'], meta['w_input']) == (objective, passes, w_input)
     assert meta['cfg_scale'] == pytest.approx(cfg_scale)
     assert meta['w_range'] == pytest.approx(w_range) and meta['w_sample'] == pytest.approx(w_sample)
@@ -169,15 +170,17 @@ V1_CONVENTION = "w_train and w_sample are the paper's guidance weight w (Ho & Sa
 @pytest.mark.parametrize('objective, w_train, w_range', [
     ('aligned-cfg', '2.0', [2.0, 2.0]),
     ('aligned-cfg', '{"type": "uniform", "min_value": 1.0, "max_value": 3.0}', [1.0, 3.0]),
-    ('standard-cfg', '0.0', [0.0, 0.0])])
+    ('standard-cfg', '0.0', [0.0, 0.0]),
+    ('standard-cfg', '2.0', [0.0, 0.0])])   # mix 0: trained without guidance whatever its w_train
 def test_version_1_exports_read_as_two_pass_models_not_told_w(tmp_path, objective, w_train, w_range):
+    """Exports before format 3 named the objective 'aligned-cfg' / 'standard-cfg': they read as 'aligned'."""
     header = {'kdiff_align.format_version': '1', 'kdiff_align.objective': json_str(objective),
               'kdiff_align.w_train': w_train, 'kdiff_align.w_sample': '1.5', 'kdiff_align.cfg_scale': '2.5',
               'kdiff_align.sigma_interval': '[0.3, 5.0]', 'kdiff_align.convention': V1_CONVENTION}
     path = tmp_path / 'old.safetensors'
     save_file({'w': torch.zeros(1)}, path, metadata=header)
     meta = read_metadata(path)
-    assert meta['format_version'] == 1 and meta['objective'] == objective
+    assert meta['format_version'] == 1 and meta['objective'] == 'aligned'
     assert meta['passes'] == 2 and meta['w_input'] is None and meta['w_range'] == w_range
     assert meta['cfg_scale'] == 2.5 and meta['sigma_interval'] == [0.3, 5.0]
     assert meta['sigma_convention'] == 'k-diffusion' and meta['convention'] == V1_CONVENTION
@@ -199,8 +202,8 @@ def test_inconsistent_one_pass_metadata_says_which_key():
         parse_metadata({**gft, 'kdiff_align.w_range': '[4, 0]'})
     with pytest.raises(MetadataError, match='outside the trained w_range'):
         parse_metadata({**gft, 'kdiff_align.w_sample': '7'})
-    with pytest.raises(MetadataError, match='format_version is 3: written by a newer kdiff-align'):
-        parse_metadata({**gft, 'kdiff_align.format_version': '3'})
+    with pytest.raises(MetadataError, match='format_version is 4: written by a newer kdiff-align'):
+        parse_metadata({**gft, 'kdiff_align.format_version': '4'})
     # A one-pass model's host CFG scale is 1 whatever the file says: the host adds no guidance on top.
     assert parse_metadata({**gft, 'kdiff_align.cfg_scale': '3.0'})['cfg_scale'] == 1.0
 

@@ -31,7 +31,7 @@ def test_export_carries_config_and_align_metadata_and_matches_the_ema_weights(ru
     with safe_open(str(run.export), 'pt') as f:
         meta = f.metadata()
     info = read_metadata(run.export)  # what host integrations read
-    assert info['objective'] == 'aligned-cfg' and info['w_train'] == 1.5 and info['w_sample'] == 1.5
+    assert info['objective'] == 'aligned' and info['w_train'] == 1.5 and info['w_sample'] == 1.5
     assert info['cfg_scale'] == 2.5 and info['sigma_interval'] is None and meta['step'] == '2'
     config, state = load_for_inference(run.export)
     _, ckpt_state = load_for_inference(run.run_dir)  # the run folder's latest checkpoint, EMA weights

@@ -49,8 +49,8 @@ def test_shipped_configs_are_twins():
 
     aligned, baseline = (load_config(ROOT / 'configs' / f'sd_{n}.json') for n in ('aligned', 'baseline'))
     assert is_sd_config(aligned) and is_sd_config(baseline)
-    assert guidance_metadata(aligned)['objective'] == 'aligned-cfg'
-    assert guidance_metadata(baseline)['objective'] == 'standard-cfg'
+    assert guidance_metadata(aligned)['objective'] == 'aligned' and guidance_metadata(aligned)['w_range'] != [0.0, 0.0]
+    assert guidance_metadata(baseline)['objective'] == 'aligned' and guidance_metadata(baseline)['w_range'] == [0.0, 0.0]
     assert {k: v for k, v in aligned.items() if k != 'align'} == {k: v for k, v in baseline.items() if k != 'align'}
 
 
@@ -207,7 +207,7 @@ def test_lora_run_outputs(lora_run):
     assert rows[0].startswith('step,epoch,loss') and len(rows) == 5
     assert json.loads((run / 'config.json').read_text())['model']['prediction'] == 'epsilon'
     meta = read_metadata(lora_run.lora)
-    assert meta['objective'] == 'aligned-cfg' and meta['w_train'] == 1.0 and meta['cfg_scale'] == 1 + meta['w_sample']
+    assert meta['objective'] == 'aligned' and meta['w_train'] == 1.0 and meta['cfg_scale'] == 1 + meta['w_sample']
 
 
 def test_lora_reloads_in_diffusers(tiny, lora_run):
@@ -275,7 +275,7 @@ def test_second_run_skips_vae_and_text_encoder(tiny, lora_run, monkeypatch):
 
 
 def test_sd_trainer_prints_the_run_header_and_no_loss_none(tiny, lora_run, capsys):
-    """The SD trainer's header is the main trainer's (engine.print_run_header); resuming a finished run says so."""
+    """The SD trainer's header is the main trainer's (train_cli.print_run_header); resuming a finished run says so."""
     from kdiff_align.sd.train import main
 
     config = json.loads((lora_run.run_dir / 'config.json').read_text())
@@ -392,13 +392,23 @@ def test_full_finetune_v_prediction(tiny, tmp_path):
                         '--out', str(out), '--device', 'cpu']) == 0 and out.is_file()
 
 
-def test_train_cli_flags_forwardable(capsys):
-    from kdiff_align.sd.train import SDTrainOptions, options_from_args, parse_args
+def test_one_parser_for_both_trainers(capsys):
+    """One parser holds both trainers' flags; omitted flags take the chosen trainer's defaults, and flags it lacks
+    are reported, not refused."""
+    from kdiff_align import train as ktrain
+    from kdiff_align import train_cli
+    from kdiff_align.sd import train as sdtrain
 
-    args = parse_args(['--config', 'c.json', '--demo-every', '5', '--compile', '--batch-size', '3', '--end-step', '7'])
-    assert 'warning: --demo-every, --compile do not apply' in capsys.readouterr().err
-    options = options_from_args(args)
-    assert (options.batch_size, options.end_step, options.grad_clip) == (3, 7, SDTrainOptions().grad_clip)
+    argv = ['--config', 'c.json', '--demo-every', '5', '--compile', '--batch-size', '3', '--end-step', '7']
+    args = train_cli.make_parser().parse_args(argv)
+    options = train_cli.options_from_args(args, sdtrain)
+    assert 'warning: --demo-every, --compile do not apply to Stable Diffusion fine-tuning' in capsys.readouterr().err
+    assert (options.batch_size, options.end_step, options.grad_clip) == (3, 7, sdtrain.SDTrainOptions().grad_clip)
+    options = train_cli.options_from_args(train_cli.make_parser().parse_args(argv[:2]), ktrain)
+    assert options == ktrain.TrainOptions(config_path='c.json') and not capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_cli.make_parser().parse_args(['--cache-batch-size', '0'])
+    assert '--cache-batch-size: must be an integer >= 1, got 0' in capsys.readouterr().err
 
 
 # Checkpoints: the engine's exact resume, and nothing but tensors is unpickled.

@@ -44,22 +44,22 @@ def test_shipped_sd_mg_config_is_the_aligned_config_with_mg():
 
 def test_mg_lora_trains_against_its_ema_and_samples_in_one_unet_call_per_step(tiny, tmp_path):
     from kdiff_align.checkpoint import load_for_inference
-    from kdiff_align.objective import TeacherTargetDenoiser
+    from kdiff_align.objective import GuidanceObjective   # the family's one loss body
     from kdiff_align.sd.model import load_components
     from kdiff_align.sd.sample import generate, load_lora, main as sample_main
 
     config = sd_tiny.sd_config(tiny['pipe'], tiny['data'], objective='mg', w_train=0.5, warmup_steps=1)
     config['ema_sched'] = EMA
-    active, original = [], TeacherTargetDenoiser.loss
+    active, original = [], GuidanceObjective.loss
 
     def spy(self, *args, **kwargs):
         active.append((self.kind, self.active, self.teacher is not self.inner_model))
         return original(self, *args, **kwargs)
-    TeacherTargetDenoiser.loss = spy
+    GuidanceObjective.loss = spy
     try:
         result = run(config, tiny['root'], 'mg')
     finally:
-        TeacherTargetDenoiser.loss = original
+        GuidanceObjective.loss = original
     assert active == [('mg', False, True), ('mg', True, True), ('mg', True, True)]   # warm-up, then the EMA teacher
     assert result.lora.is_file() and all(map(torch.isfinite, torch.tensor(result.losses)))
 
@@ -104,12 +104,12 @@ def test_gft_full_finetune_is_told_w_through_time_cond_proj_dim_and_loads_in_dif
 def test_distill_full_finetune_learns_from_the_frozen_base_unet(tiny, tmp_path):
     from diffusers import UNet2DConditionModel
 
-    from kdiff_align.objective import TeacherTargetDenoiser
+    from kdiff_align.objective import GuidanceObjective   # the family's one loss body
 
     config = sd_tiny.sd_config(tiny['pipe'], tiny['data'], lora=False, objective='distill', teacher='base',
                                w_train={'type': 'uniform', 'min_value': 0.0, 'max_value': 4.0})
     config['model']['gradient_checkpointing'] = False
-    seen, original = [], TeacherTargetDenoiser.loss
+    seen, original = [], GuidanceObjective.loss
 
     def spy(self, *args, **kwargs):
         teacher_unet = self.teacher.inner_model.unet
@@ -117,11 +117,11 @@ def test_distill_full_finetune_learns_from_the_frozen_base_unet(tiny, tmp_path):
         seen.append((teacher_unet is not student_unet, teacher_unet.config.time_cond_proj_dim,
                      any(p.requires_grad for p in teacher_unet.parameters())))
         return original(self, *args, **kwargs)
-    TeacherTargetDenoiser.loss = spy
+    GuidanceObjective.loss = spy
     try:
         result = run(config, tmp_path, 'distill', steps=2)
     finally:
-        TeacherTargetDenoiser.loss = original
+        GuidanceObjective.loss = original
     assert seen == [(True, None, False)] * 2   # a separate, frozen base UNet without the embedding
     tuned = UNet2DConditionModel.from_pretrained(str(result.unet_dir), local_files_only=True)
     assert tuned.config.time_cond_proj_dim == 256

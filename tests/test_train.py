@@ -190,3 +190,33 @@ def test_wandb_logging_runs_offline(tmp_path):
     assert os.environ.get('WANDB_MODE') == 'disabled'  # conftest: nothing leaves the machine
     result = train(tiny_digits(), opts(tmp_path, end_step=2, demo_every=1, wandb_project='kdiff-align-test'))
     assert result.step == 2 and result.demo.is_file()
+
+
+def _below_range(f):
+    lo = f.metadata['lo']
+    return lo if f.metadata['strict'] else lo - 1
+
+
+def test_each_option_range_is_stated_once_and_checked_by_flag_and_library(capsys):
+    """Every ranged option of both trainers: the library check (engine.check_options) and the CLI flag refuse the
+    same value, naming the same flag."""
+    import dataclasses
+
+    from kdiff_align import engine, train_cli
+    from kdiff_align.config import ConfigError
+    from kdiff_align.sd.train import SDTrainOptions
+
+    parser = train_cli.make_parser()
+    checked = set()
+    for cls in (TrainOptions, SDTrainOptions):
+        for flag, f in engine.option_flags(cls).items():
+            if f.metadata['lo'] is None:
+                continue
+            bad = _below_range(f)
+            with pytest.raises(ConfigError, match=f'^{flag}: got {bad!r}; allowed: an? '):
+                engine.check_options(cls(**{f.name: bad}))
+            with pytest.raises(SystemExit):
+                parser.parse_args([flag, str(bad)])
+            assert f'argument {flag}: must be' in capsys.readouterr().err
+            checked.add(flag)
+    assert {'--batch-size', '--lr', '--w-train', '--num-workers', '--cache-batch-size'} <= checked

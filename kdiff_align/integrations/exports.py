@@ -1,6 +1,6 @@
 """What a host does with an export's objective (kdiff_align.metadata): the one-pass rules every integration shares.
 
-- Two-pass models (aligned-cfg, standard-cfg, and CFG on top of an mg model): the host's CFG at the export's
+- Two-pass models (aligned, i.e. also standard CFG, and CFG on top of an mg model): the host's CFG at the export's
   cfg_scale, with its guidance interval.
 - One-pass models not told w (mg at its trained w): cfg 1 and no unconditional pass; the guidance is in the
   network, and the host must add none.

@@ -14,8 +14,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .. import objective
-from ..schema import ConfigError, choice, fail, number, read_config, resolve_align, validate_align
+from .. import objective, registry
+from ..errors import ConfigError, choice, fail, number
+from ..schema import is_sd_config, read_config, resolve_align, validate_align  # noqa: F401 (is_sd_config re-exported)
 
 SECTIONS = ('model', 'dataset', 'optimizer', 'lr_sched', 'ema_sched', 'align')
 PREDICTIONS = ('epsilon', 'v_prediction')
@@ -66,12 +67,6 @@ def _merge(section: str, defaults: Mapping[str, Any], value: Any) -> dict[str, A
         raise ConfigError(f'config key {section + "." + unknown[0]!r} is unknown; allowed keys in {section!r}: '
                           + ', '.join(defaults))
     return {**copy.deepcopy(dict(defaults)), **copy.deepcopy(dict(value))}
-
-
-def is_sd_config(config: Mapping[str, Any]) -> bool:
-    """Whether a raw or loaded config is a Stable Diffusion fine-tuning config."""
-    model = config.get('model') if isinstance(config, Mapping) else None
-    return isinstance(model, Mapping) and model.get('type') == 'stable_diffusion'
 
 
 def load_config(path_or_dict: str | Path | Mapping[str, Any]) -> dict[str, Any]:
@@ -161,12 +156,13 @@ def _validate(config: Mapping[str, Any]) -> None:
         number('ema_sched.power', ema['power'], lo=0, lo_open=True)
         number('ema_sched.max_value', ema['max_value'], lo=0, hi=1)
     validate_align(config['align'])
-    kind = config['align']['objective']
-    if kind == 'distill' and config['align']['teacher'] != 'base':
+    spec = registry.of(config)
+    if spec.teacher == 'frozen' and config['align']['teacher'] != 'base':
         fail('align.teacher', config['align']['teacher'], '"base" for Stable Diffusion: the frozen UNet of '
              'model.pretrained, the standard CFG model its student learns to guide in one pass')
-    if kind in ('gft', 'distill') and lora is not None:
-        fail('align.objective', kind, "'aligned' or 'mg' with a LoRA: a w-conditioned UNet trains a new "
+    if spec.tells_w and lora is not None:
+        untold = ' or '.join(repr(n) for n in registry.names() if not registry.get(n).tells_w)
+        fail('align.objective', spec.name, f"{untold} with a LoRA: a w-conditioned UNet trains a new "
              'time_cond_proj_dim projection, which a LoRA export cannot carry; set model.lora to null (full '
              "fine-tune, exported in diffusers' layout)")
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from .. import registry
 from ..config import SAMPLERS, ConfigError, get_sampler
 from ..guidance import cfg_scale_to_w, check_w, guided_denoiser, w_to_cfg_scale
 
@@ -97,15 +98,13 @@ def objective_of(align: Mapping[str, Any], meta: Mapping[str, Any] | None
     from ..config import w_range
 
     if 'objective' in align:
-        kind = align['objective']
-        if kind == 'aligned':
-            return kind, None, align.get('w_sample')
+        spec = registry.of(align)
+        if not spec.one_pass:
+            return spec.name, None, align.get('w_sample')
         lo, hi = w_range({'align': align})
-        return kind, [lo, hi], hi if kind == 'mg' else align.get('w_sample')
-    meta = meta or {}
-    kind = meta.get('objective', 'aligned-cfg')
-    kind = 'aligned' if kind in ('aligned-cfg', 'standard-cfg') else kind
-    return kind, meta.get('w_range'), meta.get('w_sample')
+        return spec.name, [lo, hi], hi if spec.sampling == 'trained-w' else align.get('w_sample')
+    meta = meta or {}   # read_metadata gives the registered name (older exports' names included)
+    return registry.get(meta.get('objective', registry.names()[0])).name, meta.get('w_range'), meta.get('w_sample')
 
 
 def _export_of(run: Path) -> dict[str, str]:

@@ -122,10 +122,12 @@ def sd_config(pretrained: Path, data: Path, *, lora: bool = True, prediction: st
 def objective_config(objective: str, **align) -> dict:
     """A loaded Stable Diffusion config of align.objective (schema only, nothing loads): gft and distill are full
     fine-tunes, distill's teacher the frozen base UNet."""
+    from .. import registry
     from .config import load_config
 
-    defaults = {'teacher': 'base'} if objective == 'distill' else {}
-    lora = {'lora': None} if objective in ('gft', 'distill') else {}
+    spec = registry.get(objective)
+    defaults = {'teacher': 'base'} if spec.teacher == 'frozen' else {}
+    lora = {'lora': None} if spec.tells_w else {}
     return load_config({'model': {'type': 'stable_diffusion', 'pretrained': 'sd15', **lora},
                         'dataset': {'location': 'images'}, 'align': {'objective': objective, **defaults, **align}})
 

@@ -18,7 +18,6 @@ hosts' cfg scale s = 1 + w).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -30,23 +29,37 @@ from typing import Any
 
 import torch
 
-from .. import engine
-from ..checkpoint import CheckpointError, atomic_write
-from ..config import TELLS_W, ConfigError, load_config, make_denoiser_wrapper
+from .. import engine, registry, train_cli
+from ..checkpoint import atomic_write
+from ..config import ConfigError, align_section, make_denoiser_wrapper
+from ..engine import option
+from ..errors import CheckpointError, TrainingError  # noqa: F401 (re-exported)
 from ..teachers import make_objective_teacher
-from ..engine import TrainingError
+
+
+def _default(name: str, value: Any) -> Any:
+    """A RunOptions field with another default (its help and range kept)."""
+    f = engine.RunOptions.__dataclass_fields__[name]
+    return dataclasses.field(default=value, metadata=f.metadata)
 
 
 @dataclasses.dataclass
-class SDTrainOptions(engine.RunOptions):
+class SDTrainOptions(train_cli.TrainerOptions):
     """The run's options; the names match kdiff_align.train's CLI flags."""
 
-    name: str = 'sd'
-    batch_size: int = 4
-    grad_clip: float = 1.0
-    save_every: int = 1000
-    end_step: int | None = 1000
-    cache_batch_size: int = 8           # images per VAE call in the caching pass
+    name: str = _default('name', 'sd')
+    batch_size: int = _default('batch_size', 4)
+    grad_clip: float = _default('grad_clip', 1.0)
+    save_every: int = _default('save_every', 1000)
+    end_step: int | None = _default('end_step', 1000)
+    cache_batch_size: int = option(8, 'images per VAE call when caching', lo=1)
+
+
+# The one training CLI (kdiff_align.train_cli) runs this trainer for Stable Diffusion configs.
+OPTIONS = SDTrainOptions
+LABEL = 'Stable Diffusion fine-tuning'
+NOT_HERE = '; sample with python -m kdiff_align.sd.sample'
+STOP_MESSAGE = 'finishing this step, then saving a checkpoint and the export'
 
 
 @dataclasses.dataclass
@@ -66,6 +79,7 @@ class SDTrainResult:
     unet: Any = None
     seconds: float = 0.0
     interrupted: bool = False
+    is_main: bool = True        # False on the other processes of a distributed run
 
 
 DTYPES = {'no': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
@@ -167,9 +181,6 @@ def train(config: str | Path | Mapping[str, Any] | None, options: SDTrainOptions
     """Runs (or resumes) a fine-tuning run; every input is validated before a model is loaded. A run that fails
     before it writes anything leaves no run folder behind."""
     options = dataclasses.replace(options or SDTrainOptions())
-    engine.check_options(options)
-    if options.cache_batch_size < 1:
-        raise ConfigError(f'--cache-batch-size: got {options.cache_batch_size!r}; allowed: an integer >= 1')
     with engine.removed_if_empty_on_error(Path(options.out_dir) / options.name):
         return _train(config, options, should_stop)
 
@@ -180,15 +191,13 @@ def _train(config: str | Path | Mapping[str, Any] | None, options: SDTrainOption
     from .data import batch_indices, build_cache, cache_path, fingerprint
     from .model import add_guidance_embedding, load_components, make_denoiser, null_condition
 
-    run_dir = engine.make_run_dir(options.out_dir, options.name)
-    ckpt = engine.find_checkpoint(options.resume, run_dir)
-    config = engine.resolve_config(None if config is None else load_config(config), ckpt, options,
-                                   resolve=resolve_model)   # weights path, prediction type, resolution
+    begin = engine.start(config, options,
+                         resolve=lambda c: resolve_model(train_cli.resolve(c, options)),   # weights, prediction, size
+                         accelerator_options=lambda c: {'mixed_precision': c['model']['mixed_precision']})
+    run_dir, ckpt, config, accelerator = begin.run_dir, begin.ckpt, begin.config, begin.accelerator
     model_cfg = config['model']
     items = find_captioned_images(config['dataset']['location'], config['dataset']['caption_ext'])
-    accelerator = engine.make_accelerator(model_cfg['mixed_precision'])
-    options.seed = engine.shared_seed(options.seed, accelerator)
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    device, rank, world = begin.device, begin.rank, begin.world
     engine.seed_everything(options.seed, rank)
 
     # Components and the caching pass (VAE posterior + caption embeddings, once per dataset).
@@ -211,8 +220,9 @@ def _train(config: str | Path | Mapping[str, Any] | None, options: SDTrainOption
     # The trainable UNet: LoRA on a frozen base (stored in the mixed-precision dtype), or all weights.
     unet = components.unet
     # distill's teacher: the frozen pretrained UNet, copied before the student gets its guidance embedding.
-    base = copy.deepcopy(unet).requires_grad_(False).eval() if config['align']['objective'] == 'distill' else None
-    if config['align']['objective'] in TELLS_W and unet.config.get('time_cond_proj_dim') is None:
+    spec = registry.of(config)
+    base = copy.deepcopy(unet).requires_grad_(False).eval() if spec.teacher == 'frozen' else None
+    if spec.tells_w and unet.config.get('time_cond_proj_dim') is None:
         unet = add_guidance_embedding(unet)   # diffusers' time_cond_proj_dim, zero-initialised
     if model_cfg['lora'] is not None:
         add_lora(unet, model_cfg['lora'], DTYPES[model_cfg['mixed_precision']])
@@ -232,9 +242,9 @@ def _train(config: str | Path | Mapping[str, Any] | None, options: SDTrainOption
     loss = LatentLoss(objective(denoiser), cache, denoiser.sigmas, device)
     batches = batch_indices(len(cache), options.batch_size, seed=options.seed, start_step=run.batches_seen,
                             rank=rank, world_size=world)
-    engine.print_run_header(accelerator, run_dir, config, seed=options.seed, ckpt=ckpt, step=run.step,
-                            parameters=sum(p.numel() for p in unet.parameters() if p.requires_grad),
-                            items=f'{len(cache):,} captioned images', what='the export recommends')
+    train_cli.print_run_header(accelerator, run_dir, align_section(config), seed=options.seed, ckpt=ckpt,
+                               step=run.step, parameters=sum(p.numel() for p in unet.parameters() if p.requires_grad),
+                               items=f'{len(cache):,} captioned images', what='the export recommends')
     result = run.run(options, batches, loss, should_stop=should_stop,
                      export=partial(export_run, run.unwrapped, config, run_dir, options.name))
     lora, kohya = run_dir / f'{options.name}_lora.safetensors', run_dir / f'{options.name}_lora_kohya.safetensors'
@@ -244,75 +254,22 @@ def _train(config: str | Path | Mapping[str, Any] | None, options: SDTrainOption
                          lora_kohya=None if full or not kohya.exists() else kohya,
                          unet_dir=run_dir / 'unet' if full and (run_dir / 'unet').exists() else None,
                          cache=cache_file, cache_built=built, unet=run.unwrapped, seconds=result.seconds,
-                         interrupted=result.interrupted)
+                         interrupted=result.interrupted, is_main=result.is_main)
 
 
-UNUSED_TRAIN_FLAGS = ('--demo-every', '--sample-n', '--evaluate-every', '--evaluate-n', '--num-workers', '--compile',
-                      '--wandb-project', '--wandb-entity', '--wandb-group')
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """The CLI flags (the same names as python -m kdiff_align.train)."""
-    d = SDTrainOptions()
-    p = engine.make_parser('python -m kdiff_align.sd.train', __doc__,
-                           'a stable_diffusion config, e.g. configs/sd_aligned.json', d)
-    p.add_argument('--cache-batch-size', type=engine.positive_int, default=d.cache_batch_size,
-                   help='images per VAE call when caching')
-    # kdiff_align.train's flags that do not apply here: accepted (so its argv can be forwarded) and reported.
-    for flag in UNUSED_TRAIN_FLAGS:
-        p.add_argument(flag, nargs='?', const=True, default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    unused = [f for f in UNUSED_TRAIN_FLAGS if getattr(args, f[2:].replace('-', '_')) is not None]
-    if unused:
-        print(f'warning: {", ".join(unused)} do not apply to Stable Diffusion fine-tuning and are ignored; '
-              'sample with python -m kdiff_align.sd.sample', file=sys.stderr)
-    return args
-
-
-def options_from_args(args: argparse.Namespace | Mapping[str, Any]) -> SDTrainOptions:
-    """SDTrainOptions from this CLI's or kdiff_align.train's parsed arguments (unknown flags are ignored)."""
-    values = dict(vars(args) if isinstance(args, argparse.Namespace) else args)
-    fields = {f.name for f in dataclasses.fields(SDTrainOptions)}
-    kwargs = {k: v for k, v in values.items() if k in fields and v is not None}
-    if 'no_progress' in values:
-        kwargs['progress'] = not values['no_progress']
-    if 'end_step' in values:
-        kwargs['end_step'] = values['end_step']
-    return SDTrainOptions(**kwargs)
-
-
-def main(config_path_or_dict: str | Path | Mapping[str, Any] | None = None,
-         args: argparse.Namespace | Sequence[str] | None = None) -> int:
-    """The CLI entry point; returns 0, 2 for bad input, 1 for a failed run.
-
-    Called as main(argv_list) or main() it parses this module's flags (kdiff_align.train's argv can be
-    forwarded as is: its flags that do not apply are reported and ignored). main(config, namespace) takes
-    another parser's arguments, but then that parser's defaults (e.g. its batch size) win over this one's.
-    """
-    from ..env import cli_defaults
-    cli_defaults()  # before k-diffusion is imported
-    if isinstance(config_path_or_dict, (list, tuple)) and args is None:
-        config_path_or_dict, args = None, list(config_path_or_dict)
-    if args is None or isinstance(args, (list, tuple)):
-        args = parse_args(args)
-    if config_path_or_dict is None:
-        config_path_or_dict = getattr(args, 'config', None)
-    options = options_from_args(args)
-    try:
-        with engine.StopRequest('finishing this step, then saving a checkpoint and the export') as stop:
-            result = train(config_path_or_dict, options, should_stop=stop)
-    except (ConfigError, CheckpointError) as err:
-        print(f'error: {err}', file=sys.stderr)
-        return 2
-    except TrainingError as err:
-        print(f'error: {err}', file=sys.stderr)
-        return 1
+def describe(result: SDTrainResult, options: SDTrainOptions) -> str:
+    """The CLI's closing line."""
     exported = result.lora or result.unet_dir
-    print(f'Done: step {result.step}, {engine.loss_text(result.loss, result.step, options.end_step)}, '
-          f'{result.seconds:.0f} s. Export: {exported}'
-          + (f' (kohya format for ComfyUI/A1111: {result.lora_kohya})' if result.lora_kohya else '')
-          + f'; checkpoint: {result.checkpoint}; metrics: {result.run_dir / "metrics.csv"}')
-    return stop.exit_status if result.interrupted else 0
+    return (f'Done: step {result.step}, {engine.loss_text(result.loss, result.step, options.end_step)}, '
+            f'{result.seconds:.0f} s. Export: {exported}'
+            + (f' (kohya format for ComfyUI/A1111: {result.lora_kohya})' if result.lora_kohya else '')
+            + f'; checkpoint: {result.checkpoint}; metrics: {result.run_dir / "metrics.csv"}')
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """python -m kdiff_align.sd.train: the one training CLI (kdiff_align.train_cli.main), the same flags as
+    python -m kdiff_align.train; returns 0, 2 for bad input, 1 for a failed run."""
+    return train_cli.main(argv, 'python -m kdiff_align.sd.train')
 
 
 if __name__ == '__main__':
