@@ -98,7 +98,7 @@ def check_guide(main_config: str | Path | Mapping[str, Any], guide_config: str |
     model: another architecture family (model.type), data, input shape, class count, condition inputs or
     σ convention, or a one-pass objective (either model). Configs: paths or dicts, as load_config takes them."""
     from .config import MODEL_TYPES, ConfigError, load_config
-    from .objective import ONE_PASS
+    from . import registry
 
     main, guide = load_config(main_config), load_config(guide_config)
     for role, config in (('main', main), ('guide', guide)):
@@ -110,7 +110,7 @@ def check_guide(main_config: str | Path | Mapping[str, Any], guide_config: str |
                           f"{main['model']['type']!r}; a guide must be of the main model's architecture family "
                           '(a smaller config of it, fewer channels or depths, is allowed)')
     for role, config in (('main', main), ('guide', guide)):
-        if config['align']['objective'] in ONE_PASS:
+        if registry.of(config).one_pass:
             raise ConfigError(f"{role} config key 'align.objective': got {config['align']['objective']!r}; "
                               "autoguidance takes standard or aligned models ('aligned'): a gft or distill network "
                               "is told w and an mg model's one pass samples its trained guidance, so neither is "

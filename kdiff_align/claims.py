@@ -23,7 +23,6 @@ import argparse
 import copy
 import csv
 import json
-import math
 import platform
 import subprocess
 import sys

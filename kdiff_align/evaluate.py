@@ -27,7 +27,6 @@ import argparse
 import csv
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -388,10 +387,10 @@ DEFAULT_WS = (0., 0.5, 1., 2., 4., 8.)
 def default_ws(models: Iterable[tuple[Mapping[str, Any], nn.Module]]) -> list[float]:
     """DEFAULT_WS plus each one-pass model's trained w (mg: its one-pass w_mg), without the values outside a gft or
     distill model's trained w range (said on stderr)."""
-    from .config import ONE_PASS, w_range
+    from .config import w_range
 
     models = list(models)
-    ws = sorted({*DEFAULT_WS, *(trained_w(c) for c, _ in models if c['align']['objective'] in ONE_PASS)})
+    ws = sorted({*DEFAULT_WS, *(trained_w(c) for c, _ in models if registry.of(c).one_pass)})
     for config, _ in models:
         if registry.of(config).sampling == 'told-w':
             lo, hi = w_range(config)

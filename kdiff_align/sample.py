@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import ONE_PASS, SAMPLERS, ConfigError
+from . import registry
+from .config import SAMPLERS, ConfigError
 from .env import HelpFormatter
 from .grid import W_CAPTION
 from .plots import grid_image
@@ -49,21 +50,19 @@ def data_shape(config: Mapping[str, Any]) -> tuple[int, ...]:
 def trained_w(config: Mapping[str, Any]) -> float:
     """The w `--w trained` (and no --w for a one-pass model) selects: mg's trained w_mg, else align.w_sample."""
     from .config import align_section, w_range
-    from .guidance import trained_w as rule
 
-    align = align_section(config)
-    return rule(align['objective'], None if align['objective'] == 'aligned' else w_range(config), align['w_sample'])
+    return registry.of(config).trained_w(w_range(config), align_section(config)['w_sample'])
 
 
 def passes_per_step(config: Mapping[str, Any], w: float) -> int:
-    """Network evaluations per sampling step of the config's model at the paper's w (guidance.sampling_passes)."""
+    """Network evaluations per sampling step of the config's model at the paper's w (registry.Spec.passes; CFG at
+    w = 0 and an unconditional model run one)."""
     from .config import w_range
-    from .guidance import sampling_passes
 
-    kind = config['align']['objective']
-    if not config['dataset']['num_classes'] or (kind == 'aligned' and w == 0):
+    spec = registry.of(config)
+    if not config['dataset']['num_classes'] or (spec.sampling == 'cfg' and w == 0):
         return 1
-    return sampling_passes(kind, w, None if kind == 'aligned' else w_range(config))
+    return spec.passes(w, w_range(config))
 
 
 @torch.no_grad()
@@ -155,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                               + (f'classes 0..{num_classes - 1}' if num_classes else 'no classes (unconditional)'))
         if args.w is not None:
             ws = [trained_w(config) if w == 'trained' else w for w in args.w]
-        elif config['align']['objective'] in ONE_PASS:
+        elif registry.of(config).one_pass:
             ws = [trained_w(config)]
         else:
             ws = sorted({0.0, float(align_section(config)['w_sample'])})
