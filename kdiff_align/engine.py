@@ -144,7 +144,8 @@ def add_option_flags(parser: argparse.ArgumentParser, classes: Sequence[tuple[st
             shown = '; '.join(f'{label} {d}' for label, d in defaults) if len({repr(d) for _, d in defaults}) > 1 \
                 else str(defaults[0][1])
             where = f' (only {", ".join(label for label, _ in defaults)})' if len(defaults) < len(classes) else ''
-            help = f'{f.metadata["help"]} (default: {shown}){where}'.replace('%', '%%')
+            stated = 'default' in f.metadata['help'] or all(d is None or d is False for _, d in defaults)
+            help = (f.metadata['help'] + ('' if stated else f' (default: {shown})') + where).replace('%', '%%')
             meta = f.metadata
             if meta['flag'] == '--no-' + f.name.replace('_', '-'):   # a boolean that the flag switches off
                 parser.add_argument(flag, dest=f.name, action='store_false', default=argparse.SUPPRESS, help=help)
