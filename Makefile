@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export K_DIFFUSION_USE_COMPILE ?= 0
 
-.PHONY: venv demo test test-hosts bench clean
+.PHONY: venv demo test test-fast test-hosts bench clean
 
 venv: $(STAMP)
 
@@ -19,6 +19,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The fast tier for the edit-test loop (under a minute): the identities, loss equalities and error messages;
+# no training runs, subprocesses or benchmarks (markers `slow` and `e2e`, pyproject.toml). `make test` runs all.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not e2e"
 
 # The real-host tier (tests_hosts/, not collected by `make test`): ComfyUI and Forge from ../shared/hosts,
 # extracted into $(HOSTS_CACHE)/src, run in a separate venv that layers the hosts' requirements over .venv

@@ -22,8 +22,8 @@ import torch
 from k_diffusion import sampling as K_sampling
 from safetensors.torch import save_file
 
-import sd_tiny
-from conftest import tiny_config
+from kdiff_align.sd import tiny as sd_tiny
+from helpers import tiny_config
 from kdiff_align.config import load_config
 from kdiff_align.guidance import GuidedDenoiser
 from kdiff_align.metadata import export_metadata

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize_, tiny_config
+from helpers import randomize_, tiny_config
 
 from kdiff_align.autoguidance import AutoGuidedDenoiser, check_guide, load_guided
 from kdiff_align.checkpoint import save_export
@@ -19,7 +19,7 @@ STEPS = 8
 SIGMA = ("σ convention (sigma_data, sigma_min, sigma_max and loss_config, its preconditioning)")
 
 
-def toy(name: str = 'baseline', **changes) -> dict:
+def shipped_toy(name: str = 'baseline', **changes) -> dict:
     """configs/toy_<name>.json as a dict, with 'section.key' changes."""
     config = json.loads((CONFIGS / f'toy_{name}.json').read_text())
     for key, value in changes.items():
@@ -51,13 +51,13 @@ def denoiser(config: dict, seed: int) -> torch.nn.Module:
 
 @pytest.fixture
 def models():
-    return Recorder(denoiser(toy(), 0)), Recorder(denoiser(toy(**SMALL), 1))
+    return Recorder(denoiser(shipped_toy(), 0)), Recorder(denoiser(shipped_toy(**SMALL), 1))
 
 
 def run(sampler: str, model: torch.nn.Module, seed: int = 0, callback=None) -> torch.Tensor:
     import k_diffusion as K
 
-    config = load_config(toy())['model']
+    config = load_config(shipped_toy())['model']
     sigmas = K.sampling.get_sigmas_karras(STEPS, config['sigma_min'], config['sigma_max'], rho=7.)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(6, 2, generator=gen) * sigmas[0]
@@ -127,23 +127,23 @@ def test_rows_outside_the_interval_get_the_main_model_and_the_guide_gets_the_who
 
 
 @pytest.mark.parametrize('main, guide, message', [
-    (toy(), json.loads((CONFIGS / 'digits_baseline.json').read_text()),
+    (shipped_toy(), json.loads((CONFIGS / 'digits_baseline.json').read_text()),
      "config key 'model.type': guide 'image_v1', main 'toy_mlp'; a guide must be of the main model's architecture "
      'family (a smaller config of it, fewer channels or depths, is allowed)'),
-    (toy(), toy(**SMALL, **{'dataset.num_classes': 3}),
+    (shipped_toy(), shipped_toy(**SMALL, **{'dataset.num_classes': 3}),
      "config key 'dataset.num_classes': guide 3, main 4; a guide must match the main model's class count (both "
      'models see the same condition)'),
-    (toy(), toy(**{'model.sigma_data': 1.0}),
+    (shipped_toy(), shipped_toy(**{'model.sigma_data': 1.0}),
      f"config key 'model.sigma_data': guide 1.0, main 1.5; a guide must match the main model's {SIGMA}"),
-    (toy(), toy(**{'model.sigma_max': 160}),
+    (shipped_toy(), shipped_toy(**{'model.sigma_max': 160}),
      f"config key 'model.sigma_max': guide 160, main 80; a guide must match the main model's {SIGMA}"),
-    (toy(), toy(**{'dataset.radius': 3.0}),
+    (shipped_toy(), shipped_toy(**{'dataset.radius': 3.0}),
      "config key 'dataset.radius': guide 3.0, main 2.0; a guide must match the main model's data"),
-    (toy(), toy('gft'),
+    (shipped_toy(), shipped_toy('gft'),
      "guide config key 'align.objective': got 'gft'; autoguidance takes standard or aligned models ('aligned'): "
      "a gft or distill network is told w and an mg model's one pass samples its trained guidance, so neither is "
      'the plain conditional denoiser autoguidance extrapolates from'),
-    (toy('mg'), toy(),
+    (shipped_toy('mg'), shipped_toy(),
      "main config key 'align.objective': got 'mg'; autoguidance takes standard or aligned models ('aligned'): "
      "a gft or distill network is told w and an mg model's one pass samples its trained guidance, so neither is "
      'the plain conditional denoiser autoguidance extrapolates from'),
@@ -155,12 +155,13 @@ def test_a_guide_of_another_family_data_classes_sigma_or_objective_is_refused_in
 
 
 def test_a_smaller_config_of_the_same_family_and_task_is_a_valid_guide():
-    assert check_guide(toy(), toy(**SMALL, **{'dataset.seed': 1, 'model.loss_weighting': 'snr'})) is None
+    other = shipped_toy(**SMALL, **{'dataset.seed': 1, 'model.loss_weighting': 'snr'})
+    assert check_guide(shipped_toy(), other) is None
     digits = json.loads((CONFIGS / 'digits_baseline.json').read_text())
     smaller = copy.deepcopy(digits)
     smaller['model'].update(channels=[16, 32], depths=[1, 1], mapping_out=32)
     assert check_guide(CONFIGS / 'digits_baseline.json', smaller) is None
-    assert check_guide(toy(), toy('aligned')) is None
+    assert check_guide(shipped_toy(), shipped_toy('aligned')) is None
 
 
 def test_the_main_model_is_not_its_own_guide_and_w_is_checked(models):
@@ -177,16 +178,16 @@ def test_the_main_model_is_not_its_own_guide_and_w_is_checked(models):
 def test_load_guided_builds_it_from_two_exports_and_checks_the_guide(tmp_path, models):
     main, guide = models
     save_export(tmp_path / 'main.safetensors', main.inner_model.inner_model.state_dict(),
-                load_config(toy()))
+                load_config(shipped_toy()))
     save_export(tmp_path / 'guide.safetensors', guide.inner_model.inner_model.state_dict(),
-                load_config(toy(**SMALL)))
+                load_config(shipped_toy(**SMALL)))
     config, guided = load_guided(tmp_path / 'main.safetensors', tmp_path / 'guide.safetensors', 2.0)
     assert config['model']['width'] == 128 and isinstance(guided, AutoGuidedDenoiser)
     x, sigma, labels = torch.randn(4, 2), torch.full((4,), 2.0), torch.tensor([0, 1, 2, 3])
     with torch.no_grad():
         d_main, d_guide = main(x, sigma, class_cond=labels), guide(x, sigma, class_cond=labels)
         torch.testing.assert_close(guided(x, sigma, class_cond=labels), d_main + 2.0 * (d_main - d_guide))
-    other = load_config(toy(**{'dataset.num_classes': 3}))
+    other = load_config(shipped_toy(**{'dataset.num_classes': 3}))
     save_export(tmp_path / 'other.safetensors', denoiser(other, 2).inner_model.state_dict(), other)
     with pytest.raises(ConfigError, match=r"^config key 'dataset.num_classes': guide 3, main 4;"):
         load_guided(tmp_path / 'main.safetensors', tmp_path / 'other.safetensors', 2.0)

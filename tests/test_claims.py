@@ -5,8 +5,6 @@ committed docs/claims/results.json recomputed."""
 import csv
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +108,8 @@ def readme_block(text: str) -> str:
     return text.split(begin, 1)[1].split(end, 1)[0]
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_quick_claims_end_to_end_and_resume(tmp_path):
     out, work = tmp_path / 'claims', tmp_path / 'work'
     readme = tmp_path / 'README.md'
@@ -199,6 +199,8 @@ def test_quick_claims_end_to_end_and_resume(tmp_path):
     assert all(j['computed'] == 0 and not j['trained'] for j in again['jobs'])
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_two_workers_run_a_job_only_after_the_jobs_it_needs(tmp_path):
     # distill trains against the baseline of its seed: with two worker processes, both baselines run first (the
     # teacher exists when distill starts; train() refuses a missing teacher), then both distill jobs.
@@ -244,10 +246,10 @@ def test_a_full_run_rewrites_the_verdicts_of_the_evidence_page(monkeypatch, caps
         assert '--seeds must be >= 2' in capsys.readouterr().err
 
 
-def test_claims_rejects_bad_flags():
-    proc = subprocess.run([sys.executable, '-m', 'kdiff_align.bench', 'claims', '--seeds', '1'],
-                          capture_output=True, text=True)
-    assert proc.returncode == 2 and '--seeds must be >= 2' in proc.stderr
+def test_claims_rejects_bad_flags(capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(['claims', '--seeds', '1'])
+    assert exc.value.code == 2 and '--seeds must be >= 2' in capsys.readouterr().err
     with pytest.raises(SystemExit):
         claims.main(['--variants', 'aligned'])
     with pytest.raises(SystemExit):

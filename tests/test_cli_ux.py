@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import randomize_
+from helpers import randomize_
 from kdiff_align import evaluate, sample
 from kdiff_align import train as train_cli
 from kdiff_align.config import load_config, make_guided_denoiser, make_model
@@ -60,6 +60,8 @@ def test_evaluate_default_grid_holds_the_mg_models_one_pass_w(mg_ckpt):
 
 # Item 9: the evaluation summary.
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_evaluate_summary_shows_energy_w_passes_and_the_rounded_n(mg_ckpt, tmp_path, capsys):
     argv = [str(mg_ckpt), '--out', str(tmp_path / 'eval'), '--w', '0', '0.818182', '--steps', '1', '--samplers',
             'euler', '--n', '50', '--no-progress']

@@ -6,7 +6,7 @@ from pathlib import Path
 import k_diffusion as K
 import pytest
 import torch
-from conftest import NUM_CLASSES, tiny_config
+from helpers import NUM_CLASSES, tiny_config
 
 from kdiff_align import AlignedDenoiser, GuidedDenoiser
 from kdiff_align.config import (ALIGN_DEFAULTS, ConfigError, load_config, make_denoiser_wrapper,

@@ -53,8 +53,9 @@ def test_one_pass_configs_differ_from_aligned_only_in_the_align_section(path):
     assert one_pass == aligned
 
 
+@pytest.mark.slow
 def test_cifar_aligned_trains_on_torchvision_layout(tmp_path):
-    from test_data import write_fake_cifar10
+    from helpers import write_fake_cifar10
 
     write_fake_cifar10(tmp_path / 'data', per_batch=2)
     config = json.loads((ROOT / 'configs' / 'cifar_aligned.json').read_text())

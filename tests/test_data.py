@@ -1,7 +1,6 @@
 """kdiff_align.data: every dataset type, a resumable batch order, clear errors for missing data."""
 
 import json
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -9,27 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import write_fake_cifar10
 from kdiff_align import data
 from kdiff_align.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def write_fake_cifar10(root: Path, per_batch: int = 4) -> None:
-    """torchvision's CIFAR-10 layout: cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}."""
-    folder = root / 'cifar-10-batches-py'
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    names = [f'data_batch_{i}' for i in range(1, 6)] + ['test_batch']
-    for name in names:
-        entry = {'batch_label': name, 'labels': rng.integers(0, 10, per_batch).tolist(),
-                 'data': rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
-                 'filenames': [f'{name}_{i}.png' for i in range(per_batch)]}
-        with open(folder / name, 'wb') as f:
-            pickle.dump(entry, f)
-    with open(folder / 'batches.meta', 'wb') as f:
-        pickle.dump({'label_names': ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse',
-                                     'ship', 'truck'], 'num_cases_per_batch': per_batch, 'num_vis': 3072}, f)
 
 
 def cifar_config(location, **dataset) -> dict:

@@ -2,9 +2,13 @@
 
 import re
 
+import pytest
+
 from kdiff_align.demo import main
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_demo_shows_progress_with_an_eta_in_every_phase(tmp_path, capsys):
     assert main(['--steps', '2', '--batch-size', '8', '--no-baseline', '--n', '1', '--eval-n', '1', '--w', '0', '2',
                  '--threads', '1', '--out-dir', str(tmp_path)]) == 0

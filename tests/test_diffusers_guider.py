@@ -22,8 +22,8 @@ from k_diffusion import external as K_external  # noqa: E402
 from k_diffusion import sampling as K_sampling  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-import sd_tiny  # noqa: E402
-from conftest import tiny_config  # noqa: E402
+from kdiff_align.sd import tiny as sd_tiny  # noqa: E402
+from helpers import tiny_config  # noqa: E402
 from kdiff_align.config import load_config  # noqa: E402
 from kdiff_align.guidance import GuidedDenoiser  # noqa: E402
 from kdiff_align.integrations.diffusers_guider import AlignedGuidance, recommended_guidance_scale  # noqa: E402
@@ -133,6 +133,7 @@ def tiny_pipeline(unet):
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
+@pytest.mark.slow
 def test_lora_export_loads_in_diffusers_and_samples_with_recommended_w(tmp_path):
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig

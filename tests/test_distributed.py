@@ -10,11 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import tiny_digits
 from kdiff_align import checkpoint as ckpt_lib
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 ENV = {**os.environ, 'K_DIFFUSION_USE_COMPILE': '0', 'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(HERE)}
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 
 def torchrun(*args: str, cwd=None) -> subprocess.CompletedProcess:
@@ -25,10 +28,8 @@ def torchrun(*args: str, cwd=None) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def tiny_config(tmp_path):
-    config = json.loads((ROOT / 'configs' / 'digits_aligned.json').read_text())
-    config['model'].update({'mapping_out': 16, 'channels': [8, 16], 'depths': [1, 1]})
     path = tmp_path / 'tiny.json'
-    path.write_text(json.dumps(config))
+    path.write_text(json.dumps(tiny_digits()))
     return path
 
 

@@ -6,6 +6,8 @@ import sys
 import warnings
 from pathlib import Path
 
+import pytest
+
 from kdiff_align.env import COMPILE_ENV, cli_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +35,8 @@ def test_only_the_pkg_resources_warning_is_filtered():
         (UserWarning, 'pkg_resources is fine, this is another warning'), (DeprecationWarning, PKG_RESOURCES_MESSAGE)]
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_an_entry_point_prints_no_pkg_resources_warning(tmp_path):
     # The training CLI imports k-diffusion, which imports clip, which imports pkg_resources.
     env = {k: v for k, v in os.environ.items() if k not in (COMPILE_ENV, 'PYTHONWARNINGS')}
@@ -45,6 +49,8 @@ def test_an_entry_point_prints_no_pkg_resources_warning(tmp_path):
     assert 'pkg_resources' not in proc.stderr, proc.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_library_use_prints_no_pkg_resources_warning(tmp_path):
     # `import kdiff_align` stays silent even with every warning shown; then using it imports k-diffusion (and so
     # clip and pkg_resources), which printed the deprecation warning in library use, outside any entry point.

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import randomize_
+from helpers import randomize_, tiny_config
 from kdiff_align import evaluate, metrics
 from kdiff_align.checkpoint import CheckpointError, load_for_inference
 from kdiff_align.config import load_config, make_model
@@ -14,7 +14,7 @@ from kdiff_align.claims import toy_config
 
 
 @pytest.fixture
-def toy():
+def toy_model():
     config = load_config(toy_config(quick=True))
     torch.manual_seed(0)
     model = randomize_(make_model(config), seed=0)
@@ -26,10 +26,10 @@ def save_pth(path, config, model, as_json=True, key='model_ema'):
     return path
 
 
-def test_load_checkpoint_pth_and_safetensors_give_the_same_model(tmp_path, toy):
+def test_load_checkpoint_pth_and_safetensors_give_the_same_model(tmp_path, toy_model):
     from safetensors.torch import save_file
 
-    config, model = toy
+    config, model = toy_model
     paths = [save_pth(tmp_path / 'a.pth', config, model), save_pth(tmp_path / 'b.pth', config, model, as_json=False,
                                                                    key='model')]
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / 'c.safetensors'),
@@ -45,8 +45,8 @@ def test_load_checkpoint_pth_and_safetensors_give_the_same_model(tmp_path, toy):
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
-def test_load_checkpoint_errors_name_the_problem(tmp_path, toy):
-    config, model = toy
+def test_load_checkpoint_errors_name_the_problem(tmp_path, toy_model):
+    config, model = toy_model
     with pytest.raises(CheckpointError, match='missing.pth.*does not exist'):
         load_for_inference(tmp_path / 'missing.pth')
     torch.save({'weights': model.state_dict()}, tmp_path / 'bad.pth')
@@ -61,8 +61,8 @@ def test_load_checkpoint_errors_name_the_problem(tmp_path, toy):
         evaluate.make_cells([-1.], [4], ['euler'])
 
 
-def test_sweep_resumes_without_recomputing_finished_cells(tmp_path, toy):
-    config, model = toy
+def test_sweep_resumes_without_recomputing_finished_cells(tmp_path, toy_model):
+    config, model = toy_model
     denoiser = evaluate.build_denoiser(config, model.state_dict())
     models = {'toy': (config, denoiser)}
     task = evaluate.make_task(config, n=80)
@@ -89,8 +89,10 @@ def test_sweep_resumes_without_recomputing_finished_cells(tmp_path, toy):
     assert before['energy'] != json.loads(done['euler-s2-w0'].read_text())['energy']
 
 
-def test_cli_writes_tables_plots_grids_and_resumes(tmp_path, toy, capsys):
-    config, model = toy
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_cli_writes_tables_plots_grids_and_resumes(tmp_path, toy_model, capsys):
+    config, model = toy_model
     ckpt = save_pth(tmp_path / 'toy.pth', config, model)
     out = tmp_path / 'eval'
     argv = [str(ckpt), '--out', str(out), '--w', '0', '1', '--steps', '2', '4', '--samplers', 'euler', 'euler_ancestral',
@@ -107,7 +109,7 @@ def test_cli_writes_tables_plots_grids_and_resumes(tmp_path, toy, capsys):
     assert '0 cells computed, 8 read back' in capsys.readouterr().out
 
 
-def test_digits_task_uses_the_held_out_split_and_rejects_n(toy):
+def test_digits_task_uses_the_held_out_split_and_rejects_n():
     from kdiff_align.claims import digits_config
 
     config = load_config(digits_config(quick=True))
@@ -118,8 +120,6 @@ def test_digits_task_uses_the_held_out_split_and_rejects_n(toy):
 
 
 def test_fid_without_inception_weights_fails_with_where_to_get_them(tmp_path, capsys, monkeypatch):
-    from conftest import tiny_config
-
     monkeypatch.delenv(metrics.INCEPTION_ENV, raising=False)
     monkeypatch.chdir(tmp_path)
     raw = tiny_config()
@@ -133,8 +133,6 @@ def test_fid_without_inception_weights_fails_with_where_to_get_them(tmp_path, ca
 
 
 def test_fid_without_weights_on_disk_and_offline_prints_one_error_line(tmp_path, capsys, monkeypatch):
-    from conftest import tiny_config
-
     monkeypatch.delenv(metrics.INCEPTION_ENV, raising=False)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv('HOME', str(tmp_path / 'home'))
@@ -150,10 +148,10 @@ def test_fid_without_weights_on_disk_and_offline_prints_one_error_line(tmp_path,
     assert 'to run offline' in lines[1] and '--inception PATH' in lines[1] and metrics.INCEPTION_ENV in lines[1]
 
 
-def test_sample_cell_is_sample_on_its_seeded_noise(toy):
+def test_sample_cell_is_sample_on_its_seeded_noise(toy_model):
     from kdiff_align.sample import sample
 
-    config, model = toy
+    config, model = toy_model
     denoiser = evaluate.build_denoiser(config, model.state_dict())
     labels = torch.tensor([0, 1, 2, 3])
     cell = evaluate.Cell('euler_ancestral', 3, 1.5)
@@ -163,10 +161,10 @@ def test_sample_cell_is_sample_on_its_seeded_noise(toy):
     assert torch.equal(x, sample(denoiser, config, noise, labels, 1.5, steps=3, sampler='euler_ancestral'))
 
 
-def test_rows_count_network_evaluations_and_state_the_guided_target(tmp_path, toy):
+def test_rows_count_network_evaluations_and_state_the_guided_target(tmp_path, toy_model):
     # NFE is counted while sampling: CFG makes 2 per sample and step when guided, 1 at w = 0 (dpmpp_2m and euler
     # call the denoiser once per step); a gft model told w makes 1 at any w.
-    config, model = toy
+    config, model = toy_model
     gft = load_config({**config, 'align': {'objective': 'gft'}})
     torch.manual_seed(0)
     models = {'cfg': (config, evaluate.build_denoiser(config, model.state_dict())),

@@ -3,65 +3,63 @@
 import json
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import kill_9_after_checkpoint
+from helpers import kill_9_after_checkpoint, tiny_digits
 from kdiff_align import checkpoint as ckpt_lib
-from kdiff_align.train import TrainingError, TrainOptions, train
-
-ROOT = Path(__file__).resolve().parents[1]
+from kdiff_align.train import TrainingError, TrainOptions, main, train
 
 
-def tiny_digits(tmp_path: Path) -> Path:
-    config = json.loads((ROOT / 'configs' / 'digits_aligned.json').read_text())
-    config['model'].update({'mapping_out': 16, 'channels': [8, 16], 'depths': [1, 1]})
+def tiny_digits_file(tmp_path: Path) -> Path:
     path = tmp_path / 'tiny.json'
-    path.write_text(json.dumps(config))
+    path.write_text(json.dumps(tiny_digits()))
     return path
 
 
-def cli(*args: str, **popen) -> list[str]:
-    return [sys.executable, '-m', 'kdiff_align.train', '--no-progress', '--demo-every', '0', '--sample-n', '0',
-            '--batch-size', '8', '--seed', '7', *args]
+def flags(*args: str) -> list[str]:
+    return ['--no-progress', '--demo-every', '0', '--sample-n', '0', '--batch-size', '8', '--seed', '7', *args]
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, '-m', 'kdiff_align.train', *flags(*args)]
 
 
 ENV = {**os.environ, 'K_DIFFUSION_USE_COMPILE': '0', 'OMP_NUM_THREADS': '1'}
 
 
-def final_weights(run_dir: Path) -> dict:
-    ckpt = ckpt_lib.load_checkpoint(run_dir)
-    return {'step': ckpt['step'], 'model': ckpt['model'], 'model_ema': ckpt['model_ema']}
-
-
-def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
-    config = tiny_digits(tmp_path)
-    end = 60
-    subprocess.run(cli('--config', str(config), '--out-dir', str(tmp_path), '--name', 'full', '--end-step', str(end),
-                       '--save-every', '5'), env=ENV, check=True, capture_output=True)
-
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, one_thread):
+    """A CLI run SIGKILLed after a checkpoint, then resumed: its final state is the uninterrupted run's bit for bit
+    (weights, EMA, optimizer, schedules, data position). Only the killed run needs a process of its own."""
+    config, end = tiny_digits_file(tmp_path), 60
+    common = ['--out-dir', str(tmp_path), '--end-step', str(end), '--save-every', '5']
     run = tmp_path / 'killed'
-    killed_at = kill_9_after_checkpoint(cli('--config', str(config), '--out-dir', str(tmp_path), '--name', 'killed',
-                                            '--end-step', str(end), '--save-every', '5'), ENV, run, 10, timeout=120)
+    killed_at = kill_9_after_checkpoint(cli('--config', str(config), '--name', 'killed', *common), ENV, run, 10,
+                                        timeout=120)
     assert 10 <= killed_at < end
-
-    subprocess.run(cli('--resume', str(run), '--out-dir', str(tmp_path), '--name', 'killed', '--end-step', str(end),
-                       '--save-every', '5'), env=ENV, check=True, capture_output=True)
-    full, resumed = final_weights(tmp_path / 'full'), final_weights(run)
+    assert main(flags('--resume', str(run), '--name', 'killed', *common)) == 0
+    assert main(flags('--config', str(config), '--name', 'full', *common)) == 0
+    full, resumed = ckpt_lib.load_checkpoint(tmp_path / 'full'), ckpt_lib.load_checkpoint(run)
     assert full['step'] == resumed['step'] == end
     for key in ('model', 'model_ema'):
         for name, tensor in full[key].items():
             assert torch.equal(tensor, resumed[key][name]), f'{key}.{name} differs after kill -9 and resume'
+    for sa, sb in zip(full['opt']['state'].values(), resumed['opt']['state'].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert full['sched'] == resumed['sched'] and full['batches_seen'] == resumed['batches_seen']
 
 
-def test_corrupt_checkpoint_is_named_and_the_previous_one_still_loads(tmp_path):
-    config = tiny_digits(tmp_path)
-    subprocess.run(cli('--config', str(config), '--out-dir', str(tmp_path), '--name', 'run', '--end-step', '4',
-                       '--save-every', '2'), env=ENV, check=True, capture_output=True)
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_corrupt_checkpoint_is_named_and_the_previous_one_still_loads(tmp_path, capsys):
+    config = tiny_digits_file(tmp_path)
+    assert main(flags('--config', str(config), '--out-dir', str(tmp_path), '--name', 'run', '--end-step', '4',
+                      '--save-every', '2')) == 0
     run = tmp_path / 'run'
     latest = ckpt_lib.resolve_checkpoint(run)
     previous = run / 'checkpoints' / f'{2:08}.pth'
@@ -72,11 +70,10 @@ def test_corrupt_checkpoint_is_named_and_the_previous_one_still_loads(tmp_path):
         ckpt_lib.load_checkpoint(run)
     assert ckpt_lib.load_checkpoint(previous)['step'] == 2
 
-    proc = subprocess.run(cli('--resume', str(run), '--out-dir', str(tmp_path), '--name', 'run', '--end-step', '6'),
-                          env=ENV, capture_output=True, text=True)
-    assert proc.returncode != 0
-    assert 'cannot read checkpoint' in proc.stderr and '00000004.pth' in proc.stderr
-    assert 'Traceback' not in proc.stderr
+    capsys.readouterr()
+    assert main(flags('--resume', str(run), '--out-dir', str(tmp_path), '--name', 'run', '--end-step', '6')) == 2
+    err = capsys.readouterr().err
+    assert 'cannot read checkpoint' in err and '00000004.pth' in err and 'Traceback' not in err
     # Garbage that is not even a zip file, and a pickle with an arbitrary object: both refused, nothing executed.
     latest.write_bytes(b'not a checkpoint')
     with pytest.raises(ckpt_lib.CheckpointError, match='cannot read checkpoint'):
@@ -88,8 +85,7 @@ def test_corrupt_checkpoint_is_named_and_the_previous_one_still_loads(tmp_path):
     assert '\n' not in message and str(latest) in message and 'pathlib.PosixPath' in message
     assert 'expected a kdiff-align checkpoint' in message and 'weights_only' not in message
     # Resuming from the previous checkpoint continues.
-    subprocess.run(cli('--resume', str(previous), '--out-dir', str(tmp_path), '--name', 'run', '--end-step', '6'),
-                   env=ENV, check=True, capture_output=True)
+    assert main(flags('--resume', str(previous), '--out-dir', str(tmp_path), '--name', 'run', '--end-step', '6')) == 0
     assert ckpt_lib.load_checkpoint(run)['step'] == 6
 
 
@@ -109,25 +105,26 @@ def test_non_finite_loss_stops_without_a_nan_checkpoint(tmp_path, monkeypatch):
                            demo_every=0, sample_n=0, progress=False)
     with pytest.raises(TrainingError, match=r'the loss is nan at step 5; stopped before the optimizer step.*'
                                             r'last good checkpoint: .*00000004.pth'):
-        train(json.loads(tiny_digits(tmp_path).read_text()), options)
+        train(json.loads(tiny_digits_file(tmp_path).read_text()), options)
     ckpt = ckpt_lib.load_checkpoint(tmp_path / 'nan')
     assert ckpt['step'] == 4
     assert all(torch.isfinite(t).all() for t in ckpt['model'].values())
     assert sorted(p.name for p in (tmp_path / 'nan' / 'checkpoints').iterdir()) == ['00000002.pth', '00000004.pth']
 
 
-def test_unwritable_output_folder_fails_before_training(tmp_path):
+def test_unwritable_output_folder_fails_before_training(tmp_path, capsys):
     blocker = tmp_path / 'a-file'
     blocker.write_text('not a folder')
-    proc = subprocess.run(cli('--config', str(tiny_digits(tmp_path)), '--out-dir', str(blocker / 'runs'),
-                              '--end-step', '2'), env=ENV, capture_output=True, text=True)
-    assert proc.returncode != 0
-    assert '--out-dir' in proc.stderr and 'a-file' in proc.stderr and 'Traceback' not in proc.stderr
+    assert main(flags('--config', str(tiny_digits_file(tmp_path)), '--out-dir', str(blocker / 'runs'),
+                      '--end-step', '2')) == 2
+    err = capsys.readouterr().err
+    assert '--out-dir' in err and 'a-file' in err and 'Traceback' not in err
     assert not (tmp_path / 'a-file').is_dir()
 
 
+@pytest.mark.e2e
 def test_sigterm_saves_at_a_step_boundary_and_exits_cleanly(tmp_path, monkeypatch, capsys):
-    from kdiff_align.train import ImageLoss, main
+    from kdiff_align.train import ImageLoss
 
     calls = {'n': 0}
     loss = ImageLoss.__call__
@@ -139,7 +136,7 @@ def test_sigterm_saves_at_a_step_boundary_and_exits_cleanly(tmp_path, monkeypatc
         return loss(self, batch)
 
     monkeypatch.setattr(ImageLoss, '__call__', terminated_during_step_3)
-    argv = ['--config', str(tiny_digits(tmp_path)), '--out-dir', str(tmp_path), '--name', 'term', '--no-progress',
+    argv = ['--config', str(tiny_digits_file(tmp_path)), '--out-dir', str(tmp_path), '--name', 'term', '--no-progress',
             '--demo-every', '0', '--sample-n', '0', '--batch-size', '8', '--seed', '7', '--end-step', '100000',
             '--save-every', '0', '--log-every', '1']
     assert main(argv) == 128 + signal.SIGTERM

@@ -51,6 +51,7 @@ def sweep_rows(steps):
             for w in [0, 1, 2, 4]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('steps', [[25], [4, 8, 16]])
 def test_sweep_figures_are_readable_with_one_legend_for_every_line(steps):
     figures = plots.sweep_figures(sweep_rows(steps), 'energy', floor=0.05)
@@ -81,6 +82,7 @@ def toy_samples(n_w: int, n: int = 30) -> torch.Tensor:
     return x * torch.arange(1, n_w + 1).view(1, n_w, 1, 1) + torch.arange(4).view(4, 1, 1, 1)   # scales differ
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('ws', [[1.0], [0.0, 1.0, 4.0]])
 def test_toy_scatter_shares_its_scale_names_the_classes_and_says_s_is_1_plus_w(ws):
     x = toy_samples(len(ws))
@@ -106,6 +108,7 @@ def preview(toy: bool, gen: torch.Generator, per: int = 3) -> dict:
     return {'samples': torch.zeros(10 * per, 1, 8, 8), 'labels': torch.arange(10).repeat_interleave(per)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('toy', [True, False])
 def test_sample_table_figure_is_readable(toy):
     gen = torch.Generator().manual_seed(0)

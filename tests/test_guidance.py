@@ -3,7 +3,7 @@
 import k_diffusion as K
 import pytest
 import torch
-from conftest import NUM_CLASSES, CallCounter
+from helpers import NUM_CLASSES, SAMPLERS, CallCounter
 
 import kdiff_align
 from kdiff_align import GuidedDenoiser, cfg_scale_to_w, w_to_cfg_scale
@@ -113,9 +113,6 @@ def test_mismatched_null_rows_name_the_argument(denoiser, batch):
     x, _, sigma, labels = batch
     with pytest.raises(ValueError, match=r"uncond\['class_cond'\] has 2 rows; expected 1"):
         GuidedDenoiser(denoiser, 1., uncond={'class_cond': torch.tensor([10, 10])})(x, sigma, class_cond=labels)
-
-
-SAMPLERS = ['sample_euler', 'sample_heun', 'sample_dpmpp_2m', 'sample_dpmpp_2m_sde', 'sample_lms']
 
 
 @pytest.mark.parametrize('sampler', SAMPLERS)

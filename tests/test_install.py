@@ -19,6 +19,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ('pyproject.toml', 'README.md', 'kdiff_align', 'configs')
 
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]   # builds and installs a wheel, runs it in subprocesses
+
 
 def run(args, cwd, env=None, check=True):
     proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_config
+from helpers import tiny_config
 from kdiff_align import checkpoint as ckpt_lib
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import sd_tiny
-from conftest import tiny_config
+from kdiff_align.sd import tiny as sd_tiny
+from helpers import tiny_config
 from kdiff_align import config as kconfig
 from kdiff_align.config import load_config, make_guided_denoiser
 from kdiff_align.guidance import w_to_cfg_scale
@@ -81,6 +81,7 @@ def test_not_a_safetensors_file(tmp_path):
         read_metadata(path)
 
 
+@pytest.mark.e2e
 def test_core_imports_no_host():
     code = ('import sys, kdiff_align, kdiff_align.guidance, kdiff_align.objective, kdiff_align.config, '
             'kdiff_align.metadata, kdiff_align.integrations\n'

@@ -65,6 +65,7 @@ def test_energy_distance_closed_form_for_shifted_gaussians():
     assert np.mean(estimates) == pytest.approx(expected, abs=0.04)  # sampling sd of the mean ~0.01
 
 
+@pytest.mark.slow
 def test_sliced_wasserstein_closed_form_for_shifted_isotropic_gaussians():
     # Projections of N(0, I) and N(delta, I) on theta differ by theta.delta: SW_2^2 = E (theta.delta)^2 = |delta|^2/d.
     d, delta = 2, torch.tensor([1.0, 1.0], dtype=torch.float64)
@@ -87,6 +88,7 @@ def test_toy_distances_exact_samples_sit_at_the_floor_and_a_shift_does_not():
     assert shifted['energy'] > 10 * d['energy_floor']
 
 
+@pytest.mark.slow
 def test_digits_metrics_real_held_out_split_is_the_floor():
     from kdiff_align.digits import load_digits
 

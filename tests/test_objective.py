@@ -3,7 +3,7 @@
 import k_diffusion as K
 import pytest
 import torch
-from conftest import NUM_CLASSES, CallCounter, randomize_, tiny_config
+from helpers import NUM_CLASSES, CallCounter, randomize_, tiny_config
 
 import kdiff_align
 from kdiff_align.config import load_config, make_model

@@ -2,7 +2,6 @@
 its teacher handled as the issue asks, sampled in one network evaluation per step, and bad input refused."""
 
 import json
-from pathlib import Path
 
 import k_diffusion as K
 import pytest
@@ -15,26 +14,9 @@ from kdiff_align.config import (ConfigError, load_config, make_denoiser_wrapper,
 from kdiff_align.teachers import make_teacher
 from kdiff_align.engine import EMA
 from kdiff_align.guidance import GuidedDenoiser, OnePassDenoiser, guided_denoiser
-from kdiff_align.train import TrainOptions, train
+from kdiff_align.train import train
 
-from conftest import randomize_, tiny_config
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def toy(kind: str, **align) -> dict:
-    """configs/toy_<kind>.json shrunk to a one-second model."""
-    config = json.loads((ROOT / 'configs' / f'toy_{kind}.json').read_text())
-    config['model'].update(width=16, depth=1)
-    config['dataset']['size'] = 64
-    config['align'].update(sample_steps=3, **align)
-    return config
-
-
-def opts(tmp_path, name, **kw) -> TrainOptions:
-    base = dict(name=name, out_dir=str(tmp_path), batch_size=8, demo_every=0, sample_n=0, save_every=0, seed=3,
-                progress=False, log_every=1)
-    return TrainOptions(**{**base, **kw})
+from helpers import opts, randomize_, tiny_config, toy
 
 
 @pytest.fixture(scope='module')
@@ -306,6 +288,8 @@ def test_image_transformer_trains_with_one_pass_objectives(tmp_path, kind):
     assert result.step == 2 and result.demo.is_file() and torch.isfinite(torch.tensor(result.loss))
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_evaluate_cli_keeps_one_pass_models_in_their_trained_range(tmp_path, capsys):
     import json as json_lib
 

@@ -6,8 +6,7 @@ import copy
 import k_diffusion as K
 import pytest
 import torch
-from conftest import NUM_CLASSES, CallCounter, randomize_
-from test_guidance import SAMPLERS
+from helpers import NUM_CLASSES, SAMPLERS, CallCounter, randomize_
 
 import kdiff_align
 from kdiff_align.models import ClassConditionedModel

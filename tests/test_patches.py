@@ -72,6 +72,8 @@ def copies(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_lr_patch_fixes_the_installed_wheel_on_this_torch(copies):
     import torch
     major, minor = (int(x) for x in torch.__version__.split('.')[:2])
@@ -83,6 +85,7 @@ def test_lr_patch_fixes_the_installed_wheel_on_this_torch(copies):
     assert patched.stdout.startswith('ok')
 
 
+@pytest.mark.e2e
 def test_lr_patch_applies_with_git_apply_too(copies, tmp_path):
     root = tmp_path / 'repo'
     shutil.copytree(copies['shipped'], root)

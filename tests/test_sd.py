@@ -12,8 +12,8 @@ import torch
 pytest.importorskip('diffusers')
 pytest.importorskip('peft')
 
-import sd_tiny  # noqa: E402
-from conftest import kill_9_after_checkpoint  # noqa: E402
+from kdiff_align.sd import tiny as sd_tiny  # noqa: E402
+from helpers import kill_9_after_checkpoint  # noqa: E402
 
 from kdiff_align.config import ConfigError  # noqa: E402
 
@@ -37,6 +37,7 @@ def _unet_inputs(seed=0):
             torch.randn(2, 77, 32, generator=gen))
 
 
+@pytest.mark.e2e
 def test_import_stays_light():
     code = ('import sys, kdiff_align, kdiff_align.sd, kdiff_align.sd.config; '
             'bad = [m for m in ("diffusers", "transformers", "peft") if m in sys.modules]; assert not bad, bad')
@@ -302,6 +303,8 @@ def test_sample_cli(lora_run, tmp_path):
     assert width > 2 * sd_tiny.RESOLUTION + 40 and height > 2 * sd_tiny.RESOLUTION + 14
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_train_and_sample_commands_print_no_loading_noise(tiny, tmp_path):
     # Every SD command printed transformers' "Loading weights" bar and diffusers' warning about an empty list of
     # float32 modules; the commands' own output is all that is left.
@@ -416,6 +419,8 @@ def test_one_parser_for_both_trainers(capsys):
 SD_ENV = {**os.environ, 'K_DIFFUSION_USE_COMPILE': '0', 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1'}
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_kill_9_then_resume_equals_an_uninterrupted_run(tiny, tmp_path, capsys):
     from kdiff_align import checkpoint as ckpt_lib
     from kdiff_align.train import main

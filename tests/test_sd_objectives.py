@@ -9,7 +9,7 @@ import torch
 pytest.importorskip('diffusers')
 pytest.importorskip('peft')
 
-import sd_tiny  # noqa: E402
+from kdiff_align.sd import tiny as sd_tiny  # noqa: E402
 
 from kdiff_align.config import ConfigError  # noqa: E402
 

@@ -40,6 +40,7 @@ def test_single_gaussian_pair_tilts_to_the_closed_form_gaussian(w):
         assert (samples.mean(0) - mean_c).abs().max() > 0.1
 
 
+@pytest.mark.slow
 def test_at_w_zero_the_target_is_p_x_given_c_within_the_floor():
     mixture = ToyMixture(4, radius=2.0, std=0.25)
     target = ToyTarget(mixture)

@@ -9,27 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import opts, tiny_digits, toy
 from kdiff_align import checkpoint as ckpt_lib
 from kdiff_align.config import ConfigError, load_config
-from kdiff_align.train import TrainingError, TrainOptions, main, train
+from kdiff_align.train import TrainingError, main, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny_digits(**align) -> dict:
-    """configs/digits_aligned.json shrunk to a few-second model."""
-    config = json.loads((ROOT / 'configs' / 'digits_aligned.json').read_text())
-    config['model'].update(mapping_out=16, depths=[1, 1], channels=[8, 16])
-    config['align'].update(sample_steps=3, **align)
-    return config
-
-
-def opts(tmp_path, name='run', **kw) -> TrainOptions:
-    base = dict(name=name, out_dir=str(tmp_path), batch_size=8, demo_every=0, sample_n=4, save_every=0,
-                seed=3, progress=False, log_every=2)
-    return TrainOptions(**{**base, **kw})
-
-
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_cli_trains_digits_and_writes_checkpoint_demo_metrics_export(tmp_path, capsys):
     rc = main(['--config', str(ROOT / 'configs' / 'digits_aligned.json'), '--end-step', '2', '--batch-size', '4',
                '--name', 'cli', '--out-dir', str(tmp_path), '--demo-every', '1', '--sample-n', '10', '--seed', '0',
@@ -47,13 +36,30 @@ def test_cli_trains_digits_and_writes_checkpoint_demo_metrics_export(tmp_path, c
     assert 'Done: step 2' in out and str(run / 'cli.safetensors') in out
 
 
-def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
-    config = tiny_digits(w_train={'type': 'uniform', 'min_value': 0.5, 'max_value': 2})
-    config['lr_sched'] = {'type': 'inverse', 'inv_gamma': 3.0, 'power': 0.5, 'warmup': 0.5}
+def resume_config(objective: str, tmp_path) -> dict:
+    """Each objective's tiny config: aligned on digits (an image model, a random w per row, an LR schedule),
+    the others on the toy mixture; MG's warm-up ends before the resume point, distill's teacher is a short run."""
+    if objective == 'aligned':
+        config = tiny_digits(w_train={'type': 'uniform', 'min_value': 0.5, 'max_value': 2})
+        config['lr_sched'] = {'type': 'inverse', 'inv_gamma': 3.0, 'power': 0.5, 'warmup': 0.5}
+        return config
+    if objective == 'mg':
+        return toy('mg', warmup_steps=2)
+    if objective == 'distill':
+        return toy('distill', teacher=str(train(toy('baseline'), opts(tmp_path, 'teacher', end_step=2)).run_dir))
+    return toy(objective)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('objective', ['aligned', 'baseline', 'gft', 'mg', 'distill'])
+def test_resume_equals_an_uninterrupted_run(objective, tmp_path):
+    """Stop at step 3 (demos drawn meanwhile), resume from the run folder: the step-6 state is the uninterrupted
+    run's bit for bit (weights, EMA, optimizer, schedules, data position)."""
+    config = resume_config(objective, tmp_path)
     full = train(config, opts(tmp_path, 'full', end_step=6, grad_accum_steps=2))
-    part = train(config, opts(tmp_path, 'part', end_step=3, grad_accum_steps=2, demo_every=1))
+    part = train(config, opts(tmp_path, 'part', end_step=3, grad_accum_steps=2, demo_every=1, sample_n=4))
     assert part.step == 3
-    resumed = train(None, opts(tmp_path, 'resumed', end_step=6, grad_accum_steps=2, demo_every=2,
+    resumed = train(None, opts(tmp_path, 'resumed', end_step=6, grad_accum_steps=2, demo_every=2, sample_n=4,
                                resume=str(tmp_path / 'part'), seed=None))
     assert resumed.step == 6
     a, b = ckpt_lib.load_checkpoint(full.checkpoint), ckpt_lib.load_checkpoint(resumed.checkpoint)
@@ -61,6 +67,7 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
         assert a[key].keys() == b[key].keys()
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), f'{key}.{name} differs after resume'
+    assert a['opt']['state'].keys() == b['opt']['state'].keys()
     for sa, sb in zip(a['opt']['state'].values(), b['opt']['state'].values()):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert a['sched'] == b['sched'] and a['ema_sched'] == b['ema_sched'] and a['batches_seen'] == b['batches_seen'] == 12
@@ -146,10 +153,7 @@ def test_bad_config_and_checkpoint_give_clear_errors(tmp_path, capsys):
 
 
 def test_toy_config_trains(tmp_path):
-    config = json.loads((ROOT / 'configs' / 'toy_aligned.json').read_text())
-    config['model'].update(width=16, depth=1)
-    config['dataset']['size'] = 64
-    config['align']['sample_steps'] = 2
+    config = toy('aligned')
     result = train(config, opts(tmp_path, end_step=2, sample_n=8))
     assert result.demo.is_file() and result.loss is not None and math.isfinite(result.loss)
 
@@ -188,7 +192,8 @@ def test_stop_request_saves_at_a_step_boundary_and_resume_finishes(tmp_path):
 
 def test_wandb_logging_runs_offline(tmp_path):
     assert os.environ.get('WANDB_MODE') == 'disabled'  # conftest: nothing leaves the machine
-    result = train(tiny_digits(), opts(tmp_path, end_step=2, demo_every=1, wandb_project='kdiff-align-test'))
+    result = train(tiny_digits(), opts(tmp_path, end_step=2, demo_every=1, sample_n=4,
+                                        wandb_project='kdiff-align-test'))
     assert result.step == 2 and result.demo.is_file()
 
 

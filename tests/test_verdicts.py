@@ -240,6 +240,7 @@ def test_percentages_keep_small_effects_visible():
     assert claims_report.percent(-2.3e-5) == '-0.0023%' and close('-0.0023', -2.3e-5) and not close('-0.0030', -2.3e-5)
 
 
+@pytest.mark.e2e
 def test_the_statistics_import_no_torch_or_model_code():
     import subprocess
     import sys
