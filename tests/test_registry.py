@@ -16,7 +16,7 @@ from kdiff_align.metadata import export_metadata, read_metadata
 from kdiff_align.sample import sample
 from kdiff_align.train import TrainOptions, train
 
-from conftest import randomize_
+from helpers import randomize_
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 4   # the toy config's
