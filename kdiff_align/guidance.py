@@ -55,7 +55,7 @@ class GuidedDenoiser(nn.Module):
             raise TypeError('pass w or its older name guidance_scale, not both')
         w = guidance_scale if w is None else w
         if not callable(w) and not isinstance(w, (int, float)):
-            raise TypeError(f'guidance_scale must be a number (the paper\'s w) or a callable sigma -> w, '
+            raise TypeError(f'w must be a number (the paper\'s w) or a callable sigma -> w, '
                             f'got {type(w).__name__}')
         self.inner_model = denoiser
         self.w = w

@@ -43,11 +43,11 @@ class ScaleDistribution:
 
     def __init__(self, type: str, min_value: float, max_value: float):
         if type not in SCALE_DISTRIBUTIONS:
-            raise ValueError(f'guidance_scale type must be one of {SCALE_DISTRIBUTIONS}, got {type!r}')
+            raise ValueError(f'a w distribution\'s type must be one of {SCALE_DISTRIBUTIONS}, got {type!r}')
         if not 0 <= min_value <= max_value:
-            raise ValueError(f'guidance_scale needs 0 <= min_value <= max_value, got [{min_value}, {max_value}]')
+            raise ValueError(f'a w distribution needs 0 <= min_value <= max_value, got [{min_value}, {max_value}]')
         if type == 'log-uniform' and min_value <= 0:
-            raise ValueError(f'log-uniform guidance_scale needs min_value > 0, got {min_value}')
+            raise ValueError(f'a log-uniform w distribution needs min_value > 0, got {min_value}')
         self.type, self.min_value, self.max_value = type, float(min_value), float(max_value)
 
     def __call__(self, n: int, device: torch.device | str = 'cpu') -> torch.Tensor:
@@ -77,16 +77,16 @@ def make_w(spec: GuidanceScale) -> float | ScaleDistribution:
     if isinstance(spec, ScaleDistribution):
         return spec
     if isinstance(spec, bool) or not isinstance(spec, (int, float, Mapping)):
-        raise TypeError(f'guidance_scale must be a number (the paper\'s w) or a dict '
+        raise TypeError(f'w_train must be a number (the paper\'s w) or a dict '
                         f'{{"type": "uniform"|"log-uniform", "min_value": a, "max_value": b}}, got {spec!r}')
     if isinstance(spec, Mapping):
         unknown = set(spec) - {'type', 'min_value', 'max_value'}
         if unknown or not {'type', 'min_value', 'max_value'} <= set(spec):
-            raise ValueError(f'guidance_scale distribution needs exactly the keys type, min_value, max_value; '
+            raise ValueError(f'a w distribution needs exactly the keys type, min_value, max_value; '
                              f'got {sorted(spec)}')
         return ScaleDistribution(spec['type'], spec['min_value'], spec['max_value'])
     if not math.isfinite(spec) or spec < 0:
-        raise ValueError(f'guidance_scale (the paper\'s w) must be a finite number >= 0, got {spec}')
+        raise ValueError(f'w_train (the paper\'s w) must be a finite number >= 0, got {spec}')
     return float(spec)
 
 

@@ -155,12 +155,12 @@ def speed(args: argparse.Namespace) -> dict:
                               make_denoiser_wrapper(config, stop_grad_uncond=True)(model)),
         'gft': ('GFTDenoiser, w ~ U[0, 4]', GFTDenoiser(told, sigma_data=0.5, uncond=null_label, uncond_prob=p)),
         'mg': ('TeacherTargetDenoiser, model-guidance w = 0.45',
-               TeacherTargetDenoiser(model, teacher, sigma_data=0.5, kind='mg', guidance_scale=0.45,
+               TeacherTargetDenoiser(model, teacher, sigma_data=0.5, objective='mg', w_train=0.45,
                                      uncond=null_label, uncond_prob=p)),
         'distill': ('TeacherTargetDenoiser, distillation w ~ U[0, 4]',
-                    TeacherTargetDenoiser(told, teacher, sigma_data=0.5, kind='distill', uncond=null_label,
-                                          uncond_prob=p, guidance_scale={'type': 'uniform', 'min_value': 0.,
-                                                                         'max_value': 4.})),
+                    TeacherTargetDenoiser(told, teacher, sigma_data=0.5, objective='distill', uncond=null_label,
+                                          uncond_prob=p, w_train={'type': 'uniform', 'min_value': 0.,
+                                                                   'max_value': 4.})),
     }
 
     def step(denoiser):

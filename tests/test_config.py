@@ -67,7 +67,7 @@ def _with(path, value):
 @pytest.mark.parametrize('path, value, message', [
     ('align.w_tran', 1., "config key 'align.w_tran' is unknown (did you mean 'align.w_train'?); allowed keys in "
      "\"align\": objective, w_train"),
-    ('align.w_train', -1., "config key 'align.w_train': got -1.0; guidance_scale (the paper's w) must be"),
+    ('align.w_train', -1., "config key 'align.w_train': got -1.0; w_train (the paper's w) must be"),
     ('align.w_train', 'high', "config key 'align.w_train': got 'high'"),
     ('align.uncond_prob', 1.5, "config key 'align.uncond_prob': got 1.5; allowed: a number in [0, 1]"),
     ('align.mix', True, "config key 'align.mix': got True; allowed: a number in [0, 1]"),

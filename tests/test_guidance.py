@@ -98,7 +98,7 @@ def test_conversion_is_one_documented_pair():
 
 @pytest.mark.parametrize('kwargs, message', [
     ({'guidance_scale': 2., 'uncond': None}, 'guidance needs the null condition'),
-    ({'guidance_scale': '2'}, "guidance_scale must be a number (the paper's w) or a callable"),
+    ({'guidance_scale': '2'}, "w must be a number (the paper's w) or a callable"),
     ({'guidance_scale': 2., 'sigma_interval': [5., 1.]}, '0 <= sigma_lo <= sigma_hi, got [5.0, 1.0]'),
     ({'guidance_scale': 2., 'sigma_interval': [1.]}, 'sigma_interval must be two noise levels'),
 ])

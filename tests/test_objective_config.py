@@ -236,11 +236,11 @@ def test_distill_with_a_missing_teacher_file_names_it(tmp_path, capsys):
                                         "'gft', 'mg', 'distill'"),
     ('mg', {'w_train': 1.0}, "config key 'align.w_train': got 1.0; allowed: a number in [0, 1) for objective "
                              '"mg"'),
-    ('mg', {'w_train': -0.1}, "config key 'align.w_train': got -0.1; guidance_scale (the paper's w) must be a finite "
+    ('mg', {'w_train': -0.1}, "config key 'align.w_train': got -0.1; w_train (the paper's w) must be a finite "
                               'number >= 0'),
     ('mg', {'w_train': {'type': 'uniform', 'min_value': 0, 'max_value': 0.5}}, "allowed: a number in [0, 1)"),
     ('gft', {'w_train': {'type': 'uniform', 'min_value': 3, 'max_value': 1}},
-     "config key 'align.w_train': got {'type': 'uniform', 'min_value': 3, 'max_value': 1}; guidance_scale needs "
+     "config key 'align.w_train': got {'type': 'uniform', 'min_value': 3, 'max_value': 1}; a w distribution needs "
      "0 <= min_value <= max_value"),
     ('distill', {'w_train': {'type': 'uniform', 'min_value': -1, 'max_value': 1}}, 'needs 0 <= min_value'),
     ('distill', {'teacher': None}, "config key 'align.teacher': got None; allowed: for objective \"distill\", the "
