@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdiff_align.train import TrainOptions
+from kdiff_align.training.trainer import TrainOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / 'configs'

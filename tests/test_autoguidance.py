@@ -9,10 +9,10 @@ import pytest
 import torch
 from helpers import randomize_, tiny_config
 
-from kdiff_align.autoguidance import AutoGuidedDenoiser, check_guide, load_guided
-from kdiff_align.checkpoint import save_export
+from kdiff_align.sampling.autoguidance import AutoGuidedDenoiser, check_guide, load_guided
+from kdiff_align.storage.checkpoint import save_export
 from kdiff_align.config import ConfigError, load_config
-from kdiff_align.sample import build_denoiser
+from kdiff_align.sampling.sample import build_denoiser
 
 CONFIGS = Path(__file__).resolve().parent.parent / 'configs'
 STEPS = 8

@@ -40,7 +40,7 @@ def test_speed_writes_every_row(tmp_path):
 
 
 def test_every_round_times_every_variant_once_in_rotating_order():
-    from kdiff_align.speed import interleaved
+    from kdiff_align.bench.speed import interleaved
 
     calls = []
     fns = {name: (lambda name=name: calls.append(name)) for name in 'abc'}
@@ -50,7 +50,7 @@ def test_every_round_times_every_variant_once_in_rotating_order():
 
 
 def test_the_per_round_ratio_recovers_a_planted_ratio_under_load_and_flags_noise(capsys):
-    from kdiff_align.speed import SPREAD_LIMIT, print_speed, round_ratio
+    from kdiff_align.bench.speed import SPREAD_LIMIT, print_speed, round_ratio
 
     rng = random.Random(0)
     rounds = 12

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kdiff_align import bench, claims, claims_report, verdicts
+from kdiff_align import bench
+from kdiff_align.bench import claims, claims_report, verdicts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -168,7 +169,7 @@ def test_quick_claims_end_to_end_and_resume(tmp_path):
     # distill trained against the baseline of its own seed (a job dependency), named by its override.
     config = json.loads((work / 'toy' / 'runs' / 'distill-seed1' / 'config.json').read_text())
     assert config['align']['teacher'] == str(claims.export_path(work, 'toy', 'baseline-seed1'))
-    # Every trained model is its variant's config through kdiff_align.train; the interval trains nothing.
+    # Every trained model is its variant's config through kdiff_align.training.trainer; the interval trains nothing.
     quick = claims.benches(True)
     for (b, variant, seed) in {(r['bench'], r['variant'], r['train_seed']) for r in rows if r.get('kind') == 'cell'}:
         run_dir = work / b / 'runs' / f'{variant}-seed{seed}'

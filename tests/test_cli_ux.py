@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from helpers import randomize_
-from kdiff_align import evaluate, sample
-from kdiff_align import train as train_cli
+from kdiff_align.evaluation import evaluate
+from kdiff_align.sampling import sample
+from kdiff_align.training import trainer as train_cli
 from kdiff_align.config import load_config, make_guided_denoiser, make_model
-from kdiff_align.guidance import OnePassDenoiser, check_w, sampling_passes
+from kdiff_align.core.guidance import OnePassDenoiser, check_w, sampling_passes
 
 ROOT = Path(__file__).resolve().parents[1]
 W_MG = 0.45 / (1 - 0.45)   # configs/toy_mg.json's trained effective guidance, printed as 0.818182
@@ -134,13 +135,13 @@ def _help(main, argv=('--help',)):
     return ' '.join(out.getvalue().split())
 
 
-@pytest.mark.parametrize('module', ['kdiff_align.sample', 'kdiff_align.evaluate', 'kdiff_align.train',
-                                    'kdiff_align.sd.train', 'kdiff_align.claims'])
+@pytest.mark.parametrize('module', ['kdiff_align.sampling.sample', 'kdiff_align.evaluation.evaluate', 'kdiff_align.training.trainer',
+                                    'kdiff_align.sd.train', 'kdiff_align.bench.claims'])
 def test_help_states_each_default_once(module):
     from importlib import import_module
 
     text = _help(import_module(module).main)
-    assert '(default:' in text or module == 'kdiff_align.sample'
+    assert '(default:' in text or module == 'kdiff_align.sampling.sample'
     assert not re.search(r'default[^()]*\) \(default', text), text
     assert '(default: None)' not in text
 

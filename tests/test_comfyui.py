@@ -24,8 +24,8 @@ from safetensors.torch import save_file
 from kdiff_align.sd import tiny as sd_tiny
 from helpers import tiny_config
 from kdiff_align.config import load_config
-from kdiff_align.guidance import GuidedDenoiser
-from kdiff_align.metadata import export_metadata
+from kdiff_align.core.guidance import GuidedDenoiser
+from kdiff_align.storage.metadata import export_metadata
 
 PACKAGE = Path(__file__).resolve().parents[1] / 'kdiff_align' / 'integrations' / 'comfyui'
 EMB = 8

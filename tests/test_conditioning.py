@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kdiff_align import conditioning
+from kdiff_align.core import conditioning
 
 
 def test_null_rows_broadcast_numbers_and_batch_one_tensors():

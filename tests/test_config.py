@@ -107,7 +107,7 @@ def test_bad_files(tmp_path):
 
 def test_a_shipped_configs_name_loads_it_from_anywhere(tmp_path, monkeypatch):
     from kdiff_align.config import config_path
-    from kdiff_align.shipped import CONFIGS, shipped_configs
+    from kdiff_align.config.shipped import CONFIGS, shipped_configs
 
     monkeypatch.chdir(tmp_path)  # no configs/ here
     names = shipped_configs()
@@ -131,8 +131,8 @@ def test_a_shipped_configs_name_loads_it_from_anywhere(tmp_path, monkeypatch):
 
 
 def test_the_training_cli_takes_a_shipped_stable_diffusion_configs_name(tmp_path, monkeypatch, capsys):
-    from kdiff_align.sd.config import load_config as load_sd_config
-    from kdiff_align.train import main
+    from kdiff_align.config.sd import load_config as load_sd_config
+    from kdiff_align.training.trainer import main
 
     monkeypatch.chdir(tmp_path)
     assert load_sd_config('sd_aligned')['model']['type'] == 'stable_diffusion'

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kdiff_align.config import load_config, make_denoiser_wrapper, make_model
-from kdiff_align.train import TrainOptions, train
+from kdiff_align.training.trainer import TrainOptions, train
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS = ('cifar', 'digits', 'toy')  # configs/sd_* belong to kdiff_align.sd and have their own tests

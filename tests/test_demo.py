@@ -1,10 +1,10 @@
-"""`make demo` (kdiff_align.demo): every phase shows a progress bar with an ETA, and the same scores as before."""
+"""`make demo` (kdiff_align.bench.demo): every phase shows a progress bar with an ETA, and the same scores as before."""
 
 import re
 
 import pytest
 
-from kdiff_align.demo import main
+from kdiff_align.bench.demo import main
 
 
 @pytest.mark.slow

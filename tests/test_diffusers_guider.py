@@ -25,9 +25,9 @@ from safetensors.torch import save_file  # noqa: E402
 from kdiff_align.sd import tiny as sd_tiny  # noqa: E402
 from helpers import tiny_config  # noqa: E402
 from kdiff_align.config import load_config  # noqa: E402
-from kdiff_align.guidance import GuidedDenoiser  # noqa: E402
+from kdiff_align.core.guidance import GuidedDenoiser  # noqa: E402
 from kdiff_align.integrations.diffusers_guider import AlignedGuidance, recommended_guidance_scale  # noqa: E402
-from kdiff_align.metadata import export_metadata  # noqa: E402
+from kdiff_align.storage.metadata import export_metadata  # noqa: E402
 
 STEPS = 6
 EMB = 16
@@ -296,7 +296,7 @@ def test_mg_export_is_one_conditional_batch_per_step(tmp_path):
 def test_w_conditioned_export_gets_w_as_timestep_cond_in_one_pass(tmp_path, objective):
     """The classic pipeline at the recommended scale tells the UNet w exactly as kdiff-align trained it (UNetAdapter's
     guidance embedding, one pass: OnePassDenoiser) and runs no CFG."""
-    from kdiff_align.guidance import OnePassDenoiser
+    from kdiff_align.core.guidance import OnePassDenoiser
     from kdiff_align.sd.model import UNetAdapter, guidance_scale_embedding
 
     path, dim = export(tmp_path, objective), 8

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from helpers import tiny_digits
-from kdiff_align import checkpoint as ckpt_lib
+from kdiff_align.storage import checkpoint as ckpt_lib
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from helpers import randomize_, tiny_config
-from kdiff_align import evaluate, metrics
-from kdiff_align.checkpoint import CheckpointError, load_for_inference
+from kdiff_align.evaluation import evaluate, metrics
+from kdiff_align.storage.checkpoint import CheckpointError, load_for_inference
 from kdiff_align.config import load_config, make_model
-from kdiff_align.claims import toy_config
+from kdiff_align.bench.claims import toy_config
 
 
 @pytest.fixture
@@ -110,7 +110,7 @@ def test_cli_writes_tables_plots_grids_and_resumes(tmp_path, toy_model, capsys):
 
 
 def test_digits_task_uses_the_held_out_split_and_rejects_n():
-    from kdiff_align.claims import digits_config
+    from kdiff_align.bench.claims import digits_config
 
     config = load_config(digits_config(quick=True))
     task = evaluate.make_task(config)
@@ -149,7 +149,7 @@ def test_fid_without_weights_on_disk_and_offline_prints_one_error_line(tmp_path,
 
 
 def test_sample_cell_is_sample_on_its_seeded_noise(toy_model):
-    from kdiff_align.sample import sample
+    from kdiff_align.sampling.sample import sample
 
     config, model = toy_model
     denoiser = evaluate.build_denoiser(config, model.state_dict())

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from helpers import kill_9_after_checkpoint, tiny_digits
-from kdiff_align import checkpoint as ckpt_lib
-from kdiff_align.train import TrainingError, TrainOptions, main, train
+from kdiff_align.storage import checkpoint as ckpt_lib
+from kdiff_align.training.trainer import TrainingError, TrainOptions, main, train
 
 
 def tiny_digits_file(tmp_path: Path) -> Path:
@@ -90,7 +90,7 @@ def test_corrupt_checkpoint_is_named_and_the_previous_one_still_loads(tmp_path, 
 
 
 def test_non_finite_loss_stops_without_a_nan_checkpoint(tmp_path, monkeypatch):
-    from kdiff_align.objective import AlignedDenoiser
+    from kdiff_align.core.objective import AlignedDenoiser
 
     calls = {'n': 0}
     loss = AlignedDenoiser.loss
@@ -124,7 +124,7 @@ def test_unwritable_output_folder_fails_before_training(tmp_path, capsys):
 
 @pytest.mark.e2e
 def test_sigterm_saves_at_a_step_boundary_and_exits_cleanly(tmp_path, monkeypatch, capsys):
-    from kdiff_align.train import ImageLoss
+    from kdiff_align.training.trainer import ImageLoss
 
     calls = {'n': 0}
     loss = ImageLoss.__call__

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from kdiff_align import plots
-from kdiff_align.evaluate import Cell
-from kdiff_align.grid import image_grid, join_images, w_title
-from kdiff_align.plots import grid_image
+from kdiff_align.evaluation import plots
+from kdiff_align.evaluation.evaluate import Cell
+from kdiff_align.sampling.grid import image_grid, join_images, w_title
+from kdiff_align.evaluation.plots import grid_image
 from kdiff_align.sd.sample import save_images
 
 TOY = {'model': {'type': 'toy_mlp', 'input_size': [2]}, 'dataset': {'type': 'toy', 'num_classes': 4}}

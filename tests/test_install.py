@@ -70,7 +70,7 @@ def test_the_wheel_ships_every_module_and_the_configs_from_the_top_level_folder(
 
 def test_installed_package_is_imported_and_finds_its_configs(installed, tmp_path):
     site, env = installed
-    out = run([sys.executable, '-c', 'import kdiff_align, kdiff_align.shipped as c; print(kdiff_align.__file__); '
+    out = run([sys.executable, '-c', 'import kdiff_align, kdiff_align.config.shipped as c; print(kdiff_align.__file__); '
                'print(c.CONFIGS); print(" ".join(c.shipped_configs()))'], cwd=tmp_path, env=env).stdout.split('\n')
     assert Path(out[0]).is_relative_to(site), f'kdiff_align was imported from {out[0]}, not from the install {site}'
     assert Path(out[1]) == site / 'kdiff_align' / 'configs'

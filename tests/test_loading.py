@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from helpers import tiny_config
-from kdiff_align import checkpoint as ckpt_lib
+from kdiff_align.storage import checkpoint as ckpt_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,7 +53,7 @@ def one_line(err: str) -> str:
 
 
 def test_resume_never_imports_a_custom_dataset_hook_named_by_a_checkpoint(tmp_path, monkeypatch, capsys):
-    from kdiff_align.train import main
+    from kdiff_align.training.trainer import main
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / 'hook.py').write_text(HOOK)
@@ -75,7 +75,7 @@ def test_resume_never_imports_a_custom_dataset_hook_named_by_a_checkpoint(tmp_pa
 
 def test_resume_never_unpickles_cifar_files_a_checkpoint_exempts_from_their_checksums(tmp_path, capsys):
     from kdiff_align.data import CIFAR10_FILES
-    from kdiff_align.train import main
+    from kdiff_align.training.trainer import main
 
     folder = tmp_path / 'planted' / 'cifar-10-batches-py'
     folder.mkdir(parents=True)
@@ -92,7 +92,7 @@ def test_resume_never_unpickles_cifar_files_a_checkpoint_exempts_from_their_chec
 
 
 def test_a_custom_dataset_run_resumes_only_with_the_users_config(tmp_path, capsys, one_thread):
-    from kdiff_align.train import main
+    from kdiff_align.training.trainer import main
 
     (tmp_path / 'hook.py').write_text(HOOK)
     config = tiny_config()
@@ -130,7 +130,7 @@ def test_checkpoints_pointers_and_exports_get_the_mode_of_the_umask(tmp_path, um
 
 def test_a_truncated_latest_checkpoint_names_the_previous_one(tmp_path, capsys):
     from kdiff_align.config import load_config
-    from kdiff_align.train import main
+    from kdiff_align.training.trainer import main
 
     run = tmp_path / 'run'
     config = load_config(tiny_config())
@@ -204,7 +204,7 @@ def test_sd_weights_folder_with_a_bad_bin_is_one_line(tiny, tmp_path, content, c
 
 
 def test_compare_inception_refuses_bad_files_in_one_line(tmp_path, capsys):
-    from kdiff_align.evaluate import main
+    from kdiff_align.evaluation.evaluate import main
 
     garbage = tmp_path / 'garbage.pt'
     garbage.write_bytes(os.urandom(1000))

@@ -11,11 +11,11 @@ from kdiff_align.sd import tiny as sd_tiny
 from helpers import tiny_config
 from kdiff_align import config as kconfig
 from kdiff_align.config import load_config, make_guided_denoiser
-from kdiff_align.guidance import w_to_cfg_scale
-from kdiff_align.guidance import GuidedDenoiser, OnePassDenoiser
-from kdiff_align.metadata import (FORMAT_VERSION, MetadataError, export_metadata, guidance_metadata, parse_metadata,
+from kdiff_align.core.guidance import w_to_cfg_scale
+from kdiff_align.core.guidance import GuidedDenoiser, OnePassDenoiser
+from kdiff_align.storage.metadata import (FORMAT_VERSION, MetadataError, export_metadata, guidance_metadata, parse_metadata,
                                   read_header, read_metadata)
-from kdiff_align.sd import config as sd_config
+from kdiff_align.config import sd as sd_config
 
 
 def test_aligned_config_round_trips_through_a_safetensors_file(tmp_path):
@@ -83,8 +83,8 @@ def test_not_a_safetensors_file(tmp_path):
 
 @pytest.mark.e2e
 def test_core_imports_no_host():
-    code = ('import sys, kdiff_align, kdiff_align.guidance, kdiff_align.objective, kdiff_align.config, '
-            'kdiff_align.metadata, kdiff_align.integrations\n'
+    code = ('import sys, kdiff_align, kdiff_align.core.guidance, kdiff_align.core.objective, kdiff_align.config, '
+            'kdiff_align.storage.metadata, kdiff_align.integrations\n'
             "hosts = ('comfy', 'folder_paths', 'modules', 'gradio', 'diffusers', 'wandb')\n"
             'print(sorted(m for m in sys.modules if m.split(".")[0] in hosts))')
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from kdiff_align import metrics
-from kdiff_align.toy import ToyMixture
+from kdiff_align.evaluation import metrics
+from kdiff_align.data.toy import ToyMixture
 
 
 def gaussian(n, d, shift=0.0, scale=1.0, seed=0):
@@ -90,7 +90,7 @@ def test_toy_distances_exact_samples_sit_at_the_floor_and_a_shift_does_not():
 
 @pytest.mark.slow
 def test_digits_metrics_real_held_out_split_is_the_floor():
-    from kdiff_align.digits import load_digits
+    from kdiff_align.data.digits import load_digits
 
     x, y = load_digits('test')
     m = metrics.digits_metrics(x, y)

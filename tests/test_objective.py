@@ -7,7 +7,7 @@ from helpers import NUM_CLASSES, CallCounter, randomize_, tiny_config
 
 import kdiff_align
 from kdiff_align.config import load_config, make_model
-from kdiff_align.objective import ScaleDistribution
+from kdiff_align.core.objective import ScaleDistribution
 
 UNCOND = {'class_cond': NUM_CLASSES}
 WEIGHTINGS = ['karras', 'soft-min-snr', 'snr']

@@ -7,14 +7,14 @@ import k_diffusion as K
 import pytest
 import torch
 
-from kdiff_align import checkpoint as ckpt_lib
-from kdiff_align import objective
+from kdiff_align.storage import checkpoint as ckpt_lib
+from kdiff_align.core import objective
 from kdiff_align.config import (ConfigError, load_config, make_denoiser_wrapper, make_guided_denoiser, make_model,
                                 mg_effective_w)
-from kdiff_align.teachers import make_teacher
-from kdiff_align.engine import EMA
-from kdiff_align.guidance import GuidedDenoiser, OnePassDenoiser, guided_denoiser
-from kdiff_align.train import train
+from kdiff_align.training.teachers import make_teacher
+from kdiff_align.training.engine import EMA
+from kdiff_align.core.guidance import GuidedDenoiser, OnePassDenoiser, guided_denoiser
+from kdiff_align.training.trainer import train
 
 from helpers import opts, randomize_, tiny_config, toy
 
@@ -140,7 +140,7 @@ def test_one_pass_models_refuse_a_w_outside_their_trained_range():
 
 
 def test_sample_cli_refuses_a_w_outside_the_range_before_sampling(tmp_path, capsys):
-    from kdiff_align.sample import main as sample_main
+    from kdiff_align.sampling.sample import main as sample_main
 
     run = train(toy('gft'), opts(tmp_path, 'gft', end_step=1)).run_dir
     assert sample_main([str(run), '--w', '1', '6', '--out', str(tmp_path / 'grid.png')]) == 2
@@ -218,7 +218,7 @@ def test_distill_refuses_a_one_pass_teacher(tmp_path):
 
 
 def test_distill_with_a_missing_teacher_file_names_it(tmp_path, capsys):
-    from kdiff_align.train import main
+    from kdiff_align.training.trainer import main
 
     config = toy('distill', teacher=str(tmp_path / 'nowhere.safetensors'))
     path = tmp_path / 'distill.json'
@@ -282,7 +282,7 @@ def test_image_transformer_trains_with_one_pass_objectives(tmp_path, kind):
 def test_evaluate_cli_keeps_one_pass_models_in_their_trained_range(tmp_path, capsys):
     import json as json_lib
 
-    from kdiff_align import evaluate
+    from kdiff_align.evaluation import evaluate
 
     run = train(toy('gft'), opts(tmp_path, 'gft', end_step=1)).run_dir
     args = [str(run / 'gft.safetensors'), '--n', '40', '--steps', '2', '--samplers', 'euler', '--no-progress']
@@ -315,7 +315,7 @@ def test_sampling_refuses_what_it_cannot_do(call, message):
 
 
 def test_a_transformer_without_classes_cannot_be_told_w():
-    from kdiff_align.models import GuidanceToldTransformer
+    from kdiff_align.core.models import GuidanceToldTransformer
 
     config = tiny_config('image_transformer_v1')
     config['dataset']['num_classes'] = 0

@@ -9,8 +9,8 @@ import torch
 from helpers import NUM_CLASSES, SAMPLERS, CallCounter, randomize_
 
 import kdiff_align
-from kdiff_align.models import ClassConditionedModel
-from kdiff_align.toy import ToyMLP
+from kdiff_align.core.models import ClassConditionedModel
+from kdiff_align.data.toy import ToyMLP
 
 UNCOND = {'class_cond': NUM_CLASSES}
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from kdiff_align import registry
+from kdiff_align.core import registry
 from kdiff_align.config import ConfigError, load_config, make_denoiser_wrapper, make_guided_denoiser, make_model
-from kdiff_align.guidance import GuidedDenoiser, OnePassDenoiser
-from kdiff_align.metadata import export_metadata, read_metadata
-from kdiff_align.sample import sample
-from kdiff_align.train import TrainOptions, train
+from kdiff_align.core.guidance import GuidedDenoiser, OnePassDenoiser
+from kdiff_align.storage.metadata import export_metadata, read_metadata
+from kdiff_align.sampling.sample import sample
+from kdiff_align.training.trainer import TrainOptions, train
 
 from helpers import randomize_
 

@@ -1,4 +1,4 @@
-"""kdiff_align.sample and exports: a checkpoint or a safetensors export alone is enough to sample."""
+"""kdiff_align.sampling.sample and exports: a checkpoint or a safetensors export alone is enough to sample."""
 
 import json
 from pathlib import Path
@@ -8,11 +8,11 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from kdiff_align.checkpoint import CheckpointError, load_for_inference
+from kdiff_align.storage.checkpoint import CheckpointError, load_for_inference
 from kdiff_align.config import load_config
-from kdiff_align.metadata import read_metadata
-from kdiff_align.sample import build_denoiser, main, sample_grid
-from kdiff_align.train import TrainOptions, train
+from kdiff_align.storage.metadata import read_metadata
+from kdiff_align.sampling.sample import build_denoiser, main, sample_grid
+from kdiff_align.training.trainer import TrainOptions, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,7 +49,7 @@ def test_sample_grid_shares_noise_across_w_and_w0_is_the_conditional_model(run):
     x = sample_grid(denoiser, config, [1, 7], [0., 0., 2.], n=2, steps=3, seed=4)
     assert x.shape == (2, 3, 2, 1, 8, 8)
     assert torch.equal(x[:, 0], x[:, 1])  # same noise, same w: same samples
-    from kdiff_align.sample import sample
+    from kdiff_align.sampling.sample import sample
     noise = torch.randn(2, 2, 1, 8, 8, generator=torch.Generator().manual_seed(4)).view(4, 1, 8, 8)
     plain = sample(denoiser, config, noise, torch.tensor([1, 1, 7, 7]), 0., steps=3)
     assert torch.allclose(x[:, 0].reshape(4, 1, 8, 8), plain)

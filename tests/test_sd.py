@@ -39,14 +39,14 @@ def _unet_inputs(seed=0):
 
 @pytest.mark.e2e
 def test_import_stays_light():
-    code = ('import sys, kdiff_align, kdiff_align.sd, kdiff_align.sd.config; '
+    code = ('import sys, kdiff_align, kdiff_align.sd, kdiff_align.config.sd; '
             'bad = [m for m in ("diffusers", "transformers", "peft") if m in sys.modules]; assert not bad, bad')
     subprocess.run([sys.executable, '-c', code], check=True, cwd=ROOT)
 
 
 def test_shipped_configs_are_twins():
-    from kdiff_align.metadata import guidance_metadata
-    from kdiff_align.sd.config import is_sd_config, load_config
+    from kdiff_align.storage.metadata import guidance_metadata
+    from kdiff_align.config.sd import is_sd_config, load_config
 
     aligned, baseline = (load_config(ROOT / 'configs' / f'sd_{n}.json') for n in ('aligned', 'baseline'))
     assert is_sd_config(aligned) and is_sd_config(baseline)
@@ -56,7 +56,7 @@ def test_shipped_configs_are_twins():
 
 
 def test_metadata_jsonl_captions(tiny):
-    from kdiff_align.sd.config import find_captioned_images
+    from kdiff_align.config.sd import find_captioned_images
 
     folder = sd_tiny.make_captioned_folder(tiny['root'] / 'jsonl', layout='metadata.jsonl')
     items = find_captioned_images(folder, 'metadata.jsonl')
@@ -132,7 +132,7 @@ def test_cli_reports_bad_input(tiny, tmp_path, capsys, no_model_loading):
     assert main(['--config', str(path), '--resume', str(tmp_path), '--out-dir', str(tmp_path)]) == 2
     assert f"run folder '{tmp_path}' has no latest.json" in capsys.readouterr().err
     # The project's one training CLI dispatches Stable Diffusion configs here.
-    from kdiff_align.train import main as train_main
+    from kdiff_align.training.trainer import main as train_main
     assert train_main(['--config', str(path), '--out-dir', str(tmp_path)]) == 2
     assert "error: config key 'model.lora.target_modules'" in capsys.readouterr().err
 
@@ -140,7 +140,7 @@ def test_cli_reports_bad_input(tiny, tmp_path, capsys, no_model_loading):
 # The objective on the UNet.
 
 def test_both_branches_in_one_unet_call(tiny):
-    from kdiff_align.objective import AlignedDenoiser
+    from kdiff_align.core.objective import AlignedDenoiser
     from kdiff_align.sd.model import load_components, make_denoiser, null_condition
 
     comps = load_components({'pretrained': str(tiny['pipe'])})
@@ -168,7 +168,7 @@ def test_both_branches_in_one_unet_call(tiny):
 
 
 def test_loss_decreases_on_fixed_batch(tiny):
-    from kdiff_align.objective import AlignedDenoiser
+    from kdiff_align.core.objective import AlignedDenoiser
     from kdiff_align.sd.model import load_components, make_denoiser, null_condition
     from kdiff_align.sd.train import add_lora
 
@@ -198,7 +198,7 @@ def test_loss_decreases_on_fixed_batch(tiny):
 # Training, export, reload, sampling.
 
 def test_lora_run_outputs(lora_run):
-    from kdiff_align.metadata import read_metadata
+    from kdiff_align.storage.metadata import read_metadata
 
     run = lora_run.run_dir
     assert lora_run.step == 4 and len(lora_run.losses) == 4 and all(map(torch.isfinite, torch.tensor(
@@ -235,7 +235,7 @@ def test_project_lora_samples_in_diffusers_at_its_recommended_w(tiny, lora_run):
     from diffusers import StableDiffusionPipeline
 
     from kdiff_align.integrations.diffusers_guider import recommended_guidance_scale
-    from kdiff_align.metadata import read_metadata
+    from kdiff_align.storage.metadata import read_metadata
 
     scale = recommended_guidance_scale(lora_run.lora)
     assert scale == 1 + read_metadata(lora_run.lora)['w_sample']  # hosts' convention, from the file alone
@@ -310,7 +310,7 @@ def test_train_and_sample_commands_print_no_loading_noise(tiny, tmp_path):
     # float32 modules; the commands' own output is all that is left.
     path = tmp_path / 'sd.json'
     path.write_text(json.dumps(sd_tiny.sd_config(tiny['pipe'], tiny['data'])))
-    commands = [['kdiff_align.train', '--config', str(path), '--out-dir', str(tmp_path), '--name', 'quiet',
+    commands = [['kdiff_align.training.trainer', '--config', str(path), '--out-dir', str(tmp_path), '--name', 'quiet',
                  '--end-step', '1', '--batch-size', '2', '--no-progress'],
                 ['kdiff_align.sd.sample', '--run', str(tmp_path / 'quiet'), '--prompt', 'a cat', '--steps', '1',
                  '--out', str(tmp_path / 'cat.png'), '--device', 'cpu']]
@@ -360,7 +360,7 @@ def test_generate_any_sampler_batched_guidance(tiny, sampler):
 def test_full_finetune_v_prediction(tiny, tmp_path):
     from diffusers import UNet2DConditionModel
 
-    from kdiff_align.objective import AlignedDenoiser
+    from kdiff_align.core.objective import AlignedDenoiser
     from kdiff_align.sd.sample import main as sample_main
     from kdiff_align.sd.train import SDTrainOptions, train
 
@@ -398,8 +398,8 @@ def test_full_finetune_v_prediction(tiny, tmp_path):
 def test_one_parser_for_both_trainers(capsys):
     """One parser holds both trainers' flags; omitted flags take the chosen trainer's defaults, and flags it lacks
     are reported, not refused."""
-    from kdiff_align import train as ktrain
-    from kdiff_align import train_cli
+    from kdiff_align.training import trainer as ktrain
+    from kdiff_align.training import cli as train_cli
     from kdiff_align.sd import train as sdtrain
 
     argv = ['--config', 'c.json', '--demo-every', '5', '--compile', '--batch-size', '3', '--end-step', '7']
@@ -422,8 +422,8 @@ SD_ENV = {**os.environ, 'K_DIFFUSION_USE_COMPILE': '0', 'OMP_NUM_THREADS': '1', 
 @pytest.mark.slow
 @pytest.mark.e2e
 def test_kill_9_then_resume_equals_an_uninterrupted_run(tiny, tmp_path, capsys):
-    from kdiff_align import checkpoint as ckpt_lib
-    from kdiff_align.train import main
+    from kdiff_align.storage import checkpoint as ckpt_lib
+    from kdiff_align.training.trainer import main
 
     config = sd_tiny.sd_config(tiny['pipe'], tiny['data'])
     config['ema_sched'] = {'type': 'inverse', 'power': 0.75, 'max_value': 0.999}

@@ -35,7 +35,7 @@ def unet_calls(unet):
 
 
 def test_shipped_sd_mg_config_is_the_aligned_config_with_mg():
-    from kdiff_align.sd.config import load_config
+    from kdiff_align.config.sd import load_config
 
     mg, aligned = (load_config(ROOT / 'configs' / f'sd_{n}.json') for n in ('mg', 'aligned'))
     assert mg['align']['objective'] == 'mg' and mg['align']['teacher'] == 'ema' and mg['model']['lora'] is not None
@@ -43,8 +43,8 @@ def test_shipped_sd_mg_config_is_the_aligned_config_with_mg():
 
 
 def test_mg_lora_trains_against_its_ema_and_samples_in_one_unet_call_per_step(tiny, tmp_path):
-    from kdiff_align.checkpoint import load_for_inference
-    from kdiff_align.objective import GuidanceObjective   # the family's one loss body
+    from kdiff_align.storage.checkpoint import load_for_inference
+    from kdiff_align.core.objective import GuidanceObjective   # the family's one loss body
     from kdiff_align.sd.model import load_components
     from kdiff_align.sd.sample import generate, load_lora, main as sample_main
 
@@ -104,7 +104,7 @@ def test_gft_full_finetune_is_told_w_through_time_cond_proj_dim_and_loads_in_dif
 def test_distill_full_finetune_learns_from_the_frozen_base_unet(tiny, tmp_path):
     from diffusers import UNet2DConditionModel
 
-    from kdiff_align.objective import GuidanceObjective   # the family's one loss body
+    from kdiff_align.core.objective import GuidanceObjective   # the family's one loss body
 
     config = sd_tiny.sd_config(tiny['pipe'], tiny['data'], lora=False, objective='distill', teacher='base',
                                w_train={'type': 'uniform', 'min_value': 0.0, 'max_value': 4.0})
@@ -138,7 +138,7 @@ def test_distill_full_finetune_learns_from_the_frozen_base_unet(tiny, tmp_path):
     ({'objective': 'mg', 'w_train': 1.5}, True, "config key 'align.w_train': got 1.5; allowed: a number in [0, 1)"),
 ])
 def test_refused_sd_objectives_name_the_key(tiny, align, lora, message):
-    from kdiff_align.sd.config import load_config
+    from kdiff_align.config.sd import load_config
 
     with pytest.raises(ConfigError) as err:
         load_config(sd_tiny.sd_config(tiny['pipe'], tiny['data'], lora=lora, **align))

@@ -1,13 +1,14 @@
-"""The exact sampler of the guided target p_w(x | c) ∝ p(x | c)^(1+w) p(x)^(-w) (kdiff_align.tilted, eq. T)."""
+"""The exact sampler of the guided target p_w(x | c) ∝ p(x | c)^(1+w) p(x)^(-w) (kdiff_align.evaluation.tilted, eq.
+T)."""
 
 import math
 
 import pytest
 import torch
 
-from kdiff_align.metrics import energy_distance
-from kdiff_align.tilted import Grid, ToyTarget, gaussian_log_density, grid_sample, tilted_log_density
-from kdiff_align.toy import ToyMixture
+from kdiff_align.evaluation.metrics import energy_distance
+from kdiff_align.evaluation.tilted import Grid, ToyTarget, gaussian_log_density, grid_sample, tilted_log_density
+from kdiff_align.data.toy import ToyMixture
 
 
 def closed_form_tilt(mean_c, std_c, mean_u, std_u, w):

@@ -1,4 +1,4 @@
-"""kdiff_align.train: the CLI trains, checkpoints, resumes exactly, and refuses bad input clearly."""
+"""kdiff_align.training.trainer: the CLI trains, checkpoints, resumes exactly, and refuses bad input clearly."""
 
 import csv
 import json
@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from helpers import opts, tiny_digits, toy
-from kdiff_align import checkpoint as ckpt_lib
+from kdiff_align.storage import checkpoint as ckpt_lib
 from kdiff_align.config import ConfigError, load_config
-from kdiff_align.train import TrainingError, main, train
+from kdiff_align.training.trainer import TrainingError, main, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -103,7 +103,7 @@ def test_checkpoint_write_is_atomic_and_keeps_the_previous_one(tmp_path, monkeyp
 @pytest.fixture
 def nan_digits(monkeypatch):
     """Digits with NaN pixels: the first loss is NaN."""
-    from kdiff_align import digits
+    from kdiff_align.data import digits
 
     real = digits.load_digits
     monkeypatch.setattr(digits, 'load_digits', lambda split='train', test_fraction=0.25:
@@ -159,7 +159,7 @@ def test_toy_config_trains(tmp_path):
 
 
 def test_schedules_match_upstream_formulas():
-    from kdiff_align.schedulers import make_ema_sched, make_lr_scheduler
+    from kdiff_align.training.schedulers import make_ema_sched, make_lr_scheduler
     cases = {
         'constant': ({'type': 'constant', 'warmup': 0.9}, lambda t: (1 - 0.9 ** (t + 1)) * 0.1),
         'inverse': ({'type': 'inverse', 'inv_gamma': 20., 'power': 0.5, 'warmup': 0.5, 'min_lr': 0.02},
@@ -207,7 +207,7 @@ def test_each_option_range_is_stated_once_and_checked_by_flag_and_library(capsys
     same value, naming the same flag."""
     import dataclasses
 
-    from kdiff_align import engine, train_cli
+    from kdiff_align.training import engine, cli as train_cli
     from kdiff_align.config import ConfigError
     from kdiff_align.sd.train import SDTrainOptions
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kdiff_align import claims_report, verdicts
+from kdiff_align.bench import claims_report, verdicts
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / 'docs' / 'claims' / 'results.json'
@@ -245,6 +245,6 @@ def test_the_statistics_import_no_torch_or_model_code():
     import subprocess
     import sys
 
-    code = 'import sys, kdiff_align.verdicts; print(sorted(m for m in ("torch", "k_diffusion") if m in sys.modules))'
+    code = 'import sys, kdiff_align.bench.verdicts; print(sorted(m for m in ("torch", "k_diffusion") if m in sys.modules))'
     proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0 and proc.stdout.strip() == '[]', proc.stdout + proc.stderr

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..guidance import GuidedDenoiser, cfg_scale_to_w, check_sigma_interval, w_to_cfg_scale
-from ..metadata import SIGMA_CONVENTIONS
+from ..core.guidance import GuidedDenoiser, cfg_scale_to_w, check_sigma_interval, w_to_cfg_scale
+from ..storage.metadata import SIGMA_CONVENTIONS
 
 __all__ = ['HostGuidance', 'log_linear_schedule', 'make_cfg_function', 'w_to_cfg_scale', 'cfg_scale_to_w']
 
@@ -88,7 +88,7 @@ class HostGuidance:
     def from_metadata(cls, meta: Mapping[str, Any], *, w: float | None = None, w_end: float | None = None,
                       host: str = 'this host', model: str = 'this model', w_inputs: Collection[str] = ()
                       ) -> HostGuidance:
-        """The host's own CFG for an export's recommended sampling (kdiff_align.metadata), by its passes:
+        """The host's own CFG for an export's recommended sampling (kdiff_align.storage.metadata), by its passes:
 
         - two passes: CFG at the export's cfg_scale (w = cfg_scale - 1; `w` overrides it) with its sigma_interval;
         - one pass: no host CFG (w = 0: cfg 1, the unconditional pass skipped), since the guidance is in the

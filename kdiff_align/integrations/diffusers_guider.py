@@ -9,7 +9,7 @@ sigma_interval (in the model family's noise levels: k-diffusion sigma, or t in [
 schedule needs the scheduler, to turn the loop's timestep into sigma: set_scheduler(scheduler). Outside the
 interval the guider asks for the conditional batch only.
 
-One-pass exports (kdiff_align.metadata passes 1): an mg model samples at guidance_scale 1 (one conditional
+One-pass exports (kdiff_align.storage.metadata passes 1): an mg model samples at guidance_scale 1 (one conditional
 batch). A gft / distill Stable Diffusion UNet is told w through diffusers' own guidance embedding
 (time_cond_proj_dim): diffusers' pipelines then compute timestep_cond from guidance_scale - 1 (the paper's w)
 and run one pass, as for latent-consistency models, so its guidance_scale is 1 + w and no CFG is added.
@@ -26,8 +26,8 @@ import torch
 from diffusers.configuration_utils import register_to_config
 from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput
 
-from ..guidance import cfg_scale_to_w, w_to_cfg_scale
-from ..metadata import read_metadata
+from ..core.guidance import cfg_scale_to_w, w_to_cfg_scale
+from ..storage.metadata import read_metadata
 from . import HostGuidance
 from .exports import check_w_input
 

@@ -1,4 +1,5 @@
-"""What a host does with an export's objective (kdiff_align.metadata): the one-pass rules every integration shares.
+"""What a host does with an export's objective (kdiff_align.storage.metadata): the one-pass rules every integration
+shares.
 
 - Two-pass models (aligned, i.e. also standard CFG, and CFG on top of an mg model): the host's CFG at the export's
   cfg_scale, with its guidance interval.
@@ -14,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from typing import Any
 
-from ..guidance import w_to_cfg_scale
+from ..core.guidance import w_to_cfg_scale
 
 __all__ = ['HostCannotPassW', 'check_w_input', 'describe']
 

@@ -5,6 +5,6 @@ the functions that need them. Entry points: `python -m kdiff_align.sd.train --co
 `python -m kdiff_align.sd.sample --pretrained FOLDER --lora FILE --prompt TEXT`.
 """
 
-from .config import check_inputs, is_sd_config, load_config
+from ..config.sd import check_inputs, is_sd_config, load_config
 
 __all__ = ['check_inputs', 'is_sd_config', 'load_config']

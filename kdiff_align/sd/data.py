@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import atomic_write
+from ..storage.checkpoint import atomic_write
 
 CACHE_VERSION = 1
 

@@ -213,7 +213,7 @@ def _load_weights(load: Callable[[], Any], places: Sequence[Path]) -> Any:
     """load() (diffusers' or transformers' loader); when it fails, the weights file it could not read (a file in
     places, or a file of a folder there) is a one-line CheckpointError naming it, never torch's advice to retry
     with weights_only=False. Only the failure path reads the files a second time."""
-    from ..checkpoint import CheckpointError, quiet_pickle_warnings, read_torch_file
+    from ..storage.checkpoint import CheckpointError, quiet_pickle_warnings, read_torch_file
 
     try:
         with quiet_pickle_warnings(), _held_logs(('diffusers', 'transformers')):

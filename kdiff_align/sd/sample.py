@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
-from .. import registry
+from ..core import registry
 from ..config import SAMPLERS, ConfigError, get_sampler
-from ..guidance import cfg_scale_to_w, check_w, guided_denoiser, w_to_cfg_scale
+from ..core.guidance import cfg_scale_to_w, check_w, guided_denoiser, w_to_cfg_scale
 
 SCHEDULES = ('karras', 'discrete')
 
@@ -35,7 +35,7 @@ def load_lora(unet: torch.nn.Module, lora: str | Path | Mapping[str, torch.Tenso
     load_lora_weights does."""
     from diffusers import StableDiffusionPipeline
 
-    from ..checkpoint import load_for_inference
+    from ..storage.checkpoint import load_for_inference
 
     weights = lora if isinstance(lora, Mapping) else load_for_inference(lora, need_config=False)[1]
     state_dict, network_alphas = StableDiffusionPipeline.lora_state_dict(dict(weights))
@@ -148,10 +148,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ..env import cli_defaults
     cli_defaults()  # before k-diffusion is imported
     args = _parse(argv)
-    from ..checkpoint import CheckpointError, load_for_inference
-    from ..grid import w_title
-    from ..metadata import MetadataError, read_metadata
-    from .config import check_model
+    from ..storage.checkpoint import CheckpointError, load_for_inference
+    from ..sampling.grid import w_title
+    from ..storage.metadata import MetadataError, read_metadata
+    from ..config.sd import check_model
     from .model import load_components
 
     try:
@@ -226,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def save_images(images: torch.Tensor, path: str | Path, nrow: int = 1, *, row_labels: Sequence[str] | None = None,
                 title: str | None = None) -> None:
     """Saves [B, 3, H, W] images in [0, 1] as one labelled PNG grid (nrow images per row, e.g. one row per prompt)."""
-    from ..grid import image_grid, shorten
+    from ..sampling.grid import image_grid, shorten
 
     b = images.shape[0]
     cols = max(1, min(nrow, b))

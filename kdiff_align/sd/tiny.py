@@ -122,8 +122,8 @@ def sd_config(pretrained: Path, data: Path, *, lora: bool = True, prediction: st
 def objective_config(objective: str, **align) -> dict:
     """A loaded Stable Diffusion config of align.objective (schema only, nothing loads): gft and distill are full
     fine-tunes, distill's teacher the frozen base UNet."""
-    from .. import registry
-    from .config import load_config
+    from ..core import registry
+    from ..config.sd import load_config
 
     spec = registry.get(objective)
     defaults = {'teacher': 'base'} if spec.teacher == 'frozen' else {}
@@ -136,7 +136,7 @@ def objective_export(path: str | Path, objective: str, **align) -> Path:
     """A placeholder export (one tensor) carrying the kdiff_align metadata of objective_config: what hosts read."""
     from safetensors.torch import save_file
 
-    from ..metadata import export_metadata
+    from ..storage.metadata import export_metadata
 
     save_file({'x': torch.zeros(1)}, str(path), metadata=export_metadata(objective_config(objective, **align)))
     return Path(path)

@@ -5,7 +5,7 @@ the conditional rows and their null-condition twins (the empty-prompt embedding)
 (docs/design.md section 1). Each step draws DDPM timesteps t uniformly from the training schedule, sigma =
 sigmas[t], latents from the cached VAE posterior and the cached caption embeddings (data.py): after the
 first run's caching pass the VAE and text encoder are not used. LoRA via peft (model.lora) or a full
-fine-tune (model.lora = null). The loop is kdiff_align.engine's, as for every run: accelerate (mixed precision,
+fine-tune (model.lora = null). The loop is kdiff_align.training.engine's, as for every run: accelerate (mixed precision,
 multi-GPU), gradient accumulation, EMA, atomic checkpoints that resume exactly (a LoRA run's hold the adapter
 only), SIGINT / SIGTERM.
 
@@ -29,12 +29,14 @@ from typing import Any
 
 import torch
 
-from .. import engine, registry, train_cli
-from ..checkpoint import atomic_write
+from ..training import engine
+from ..core import registry
+from ..training import cli as train_cli
+from ..storage.checkpoint import atomic_write
 from ..config import ConfigError, align_section, make_denoiser_wrapper
-from ..engine import option
+from ..training.engine import option
 from ..errors import CheckpointError, TrainingError  # noqa: F401 (re-exported)
-from ..teachers import make_objective_teacher
+from ..training.teachers import make_objective_teacher
 
 
 def _default(name: str, value: Any) -> Any:
@@ -45,7 +47,7 @@ def _default(name: str, value: Any) -> Any:
 
 @dataclasses.dataclass
 class SDTrainOptions(train_cli.TrainerOptions):
-    """The run's options; the names match kdiff_align.train's CLI flags."""
+    """The run's options; the names match kdiff_align.training.trainer's CLI flags."""
 
     name: str = _default('name', 'sd')
     batch_size: int = _default('batch_size', 4)
@@ -55,7 +57,7 @@ class SDTrainOptions(train_cli.TrainerOptions):
     cache_batch_size: int = option(8, 'images per VAE call when caching', lo=1)
 
 
-# The one training CLI (kdiff_align.train_cli) runs this trainer for Stable Diffusion configs.
+# The one training CLI (kdiff_align.training.cli) runs this trainer for Stable Diffusion configs.
 OPTIONS = SDTrainOptions
 LABEL = 'Stable Diffusion fine-tuning'
 NOT_HERE = '; sample with python -m kdiff_align.sd.sample'
@@ -139,7 +141,7 @@ def export_lora(unet: torch.nn.Module, config: Mapping[str, Any], path: Path) ->
     from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
     from safetensors.torch import save_file
 
-    from ..metadata import export_metadata
+    from ..storage.metadata import export_metadata
 
     lora = config['model']['lora']
     peft_state = lora_state_dict(unet, lora)
@@ -159,7 +161,7 @@ def export_lora(unet: torch.nn.Module, config: Mapping[str, Any], path: Path) ->
 
 def export_unet(unet: torch.nn.Module, config: Mapping[str, Any], folder: Path) -> Path:
     """Writes a fully fine-tuned UNet in diffusers' layout, plus kdiff_align.json with the sampling metadata."""
-    from ..metadata import guidance_metadata
+    from ..storage.metadata import guidance_metadata
 
     unet.save_pretrained(str(folder), safe_serialization=True)
     meta = {**guidance_metadata(config), 'prediction': config['model']['prediction'],
@@ -187,7 +189,7 @@ def train(config: str | Path | Mapping[str, Any] | None, options: SDTrainOptions
 
 def _train(config: str | Path | Mapping[str, Any] | None, options: SDTrainOptions,
            should_stop: Callable[[], bool] | None) -> SDTrainResult:
-    from .config import find_captioned_images, resolve_model
+    from ..config.sd import find_captioned_images, resolve_model
     from .data import batch_indices, build_cache, cache_path, fingerprint
     from .model import add_guidance_embedding, load_components, make_denoiser, null_condition
 
@@ -267,7 +269,7 @@ def describe(result: SDTrainResult, options: SDTrainOptions) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """python -m kdiff_align.sd.train: the one training CLI (kdiff_align.train_cli.main), the same flags as
+    """python -m kdiff_align.sd.train: the one training CLI (kdiff_align.training.cli.main), the same flags as
     python -m kdiff_align.train; returns 0, 2 for bad input, 1 for a failed run."""
     return train_cli.main(argv, 'python -m kdiff_align.sd.train')
 

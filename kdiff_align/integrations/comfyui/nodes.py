@@ -19,10 +19,10 @@ from typing import Any
 import comfy.samplers
 import torch
 
-from kdiff_align.guidance import w_to_cfg_scale
+from kdiff_align.core.guidance import w_to_cfg_scale
 from kdiff_align.integrations import HostGuidance, make_cfg_function
 from kdiff_align.integrations.exports import describe
-from kdiff_align.metadata import read_metadata
+from kdiff_align.storage.metadata import read_metadata
 
 CATEGORY = 'sampling/kdiff_align'
 HOST = 'ComfyUI'

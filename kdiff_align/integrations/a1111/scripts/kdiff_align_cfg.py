@@ -31,9 +31,9 @@ except ImportError:  # a symlinked checkout without `pip install`: use the repos
                           '-m pip install --no-deps /path/to/kdiff-align') from None
     sys.path.insert(0, str(_checkout))
 
-from kdiff_align.guidance import cfg_scale_to_w, w_to_cfg_scale  # noqa: E402
+from kdiff_align.core.guidance import cfg_scale_to_w, w_to_cfg_scale  # noqa: E402
 from kdiff_align.integrations import HostGuidance, make_cfg_function  # noqa: E402
-from kdiff_align.metadata import read_metadata  # noqa: E402
+from kdiff_align.storage.metadata import read_metadata  # noqa: E402
 
 # Forge's pre-CFG hook marks the steps whose unconditional pass Forge left out (hires at CFG 1, its skips).
 NO_UNCOND = 'kdiff_align_no_uncond'

@@ -1,0 +1,1 @@
+"""The core (layer 1): the objective registry and family, guidance, conditioning, models; imports only errors/env."""

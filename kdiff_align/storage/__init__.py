@@ -1,0 +1,1 @@
+"""Storage (layer 4): checkpoints and the export metadata."""
