@@ -135,8 +135,9 @@ def _help(main, argv=('--help',)):
     return ' '.join(out.getvalue().split())
 
 
-@pytest.mark.parametrize('module', ['kdiff_align.sampling.sample', 'kdiff_align.evaluation.evaluate', 'kdiff_align.training.trainer',
-                                    'kdiff_align.sd.train', 'kdiff_align.bench.claims'])
+@pytest.mark.parametrize('module', ['kdiff_align.sampling.sample', 'kdiff_align.evaluation.evaluate',
+                                    'kdiff_align.training.trainer', 'kdiff_align.sd.train',
+                                    'kdiff_align.bench.claims'])
 def test_help_states_each_default_once(module):
     from importlib import import_module
 

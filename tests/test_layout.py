@@ -106,7 +106,8 @@ def test_errors_is_a_leaf_and_the_lower_modules_do_not_import_config():
     schema only through its load_config facade (an import inside that function, not at import time)."""
     edges = graph()
     assert edges['kdiff_align.errors'] == {}
-    for low in ('kdiff_align.data', 'kdiff_align.training.schedulers', 'kdiff_align.training.engine', 'kdiff_align.core.registry'):
+    for low in ('kdiff_align.data', 'kdiff_align.training.schedulers', 'kdiff_align.training.engine',
+                'kdiff_align.core.registry'):
         assert not {'kdiff_align.config', 'kdiff_align.config.schema'} & set(edges[low]), low
     top_level = [n for n in ast.parse((PACKAGE / 'config' / '__init__.py').read_text()).body
                  if isinstance(n, (ast.Import, ast.ImportFrom))]

@@ -13,8 +13,8 @@ from kdiff_align import config as kconfig
 from kdiff_align.config import load_config, make_guided_denoiser
 from kdiff_align.core.guidance import w_to_cfg_scale
 from kdiff_align.core.guidance import GuidedDenoiser, OnePassDenoiser
-from kdiff_align.storage.metadata import (FORMAT_VERSION, MetadataError, export_metadata, guidance_metadata, parse_metadata,
-                                  read_header, read_metadata)
+from kdiff_align.storage.metadata import (FORMAT_VERSION, MetadataError, export_metadata, guidance_metadata,
+                                          parse_metadata, read_header, read_metadata)
 from kdiff_align.config import sd as sd_config
 
 

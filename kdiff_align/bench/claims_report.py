@@ -188,7 +188,8 @@ def readme_block(rows: Sequence[Mapping[str, Any]], grid: Mapping[str, Any]) -> 
     """The README's verdict block: the rule, both tables and "how to read it", from the rows and the grid."""
     v = verdicts.verdicts(rows, grid)
     seeds = sorted({r['train_seed'] for r in rows if r.get('kind') == 'cell'})
-    return ['How a verdict is decided (before the numbers; kdiff_align/bench/verdicts.py):', '', *rule_text(len(seeds)), '',
+    return ['How a verdict is decided (before the numbers; kdiff_align/bench/verdicts.py):', '',
+            *rule_text(len(seeds)), '',
             'Which objective for which need (label, relative difference objective vs reference with its 95% interval, '
             'per-comparison '
             'counts better / no difference / worse as description):', '',
@@ -363,7 +364,8 @@ def _toy_section(rows, grid, bench, variants_, jobs_info, bench_obj) -> list[str
              f'{bench_obj.steps} steps (x the variant\'s factor), batch {bench_obj.batch_size}. n = {n} samples per '
              f'cell ({per_class} per class), evaluation noise seed 0.', '',
              '**Metric that rewards guidance:** the energy distance between each class\'s samples and as many exact '
-             'samples of the guided target p_w(x | c) ∝ p(x | c)^(1+w) p(x)^(-w) (kdiff_align.evaluation.tilted: exact up to a '
+             'samples of the guided target p_w(x | c) ∝ p(x | c)^(1+w) p(x)^(-w) '
+             '(kdiff_align.evaluation.tilted: exact up to a '
              f'grid cell of {cell:.2g}, {cell / d["std"]:.2g} standard deviations), at the cell\'s effective guidance w (an aligned model '
              'sampled at w_train + w (1 + w_train)), next to the first round\'s distance to p(x | c).', '',
              '| w | floor of p_w (two exact sets, n per class) | distance between exact p_w and exact p(x \\| c) | '
@@ -508,7 +510,8 @@ def self_check_lines(rows: Sequence[Mapping[str, Any]], grid: Mapping[str, Any])
         return f'{sum(d.get(k, 0.) for k in labels):.1%}'
 
     b, w, nd = verdicts.BETTER, verdicts.WORSE, verdicts.NO_DIFFERENCE
-    lines = ['**The rule tests itself** (kdiff_align.bench.verdicts.self_check; the same checks run in the test suite). '
+    lines = ['**The rule tests itself** (kdiff_align.bench.verdicts.self_check; the same checks run in the test '
+             'suite). '
              f'{st["cells"]} synthetic cells of {st["seeds"]} paired seeds and 8 grid points, with a shared seed '
              'effect (initialisation and data order):', '',
              '| rule | identical variants: better or worse (false positives; stated 5%) | planted difference of '

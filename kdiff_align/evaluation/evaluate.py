@@ -43,8 +43,8 @@ from torch import nn  # noqa: E402
 from ..storage.checkpoint import CheckpointError, atomic_write, load_for_inference  # noqa: E402
 from ..core import registry  # noqa: E402
 from ..config import ConfigError, load_config, make_guided_denoiser  # noqa: E402
-from ..sampling.sample import (build_denoiser, data_shape, passes_per_step, sample,  # noqa: E402,F401 (build_denoiser: claims)
-                     trained_w)
+from ..sampling.sample import (  # noqa: E402,F401 (build_denoiser: claims)
+    build_denoiser, data_shape, passes_per_step, sample, trained_w)
 
 DETERMINISTIC_SAMPLER = 'dpmpp_2m'
 STOCHASTIC_SAMPLER = 'euler_ancestral'
