@@ -12,7 +12,7 @@ import torch
 from helpers import opts, tiny_digits, toy
 from kdiff_align.storage import checkpoint as ckpt_lib
 from kdiff_align.config import ConfigError, load_config
-from kdiff_align.training.trainer import TrainingError, main, train
+from kdiff_align.training.trainer import TrainingError, TrainOptions, main, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
