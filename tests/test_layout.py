@@ -2,6 +2,7 @@
 Stable Diffusion package imports no private name of another module."""
 
 import ast
+import functools
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / 'kdiff_align'
@@ -32,11 +33,16 @@ def imports(path: Path, modules: set[str]) -> list[tuple[str, str]]:
     return found
 
 
+@functools.lru_cache(maxsize=None)
 def graph() -> dict[str, dict[str, list[str]]]:
+    """module -> {imported module: the names imported from it}; each file parsed once, for every test."""
     files = {module_name(p): p for p in PACKAGE.rglob('*.py')}
-    return {name: {target: [n for t, n in imports(path, set(files)) if t == target]
-                   for target, _ in imports(path, set(files)) if target in files and target != name}
-            for name, path in files.items()}
+    edges = {}
+    for name, path in files.items():
+        found = imports(path, set(files))
+        edges[name] = {target: [n for t, n in found if t == target]
+                       for target, _ in found if target in files and target != name}
+    return edges
 
 
 def test_no_import_cycle():

@@ -310,16 +310,17 @@ def test_train_and_sample_commands_print_no_loading_noise(tiny, tmp_path):
     # float32 modules; the commands' own output is all that is left.
     path = tmp_path / 'sd.json'
     path.write_text(json.dumps(sd_tiny.sd_config(tiny['pipe'], tiny['data'])))
-    commands = [['kdiff_align.training.trainer', '--config', str(path), '--out-dir', str(tmp_path), '--name', 'quiet',
-                 '--end-step', '1', '--batch-size', '2', '--no-progress'],
-                ['kdiff_align.sd.sample', '--run', str(tmp_path / 'quiet'), '--prompt', 'a cat', '--steps', '1',
-                 '--out', str(tmp_path / 'cat.png'), '--device', 'cpu']]
-    env = {**SD_ENV, 'PYTHONPATH': str(ROOT)}
-    for argv in commands:
-        proc = subprocess.run([sys.executable, '-m', *argv], cwd=tmp_path, env=env, capture_output=True, text=True,
-                              timeout=300)
-        assert proc.returncode == 0, proc.stderr
-        assert 'Loading weights' not in proc.stderr and 'float32' not in proc.stderr, proc.stderr
+    train = ['--config', str(path), '--out-dir', str(tmp_path), '--name', 'quiet', '--end-step', '1',
+             '--batch-size', '2', '--no-progress']
+    sample = ['--run', str(tmp_path / 'quiet'), '--prompt', 'a cat', '--steps', '1', '--out', str(tmp_path / 'cat.png'),
+              '--device', 'cpu']
+    # Both commands in one fresh process (what a user's shell runs, less one interpreter start-up).
+    code = ('import sys; from kdiff_align import train; from kdiff_align.sd import sample; '
+            f'sys.exit(train.main({train!r}) or sample.main({sample!r}))')
+    proc = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, env={**SD_ENV, 'PYTHONPATH': str(ROOT)},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert 'Loading weights' not in proc.stderr and 'float32' not in proc.stderr, proc.stderr
     assert (tmp_path / 'cat.png').is_file()
 
 
