@@ -254,22 +254,28 @@ def test_project_lora_samples_in_diffusers_at_its_recommended_w(tiny, lora_run):
     assert torch.isfinite(tuned).all() and not torch.allclose(base, tuned)
 
 
+def resume_lora_run(tiny, lora_run, name: str, end_step: int) -> int:
+    """`python -m kdiff_align.sd.train --resume` of the shared LoRA run into runs/<name>, reusing its cache."""
+    from kdiff_align.sd.train import main
+
+    config = json.loads((lora_run.run_dir / 'config.json').read_text())
+    config['dataset']['cache_dir'] = str(lora_run.cache.parent)
+    path = tiny['root'] / f'{name}.json'
+    path.write_text(json.dumps(config))
+    return main(['--config', str(path), '--resume', str(lora_run.checkpoint), '--out-dir', str(tiny['root'] / 'runs'),
+                 '--name', name, '--end-step', str(end_step), '--batch-size', '2', '--no-progress'])
+
+
 def test_second_run_skips_vae_and_text_encoder(tiny, lora_run, monkeypatch):
     from kdiff_align.sd import data
-    from kdiff_align.sd.train import main
 
     def no_encoding(*args, **kwargs):
         raise AssertionError('the cache was not reused')
     monkeypatch.setattr(data, 'load_image', no_encoding)
     monkeypatch.setattr('kdiff_align.sd.model.encode_prompts', lambda tok, te, prompts, device=None: (
         no_encoding() if prompts != [''] else torch.zeros(1, 77, 32)))
-    config = json.loads((lora_run.run_dir / 'config.json').read_text())
-    config['dataset']['cache_dir'] = str(lora_run.cache.parent)
-    path = tiny['root'] / 'resume.json'
-    path.write_text(json.dumps(config))
     # Resume the run for one more step through the CLI, with the first run's cache.
-    assert main(['--config', str(path), '--resume', str(lora_run.checkpoint), '--out-dir', str(tiny['root'] / 'runs'),
-                 '--name', 'resumed', '--end-step', '5', '--batch-size', '2', '--no-progress']) == 0
+    assert resume_lora_run(tiny, lora_run, 'resumed', end_step=5) == 0
     assert (tiny['root'] / 'runs' / 'resumed' / 'resumed_lora.safetensors').is_file()
     assert json.loads((tiny['root'] / 'runs' / 'resumed' / 'latest.json').read_text())['latest_checkpoint'] \
         == 'checkpoints/00000005.pth'
@@ -277,14 +283,7 @@ def test_second_run_skips_vae_and_text_encoder(tiny, lora_run, monkeypatch):
 
 def test_sd_trainer_prints_the_run_header_and_no_loss_none(tiny, lora_run, capsys):
     """The SD trainer's header is the main trainer's (train_cli.print_run_header); resuming a finished run says so."""
-    from kdiff_align.sd.train import main
-
-    config = json.loads((lora_run.run_dir / 'config.json').read_text())
-    config['dataset']['cache_dir'] = str(lora_run.cache.parent)
-    path = tiny['root'] / 'header.json'
-    path.write_text(json.dumps(config))
-    assert main(['--config', str(path), '--resume', str(lora_run.checkpoint), '--out-dir', str(tiny['root'] / 'runs'),
-                 '--name', 'header', '--end-step', '4', '--batch-size', '2', '--no-progress']) == 0
+    assert resume_lora_run(tiny, lora_run, 'header', end_step=4) == 0
     out = capsys.readouterr().out
     assert f'Run folder: {tiny["root"] / "runs" / "header"}  (process 0 of 1 on cpu; trainable parameters: ' in out
     assert "Objective: aligned, w_train = " in out and "; the export recommends w = " in out
