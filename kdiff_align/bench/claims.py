@@ -7,8 +7,10 @@ a shipped config (configs/<bench>_<kind>.json) plus named overrides through kdif
 - baseline: standard CFG (w_train = 0, condition dropout);
 - baseline_interval: the baseline models sampled with a guidance interval (no retraining: the cheap fix);
 - aligned, gft, mg, distill: the shipped objectives (distill's teacher: the baseline model of the same seed);
-- baseline_equal_flops: standard CFG trained for the training FLOPs of the most expensive objective;
-- aligned_w1: the ablation behind the shipped w_train = 2.
+- baseline_equal_flops, baseline_flops_<objective>: standard CFG trained for each objective's counted training FLOPs
+  (aligned's; gft's, mg's; distill's including its teacher's), one model per distinct ratio;
+- aligned_w1, gft_w2, mg_w03, distill_w2: one ablation of each objective's own knob against its shipped setting;
+- <objective>_x2, _x4 (toy): the one-pass objectives trained 2x and 4x longer (their reproduction of CFG only).
 
 Every model is evaluated on w x steps x samplers (kdiff_align.evaluation.evaluate's resumable sweep: each cell's network
 evaluations counted, each toy cell scored against the exact guided target p_w) and, for the one-pass models and the
@@ -117,11 +119,18 @@ class Variant:
     name: str
     config: str                       # the shipped config it starts from: baseline | aligned | gft | mg | distill
     overrides: Mapping[str, Any]      # its named overrides, {"section.key": value}; '{teacher}' is filled per job
-    role: str = 'ablation'            # baseline | interval | objective | equal_flops | ablation
+    role: str = 'ablation'            # baseline | interval | objective | equal_flops | ablation | convergence
     description: str = ''
-    steps_factor: float | None = 1.0  # None: the FLOPs of the most expensive objective (equal_flops)
+    steps_factor: float = 1.0         # training steps relative to the bench's (equal_flops: from flops_of instead)
     model_of: str | None = None       # sample this variant's trained model (interval: 'baseline'); None: its own
     needs: tuple[str, ...] = ()       # variants of the same bench and seed that must finish first
+    flops_of: str | None = None       # equal_flops: the objective whose counted training FLOPs it trains for
+    ablates: str | None = None        # ablation: the shipped variant whose knob it changes
+    benches: tuple[str, ...] = ('toy', 'digits')    # the benchmarks it runs on
+    quick_benches: tuple[str, ...] | None = None     # with --quick (None: benches)
+
+    def runs_on(self, bench: str, quick: bool) -> bool:
+        return bench in (self.benches if not quick or self.quick_benches is None else self.quick_benches)
 
 
 TEACHER = '{teacher}'   # distill's align.teacher: the export of the baseline model of the same bench and seed
@@ -143,11 +152,39 @@ def variants() -> list[Variant]:
         Variant('distill', 'distill', {'align.teacher': TEACHER}, 'objective', 'the shipped <bench>_distill.json '
                 '(guidance distillation, w ~ U[0, 4] told to the student; one pass) with the baseline model of the '
                 'same seed as teacher', needs=('baseline',)),
-        Variant('baseline_equal_flops', 'baseline', {}, 'equal_flops', 'standard CFG trained for the training '
-                'FLOPs of the most expensive objective', steps_factor=None),
+        Variant('baseline_equal_flops', 'baseline', {}, 'equal_flops', 'standard CFG trained for aligned\'s '
+                'training FLOPs (the most expensive per step)', flops_of='aligned'),
         Variant('aligned_w1', 'aligned', {'align.w_train': 1.0}, 'ablation', 'aligned with w_train = 1 (the '
-                'first round\'s default; the ablation behind the shipped w_train = 2)'),
+                'first round\'s default; the ablation behind the shipped w_train = 2)', ablates='aligned'),
+        *costs_variants(),
     ]
+
+
+def costs_variants() -> list[Variant]:
+    """Issue 20 item 4 (costs) and item 6: a standard-CFG baseline at each objective's counted training FLOPs, one
+    ablation of each objective's own knob (aligned's is aligned_w1), and the one-pass objectives trained 2x and 4x
+    longer on the toy (the convergence of their reproduction of CFG)."""
+    out = [Variant(f'baseline_flops_{o}', 'baseline', {}, 'equal_flops', f'standard CFG trained for {o}\'s '
+                   'counted training FLOPs' + (' (its teacher\'s training included)' if o == 'distill' else ''),
+                   flops_of=o, quick_benches=('toy',)) for o in ('gft', 'mg', 'distill')]
+    half = {'type': 'uniform', 'min_value': 0.0, 'max_value': 2.0}
+    out += [Variant('gft_w2', 'gft', {'align.w_train': half}, 'ablation', 'gft with w ~ U[0, 2] (shipped: U[0, 4])',
+                    ablates='gft', quick_benches=()),
+            Variant('mg_w03', 'mg', {'align.w_train': 0.3}, 'ablation', 'mg with w = 0.3 (shipped: 0.45; one pass '
+                    'at 0.3 / 0.7 = 0.43)', ablates='mg', quick_benches=()),
+            Variant('distill_w2', 'distill', {'align.teacher': TEACHER, 'align.w_train': half}, 'ablation',
+                    'distill with w ~ U[0, 2] (shipped: U[0, 4])', needs=('baseline',), ablates='distill',
+                    quick_benches=())]
+    for o in ('gft', 'mg', 'distill'):
+        teacher = {'align.teacher': TEACHER} if o == 'distill' else {}
+        out += [Variant(f'{o}_x{f}', o, teacher, 'convergence', f'{o} trained {f}x the bench\'s steps (its '
+                        'reproduction of CFG only)', steps_factor=float(f), needs=('baseline',) if teacher else (),
+                        benches=('toy',), quick_benches=('toy',) if (o, f) == ('gft', 2) else ())
+                for f in CONVERGENCE_FACTORS[1:]]
+    return out
+
+
+CONVERGENCE_FACTORS = (1, 2, 4)   # training lengths of the convergence curve, x the bench's steps
 
 
 def variant_by_name() -> dict[str, Variant]:
@@ -194,11 +231,30 @@ def variant_config(bench: Bench, variant: Variant, teacher: str | None = None) -
     return load_config(override(shipped_config(bench.name, variant.config, bench.quick), named))
 
 
-def equal_flops_factor(bench: Bench, chosen: Sequence[str] | None = None) -> float:
-    """The training-FLOP ratio of the most expensive objective variant (distill counted without its teacher, which
-    is the baseline model)."""
-    return max(flop_ratio(variant_config(bench, v)) for v in variants()
-               if v.role == 'objective' and (chosen is None or v.name in chosen))
+def counted_flop_ratio(bench: Bench, objective: str) -> float:
+    """An objective variant's training FLOPs relative to standard CFG trained for the bench's steps: its steps factor
+    x its FLOPs per step, plus its teacher's training when it distils a baseline model (distill: 1 + (5 - 2p) / 3)."""
+    v = variant_by_name()[objective]
+    teacher = 1.0 if TEACHER in v.overrides.values() else 0.0
+    return v.steps_factor * flop_ratio(variant_config(bench, v)) + teacher
+
+
+def equal_flops_plan(bench: Bench, chosen: Sequence[str]) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
+    """({objective: {'reference': the baseline it is compared with at equal training FLOPs, 'ratio': its counted FLOP
+    ratio}}, {equal-FLOPs variant: the steps factor it trains for}): one model per distinct ratio, reused by every
+    objective of that ratio (a ratio of 1 is the baseline itself)."""
+    refs: dict[str, dict[str, Any]] = {}
+    trained = {'baseline': 1.0}
+    for v in variants():
+        if v.role != 'equal_flops' or v.name not in chosen or v.flops_of not in chosen \
+                or not v.runs_on(bench.name, bench.quick):
+            continue
+        ratio = round(counted_flop_ratio(bench, v.flops_of), 9)
+        same = next((name for name, r in trained.items() if abs(r - ratio) < 1e-9), None)
+        if same is None:
+            trained[v.name] = ratio
+        refs[v.flops_of] = {'reference': same or v.name, 'ratio': ratio}
+    return refs, {k: r for k, r in trained.items() if k != 'baseline'}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -247,6 +303,10 @@ def eval_cells(plan: Plan, bench: Bench, variant: Variant, config: Mapping[str, 
         repro = {w for w in plan.compare_ws if lo <= w <= hi}
     samplers = bench.samplers
     cells = evaluate.make_cells(sorted(ws), plan.steps, samplers)
+    if variant.role == 'convergence':   # costs: only its reproduction of CFG
+        cells = []
+    if variant.role == 'ablation':      # costs: compared with its shipped variant at equal steps only
+        repro = set()
     return cells, evaluate.make_cells(sorted(repro), [plan.repro_steps], [evaluate.DETERMINISTIC_SAMPLER])
 
 
@@ -334,11 +394,11 @@ def make_jobs(args: argparse.Namespace, plan: Plan, work: Path) -> list[Job]:
     all_benches = benches(args.quick)
     jobs = []
     for b in args.benchmarks:
-        factor = equal_flops_factor(all_benches[b], args.variants)
+        _, flops = equal_flops_plan(all_benches[b], args.variants)
         for v in variants():
-            if v.name in args.variants:
+            if v.name in args.variants and v.runs_on(b, args.quick) and (v.role != 'equal_flops' or v.name in flops):
                 jobs += [Job(b, v.name, seed, args.quick, str(work), plan, args.threads,
-                             factor if v.steps_factor is None else v.steps_factor) for seed in range(args.seeds)]
+                             flops.get(v.name, v.steps_factor)) for seed in range(args.seeds)]
     return jobs
 
 
@@ -472,8 +532,19 @@ def make_grid(plan: Plan, chosen: Sequence[str], benchmarks: Sequence[str], quic
         else:
             info.update(metric='fd', claims_metric='fd', accuracy_levels=list(plan.accuracy_levels),
                         fd_targets=sorted(set(bench.ws) | ({mg_w} if mg_w is not None else set())))
+        info['equal_flops'] = equal_flops_plan(bench, chosen)[0]
         grid['benches'][b] = info
+    grid.update(costs_grid(chosen))
     return grid
+
+
+def costs_grid(chosen: Sequence[str]) -> dict[str, Any]:
+    """The costs families' grid (results.json): 'ablations' {variant: the shipped variant it ablates} and
+    'convergence' {variant: [objective, training-length factor]}."""
+    by_name = variant_by_name()
+    return {'ablations': {v: by_name[v].ablates for v in chosen if by_name[v].ablates},
+            'convergence': {v: [by_name[v].config, by_name[v].steps_factor] for v in chosen
+                            if by_name[v].role == 'convergence'}}
 
 
 VERDICT_DOC = Path('docs/evidence.md')   # the page whose marked block a full run into docs/claims rewrites

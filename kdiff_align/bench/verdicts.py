@@ -36,9 +36,12 @@ Comparison families (objective X against a reference R):
   among the cells whose class accuracy reaches each level (FD at matched accuracy);
 - equal NFE (one-pass X): X at 2N steps against R at N steps, N in grid['nfe_steps'], counting only X's cells
   whose counted NFE is at most 2N (the cells that ran in one pass);
-- equal training FLOPs: equal steps against standard CFG trained for the FLOPs of the most expensive objective;
+- equal training FLOPs: equal steps against standard CFG trained for the objective's own counted training FLOPs
+  (grid['benches'][bench]['equal_flops']; distill's include its teacher's training);
 - against the guidance interval: equal steps against standard CFG sampled with a guidance interval;
-- reproduction of guidance and the paper's claims for aligned, as above.
+- reproduction of guidance and the paper's claims for aligned, as above;
+- costs (issue 20): each knob ablation against its shipped variant at equal steps (ablation_verdicts), and each
+  one-pass objective's reproduction test at every training length (convergence_verdicts, training_needed).
 """
 
 from __future__ import annotations
@@ -445,6 +448,8 @@ def need_comparisons(rows: Rows, grid: Mapping[str, Any], bench: str, need: str,
     """The comparisons behind one cell of the "which objective for which need" table (None: not applicable)."""
     present = {r['variant'] for r in rows if r['bench'] == bench}
     reference = dict((k, ref) for k, _, ref in NEEDS)[need]
+    if need == 'equal_flops':
+        reference = flops_reference(grid, bench, variant)
     if variant not in present or reference not in present or variant == reference:
         return None
     if need == 'equal_nfe':
@@ -491,12 +496,70 @@ def verdicts(rows: Rows, grid: Mapping[str, Any]) -> dict[str, list[dict[str, An
                 if not comps:
                     continue
                 e = reproduction_test(comps) if key == 'reproduction' else cell_test(comps)
-                needs.append({'need': key, 'bench': bench, 'variant': variant, **e.as_dict()})
+                needs.append({'need': key, 'bench': bench, 'variant': variant, **e.as_dict(),
+                              **(flops_info(grid, bench, variant) if key == 'equal_flops' else {})})
     claims = []
     for bench, claim, ref_name, cs in claims_families(rows, grid):
         claims.append({'claim': claim, 'bench': bench, 'metric': grid['benches'][bench]['claims_metric'],
                        'reference': ref_name, **claim_test(cs).as_dict()})
     return {'needs': needs, 'claims': claims}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Costs (issue 20 items 4 and 6): equal training FLOPs per objective, knob ablations, convergence over training length.
+
+def flops_info(grid: Mapping[str, Any], bench: str, variant: str) -> dict[str, Any]:
+    """{'reference', 'flop_ratio'}: the baseline an objective is compared with at equal training FLOPs and its
+    counted FLOP ratio; {} for results written before the per-objective baselines."""
+    info = grid['benches'][bench].get('equal_flops', {}).get(variant)
+    return {'reference': info['reference'], 'flop_ratio': info['ratio']} if info else {}
+
+
+def flops_reference(grid: Mapping[str, Any], bench: str, variant: str) -> str:
+    """The standard-CFG variant trained for the objective's counted training FLOPs (older results: the one
+    'baseline_equal_flops')."""
+    return flops_info(grid, bench, variant).get('reference', 'baseline_equal_flops')
+
+
+def ablation_verdicts(rows: Rows, grid: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Each knob ablation against its shipped variant (grid['ablations']), at equal steps, the paired rule:
+    'better' = the ablation is better than the shipped setting."""
+    out = []
+    for bench in grid['benches']:
+        present = {r['variant'] for r in rows if r['bench'] == bench and r.get('kind', 'cell') == 'cell'}
+        for variant, shipped in grid.get('ablations', {}).items():
+            if variant in present and shipped in present:
+                comps = equal_steps(rows, grid, bench, variant, shipped)
+                if comps:
+                    out.append({'bench': bench, 'variant': variant, 'shipped': shipped, **cell_test(comps).as_dict()})
+    return out
+
+
+def convergence_verdicts(rows: Rows, grid: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Each one-pass objective's reproduction test (against another-seed CFG, relative to the seed-to-seed spread)
+    at every training length it was trained for: x1 (the objective itself) and grid['convergence']'s longer ones."""
+    lengths = [(o, o, 1.0) for o in ONE_PASS] + [(o, v, float(f)) for v, (o, f) in grid.get('convergence', {}).items()]
+    out = []
+    for bench in grid['benches']:
+        longer = {o for o, v, f in lengths if f != 1.0 and any(r['variant'] == v and r['bench'] == bench
+                                                               for r in rows)}
+        for objective, variant, factor in sorted(lengths, key=lambda x: (ONE_PASS.index(x[0]), x[2])):
+            comps = reproduction(rows, bench, variant) if objective in longer else []
+            if comps:
+                out.append({'bench': bench, 'objective': objective, 'variant': variant, 'factor': factor,
+                            **reproduction_test(comps).as_dict()})
+    return out
+
+
+def training_needed(table: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], float | None]:
+    """{(bench, objective): the shortest training length (x the bench's steps) at which its reproduction test says
+    'reproduces', None when no tested length does}, from convergence_verdicts' rows."""
+    out: dict[tuple[str, str], float | None] = {}
+    for t in sorted(table, key=lambda t: t['factor']):
+        key = (t['bench'], t['objective'])
+        if out.get(key) is None:
+            out[key] = t['factor'] if t['label'] == REPRODUCES else None
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
