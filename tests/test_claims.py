@@ -159,6 +159,9 @@ def test_quick_claims_end_to_end_and_resume(tmp_path):
             cells = {t['variant']: t for t in table['needs'] if t['need'] == need and t['bench'] == b}
             expected = {'aligned', 'gft', 'mg', 'distill'} - ({'aligned'} if need in ('equal_nfe', 'reproduction')
                                                                  else set())
+            if need == 'equal_flops' and b == 'digits':   # --quick trains digits' equal-FLOPs baseline for aligned only
+                assert set(cells) == {'aligned'}   # never against aligned's baseline
+                expected = {'aligned'}
             assert expected <= set(cells), (need, b, sorted(cells))
             assert all(t['better'] + t['no_difference'] + t['worse'] > 0 for t in cells.values()), (need, b)
     assert {(t['claim'], t['bench']) for t in table['claims']} >= {('C1', 'toy'), ('C2', 'digits'),
@@ -206,8 +209,29 @@ def test_quick_claims_end_to_end_and_resume(tmp_path):
         v = claims.variant_by_name()[variant]
         expected = claims.variant_config(quick[b], v, str(claims.export_path(work, b, f'baseline-seed{seed}')))
         assert json.loads((run_dir / 'config.json').read_text()) == json.loads(json.dumps(expected))
-    assert {r['train_steps'] for r in rows if r['variant'] == 'baseline_equal_flops' and r['bench'] == 'toy'} == \
-        {round(40 * 1.9)}
+    # Each objective against standard CFG trained for its own counted FLOPs (distill: its teacher's training too),
+    # the ratio stated in its cell of the first table.
+    ratios = {'aligned': ('baseline_equal_flops', 1.9), 'gft': ('baseline_flops_gft', 1.3),
+              'mg': ('baseline_flops_mg', 1.6), 'distill': ('baseline_flops_distill', 2.6)}
+    for objective, (reference, ratio) in ratios.items():
+        assert {r['train_steps'] for r in rows if r['variant'] == reference and r['bench'] == 'toy'} == \
+            {round(40 * ratio)}
+        cell = next(t for t in table['needs'] if t['need'] == 'equal_flops' and t['bench'] == 'toy'
+                    and t['variant'] == objective)
+        assert (cell['reference'], cell['flop_ratio']) == (reference, pytest.approx(ratio))
+        assert [c.b.tolist() for c in verdicts.need_comparisons(rows, grid, 'toy', 'equal_flops', objective)] == \
+            [c.b.tolist() for c in verdicts.equal_steps(rows, grid, 'toy', objective, reference)]
+        assert f'vs CFG at {ratio:.2g}x FLOPs' in report
+    # The knob ablation (aligned_w1 in --quick) against its shipped setting, and the convergence curve's longer
+    # training (gft x2 in --quick: its reproduction cells only), each in its own section of the report.
+    assert {(t['bench'], t['variant'], t['shipped']) for t in verdicts.ablation_verdicts(rows, grid)} == \
+        {('toy', 'aligned_w1', 'aligned')}
+    assert {r['kind'] for r in rows if r['variant'] == 'gft_x2'} == {'repro_cell', 'reproduction'}
+    assert {r['train_steps'] for r in rows if r['variant'] == 'gft_x2' and r['kind'] == 'repro_cell'} == {80}
+    conv = verdicts.convergence_verdicts(rows, grid)
+    assert [(t['bench'], t['objective'], t['factor']) for t in conv] == [('toy', 'gft', 1.0), ('toy', 'gft', 2.0)]
+    assert '## The same tuning for every objective' in report and '## Training needed to reproduce CFG' in report
+    assert '(reproduction_vs_training_toy.png)' in report
 
     # The report, comparisons.md and the README block are the verdicts recomputed from results.json.
     needs, claims_lines = recomputed_tables(out / 'results.json')

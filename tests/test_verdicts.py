@@ -114,6 +114,85 @@ def test_reproduction_is_an_equivalence_test_against_another_seed():
         verdicts.DIFFERS
 
 
+def cell_rows(variant: str, factors, seeds: int = 5) -> list[dict]:
+    """Toy cells of one variant at one sampler and step count, w 1 and 2: seed k's metric is (1 + k / 10) x factor."""
+    return [{'kind': 'cell', 'bench': 'toy', 'variant': variant, 'train_seed': k, 'sampler': 'euler', 'steps': 8,
+             'w': w, 'w_target': w, 'nfe': 16, 'energy_w': w * (1 + k / 10) * f}
+            for k, f in zip(range(seeds), factors) for w in (1.0, 2.0)]
+
+
+COSTS_GRID = {'steps': [8], 'benches': {'toy': {'metric': 'energy', 'target_metric': 'energy_w', 'samplers': ['euler'],
+                                                'compare_ws': [1.0, 2.0], 'mg_w': None}}}
+
+
+def test_equal_flops_compares_each_objective_with_its_own_baseline():
+    rows = cell_rows('gft', [1.0] * 5) + cell_rows('baseline_equal_flops', [0.5] * 5) + \
+        cell_rows('baseline_flops_gft', [2.0] * 5)
+    toy = COSTS_GRID['benches']['toy']
+
+    def grid(equal_flops):
+        return {**COSTS_GRID, 'benches': {'toy': {**toy, **equal_flops}}}
+
+    own = grid({'equal_flops': {'gft': {'reference': 'baseline_flops_gft', 'ratio': 1.3}}})
+    e = verdicts.cell_test(verdicts.need_comparisons(rows, own, 'toy', 'equal_flops', 'gft'))
+    assert e.label == verdicts.BETTER and e.rel == pytest.approx(-0.5)          # against its own 1.3x baseline
+    assert verdicts.flops_info(own, 'toy', 'gft') == {'reference': 'baseline_flops_gft', 'flop_ratio': 1.3}
+    # No baseline of its own: not compared (never against another objective's FLOPs).
+    only_aligned = grid({'equal_flops': {'aligned': {'reference': 'baseline_equal_flops', 'ratio': 1.9}}})
+    assert verdicts.need_comparisons(rows, only_aligned, 'toy', 'equal_flops', 'gft') is None
+    # Results written before the per-objective baselines keep their one baseline_equal_flops.
+    old = verdicts.cell_test(verdicts.need_comparisons(rows, grid({}), 'toy', 'equal_flops', 'gft'))
+    assert old.label == verdicts.WORSE and old.rel == pytest.approx(1.0)
+
+
+def test_each_ablation_is_tested_against_its_shipped_setting():
+    ones = [1.0] * 5
+    rows = cell_rows('gft', ones) + cell_rows('gft_w2', [0.8, 0.82, 0.79, 0.81, 0.8]) + cell_rows('mg', ones) + \
+        cell_rows('mg_w03', [1.2, 1.21, 1.19, 1.2, 1.22]) + cell_rows('distill', ones) + \
+        cell_rows('distill_w2', [0.9, 1.1, 0.95, 1.05, 1.0])
+    grid = {**COSTS_GRID, 'ablations': {'gft_w2': 'gft', 'mg_w03': 'mg', 'distill_w2': 'distill', 'aligned_w1': 'aligned'}}
+    got = {t['variant']: t for t in verdicts.ablation_verdicts(rows, grid)}
+    assert set(got) == {'gft_w2', 'mg_w03', 'distill_w2'}      # aligned_w1 was not run: no row
+    assert {v: t['label'] for v, t in got.items()} == {'gft_w2': verdicts.BETTER, 'mg_w03': verdicts.WORSE,
+                                                       'distill_w2': verdicts.NO_DIFFERENCE}
+    assert got['gft_w2']['rel'] == pytest.approx(-0.196, abs=0.002) and got['gft_w2']['shipped'] == 'gft'
+    assert got['mg_w03']['rel_lo'] > 0 and got['distill_w2']['rel_lo'] < 0 < got['distill_w2']['rel_hi']
+
+
+def convergence_rows(excess: dict[str, float], seeds: int = 5) -> list[dict]:
+    """Reproduction rows: the baseline's seed-to-seed distance and each variant's, excess[v] further, from the
+    same reference seed k + 1."""
+    rng = np.random.default_rng(6)
+    rows = []
+    for k in range(seeds):
+        base = 1.0 + rng.normal(0, 0.1)
+        for variant, x in {'baseline': 0.0, **excess}.items():
+            rows.append({'kind': 'reproduction', 'bench': 'toy', 'variant': variant, 'train_seed': k,
+                         'reference_seed': (k + 1) % seeds, 'w': 1.0, 'steps': 8,
+                         'distance': base * (1 + x) + rng.normal(0, 0.01)})
+    return rows
+
+
+def test_training_needed_to_reproduce_follows_the_reproduction_tests():
+    grid = {**COSTS_GRID, 'convergence': {'gft_x2': ['gft', 2.0], 'gft_x4': ['gft', 4.0], 'mg_x2': ['mg', 2.0]}}
+    rows = convergence_rows({'gft': 1.0, 'gft_x2': 0.6, 'gft_x4': 0.0, 'mg': 1.5, 'mg_x2': 0.9, 'distill': 0.0})
+    table = verdicts.convergence_verdicts(rows, grid)
+    labels = {(t['objective'], t['factor']): t['label'] for t in table}
+    # distill has no longer training: no curve; gft differs at x1 and x2, reproduces at x4; mg never.
+    assert labels == {('gft', 1.0): verdicts.DIFFERS, ('gft', 2.0): verdicts.DIFFERS,
+                      ('gft', 4.0): verdicts.REPRODUCES, ('mg', 1.0): verdicts.DIFFERS, ('mg', 2.0): verdicts.DIFFERS}
+    assert [t['rel'] for t in table if t['objective'] == 'gft'] == pytest.approx([1.0, 0.6, 0.0], abs=0.03)
+    assert verdicts.training_needed(table) == {('toy', 'gft'): 4.0, ('toy', 'mg'): None}
+    # Reproducing at x1 but not at x2 is no stable length: needed only from where every longer length reproduces.
+    flaky = verdicts.convergence_verdicts(convergence_rows({'gft': 0.0, 'gft_x2': 1.0, 'gft_x4': 0.0}), grid)
+    assert [t['label'] for t in flaky] == [verdicts.REPRODUCES, verdicts.DIFFERS, verdicts.REPRODUCES]
+    assert verdicts.training_needed(flaky) == {('toy', 'gft'): 4.0}
+    assert verdicts.training_needed(flaky[:2]) == {('toy', 'gft'): None}
+    lines = claims_report.costs_lines(rows, grid, {})
+    assert '| toy | gft | **differs** +' in '\n'.join(lines) and lines[-2].endswith('| more than x2 |')
+    assert any(x.startswith('| toy | gft |') and x.endswith('| x4 |') for x in lines)
+
+
 def test_comparisons_refuse_unpaired_seeds():
     rows = [{'bench': 'toy', 'variant': v, 'train_seed': s, 'kind': 'cell'} for v, seeds in
             (('gft', (0, 1, 2)), ('baseline', (0, 1, 3))) for s in seeds]

@@ -9,7 +9,7 @@ a shipped config (configs/<bench>_<kind>.json) plus named overrides through kdif
 - aligned, gft, mg, distill: the shipped objectives (distill's teacher: the baseline model of the same seed);
 - baseline_equal_flops, baseline_flops_<objective>: standard CFG trained for each objective's counted training FLOPs
   (aligned's; gft's, mg's; distill's including its teacher's), one model per distinct ratio;
-- aligned_w1, gft_w2, mg_w03, distill_w2: one ablation of each objective's own knob against its shipped setting;
+- aligned_w1, gft_w2, mg_w03, distill_w2 (toy): one ablation of each objective's own knob against its shipped setting;
 - <objective>_x2, _x4 (toy): the one-pass objectives trained 2x and 4x longer (their reproduction of CFG only).
 
 Every model is evaluated on w x steps x samplers (kdiff_align.evaluation.evaluate's resumable sweep: each cell's network
@@ -155,7 +155,8 @@ def variants() -> list[Variant]:
         Variant('baseline_equal_flops', 'baseline', {}, 'equal_flops', 'standard CFG trained for aligned\'s '
                 'training FLOPs (the most expensive per step)', flops_of='aligned'),
         Variant('aligned_w1', 'aligned', {'align.w_train': 1.0}, 'ablation', 'aligned with w_train = 1 (the '
-                'first round\'s default; the ablation behind the shipped w_train = 2)', ablates='aligned'),
+                'first round\'s default; the ablation behind the shipped w_train = 2)', ablates='aligned',
+                benches=ABLATION_BENCHES),
         *costs_variants(),
     ]
 
@@ -166,15 +167,15 @@ def costs_variants() -> list[Variant]:
     longer on the toy (the convergence of their reproduction of CFG)."""
     out = [Variant(f'baseline_flops_{o}', 'baseline', {}, 'equal_flops', f'standard CFG trained for {o}\'s '
                    'counted training FLOPs' + (' (its teacher\'s training included)' if o == 'distill' else ''),
-                   flops_of=o, quick_benches=('toy',)) for o in ('gft', 'mg', 'distill')]
+                   flops_of=o, benches=FLOPS_BENCHES, quick_benches=('toy',)) for o in ('gft', 'mg', 'distill')]
     half = {'type': 'uniform', 'min_value': 0.0, 'max_value': 2.0}
     out += [Variant('gft_w2', 'gft', {'align.w_train': half}, 'ablation', 'gft with w ~ U[0, 2] (shipped: U[0, 4])',
-                    ablates='gft', quick_benches=()),
+                    ablates='gft', benches=ABLATION_BENCHES, quick_benches=()),
             Variant('mg_w03', 'mg', {'align.w_train': 0.3}, 'ablation', 'mg with w = 0.3 (shipped: 0.45; one pass '
-                    'at 0.3 / 0.7 = 0.43)', ablates='mg', quick_benches=()),
+                    'at 0.3 / 0.7 = 0.43)', ablates='mg', benches=ABLATION_BENCHES, quick_benches=()),
             Variant('distill_w2', 'distill', {'align.teacher': TEACHER, 'align.w_train': half}, 'ablation',
                     'distill with w ~ U[0, 2] (shipped: U[0, 4])', needs=('baseline',), ablates='distill',
-                    quick_benches=())]
+                    benches=ABLATION_BENCHES, quick_benches=())]
     for o in ('gft', 'mg', 'distill'):
         teacher = {'align.teacher': TEACHER} if o == 'distill' else {}
         out += [Variant(f'{o}_x{f}', o, teacher, 'convergence', f'{o} trained {f}x the bench\'s steps (its '
@@ -185,6 +186,10 @@ def costs_variants() -> list[Variant]:
 
 
 CONVERGENCE_FACTORS = (1, 2, 4)   # training lengths of the convergence curve, x the bench's steps
+# The knob ablations run on the toy only: on digits they would add about 3 x 5 models of 200 s (training and
+# evaluation) to the 120-minute budget; every objective gets the same one alternative on the same benchmark.
+ABLATION_BENCHES = ('toy',)
+FLOPS_BENCHES = ('toy', 'digits')   # the per-objective equal-FLOPs baselines (digits: about 57-71 worker-minutes)
 
 
 def variant_by_name() -> dict[str, Variant]:
@@ -292,7 +297,7 @@ def eval_cells(plan: Plan, bench: Bench, variant: Variant, config: Mapping[str, 
             repro = set(plan.compare_ws) | ({mg_w} if mg_w is not None else set())
     elif sampling == 'cfg':   # aligned
         w_t = float(config['align']['w_train'])
-        if variant.role == 'objective':   # matched effective guidance
+        if variant.role in ('objective', 'ablation'):   # matched effective guidance
             ws |= {matched_w(w, w_t) for w in bench.ws}
     elif sampling == 'trained-w':   # mg: its one pass at its effective w
         ws |= {w_range(config)[1]}

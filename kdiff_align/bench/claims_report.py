@@ -678,7 +678,7 @@ def costs_lines(rows: Sequence[Mapping[str, Any]], grid: Mapping[str, Any], vari
                   'The reproduction test (a one-pass model of seed k against standard CFG of seed k + 1, relative to '
                   'the distance between standard CFG of seeds k and k + 1, margin '
                   f'+{verdicts.REPRO_MARGIN:.0%}) at each training length, x the benchmark\'s steps (standard CFG '
-                  'itself at x1). Needed: the shortest tested length whose test says *reproduces*.', '',
+                  'itself at x1). Needed: the shortest tested length from which every tested length says *reproduces*.', '',
                   '| benchmark | objective | ' + ' | '.join(f'x{f:g}' for f in factors) + ' | needed |',
                   '|---|---|' + '---|' * len(factors) + '---|']
         for bench, objective in dict.fromkeys((t['bench'], t['objective']) for t in conv):

@@ -515,10 +515,12 @@ def flops_info(grid: Mapping[str, Any], bench: str, variant: str) -> dict[str, A
     return {'reference': info['reference'], 'flop_ratio': info['ratio']} if info else {}
 
 
-def flops_reference(grid: Mapping[str, Any], bench: str, variant: str) -> str:
-    """The standard-CFG variant trained for the objective's counted training FLOPs (older results: the one
-    'baseline_equal_flops')."""
-    return flops_info(grid, bench, variant).get('reference', 'baseline_equal_flops')
+def flops_reference(grid: Mapping[str, Any], bench: str, variant: str) -> str | None:
+    """The standard-CFG variant trained for the objective's counted training FLOPs; None when it has none (never
+    another objective's); results written before the per-objective baselines: the one 'baseline_equal_flops'."""
+    if 'equal_flops' not in grid['benches'][bench]:
+        return 'baseline_equal_flops'
+    return flops_info(grid, bench, variant).get('reference')
 
 
 def ablation_verdicts(rows: Rows, grid: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -552,13 +554,15 @@ def convergence_verdicts(rows: Rows, grid: Mapping[str, Any]) -> list[dict[str, 
 
 
 def training_needed(table: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], float | None]:
-    """{(bench, objective): the shortest training length (x the bench's steps) at which its reproduction test says
-    'reproduces', None when no tested length does}, from convergence_verdicts' rows."""
+    """{(bench, objective): the shortest training length (x the bench's steps) from which its reproduction test says
+    'reproduces' at every tested length, None when the longest does not}, from convergence_verdicts' rows."""
     out: dict[tuple[str, str], float | None] = {}
     for t in sorted(table, key=lambda t: t['factor']):
         key = (t['bench'], t['objective'])
-        if out.get(key) is None:
-            out[key] = t['factor'] if t['label'] == REPRODUCES else None
+        if t['label'] != REPRODUCES:
+            out[key] = None
+        elif out.get(key) is None:
+            out[key] = t['factor']
     return out
 
 
