@@ -1,4 +1,5 @@
-"""Configs: upstream k-diffusion's JSON format plus one top-level "align" section.
+"""Configs: upstream k-diffusion's JSON format plus one top-level "align" section (and an optional "guide" section:
+the training engine's guide snapshot for autoguidance, schema.resolve_guide).
 
 load_config = upstream's load_config (defaults merged) + the align section's defaults, validated eagerly:
 an unknown key, a wrong type or an out-of-range value raises ConfigError naming the key, the value and
