@@ -5,7 +5,8 @@ the objective of docs/design.md section 1: each step draws sigma from the config
 AlignedDenoiser.loss(x, noise, sigma, class_cond=labels), which chooses the null-condition anchor rows itself.
 Outputs go to <out-dir>/<name>/: config.json, args.json, metrics.csv, demo/, checkpoints/, latest.json and
 <name>.safetensors (EMA weights for inference); with a config "guide" section also <name>_guide.safetensors (the
-EMA weights at the guide step, a guide for autoguidance). Multi-GPU / multi-node: `accelerate launch -m kdiff_align.train`.
+EMA weights at the guide step, a guide for autoguidance). Multi-GPU / multi-node:
+`accelerate launch -m kdiff_align.train`.
 """
 
 from __future__ import annotations
@@ -211,6 +212,9 @@ def _train(config: str | Path | Mapping[str, Any] | None, options: TrainOptions,
     guide_path = run_dir / f'{options.name}_guide.safetensors'
     if config.get('guide') is not None:
         export = partial(export_with_guide, export, run, config, guide_path)
+        if is_main:
+            print(f'Guide snapshot: the EMA weights at step {run.guide_step} '
+                  f'({"taken" if run.guide is not None else "not taken yet"}), exported as {guide_path}', flush=True)
     evaluator = Evaluator(accelerator, config, dataset, options, ema_denoiser, run_dir) \
         if options.evaluate_every and options.evaluate_n else None
     wandb = WandbLog(options, config, n_params) if is_main and options.wandb_project else None
