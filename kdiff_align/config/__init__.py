@@ -1,4 +1,5 @@
-"""Configs: upstream k-diffusion's JSON format plus one top-level "align" section.
+"""Configs: upstream k-diffusion's JSON format plus one top-level "align" section (and an optional "guide" section:
+the training engine's guide snapshot for autoguidance, schema.resolve_guide).
 
 load_config = upstream's load_config (defaults merged) + the align section's defaults, validated eagerly:
 an unknown key, a wrong type or an out-of-range value raises ConfigError naming the key, the value and
@@ -20,7 +21,7 @@ from ..core import objective, registry
 from ..errors import ConfigError, choice, fail, number  # noqa: F401 (re-exported)
 from ..core.guidance import guided_denoiser
 from .schema import (ALIGN_DEFAULTS, SAMPLERS, config_path, is_sd_config, read_config, resolve_align,  # noqa: F401
-                     validate_align)
+                     resolve_guide, validate_align)
 
 __all__ = ['ALIGN_DEFAULTS', 'SAMPLERS', 'ConfigError', 'load_config', 'align_section', 'null_condition',
            'make_model', 'make_denoiser_wrapper', 'make_guided_denoiser', 'get_sampler',
@@ -28,7 +29,7 @@ __all__ = ['ALIGN_DEFAULTS', 'SAMPLERS', 'ConfigError', 'load_config', 'align_se
 
 MODEL_TYPES = ('image_v1', 'image_transformer_v1', 'toy_mlp')
 DATASET_TYPES = ('cifar10', 'imagefolder', 'imagefolder-class', 'digits', 'toy', 'custom', 'sd-captions')
-SECTIONS = ('model', 'dataset', 'optimizer', 'lr_sched', 'ema_sched', 'align')
+SECTIONS = ('model', 'dataset', 'optimizer', 'lr_sched', 'ema_sched', 'align', 'guide')
 
 
 def _validate_upstream(config: Mapping[str, Any]) -> None:
@@ -97,6 +98,7 @@ def _load_kdiffusion_config(raw: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(raw.get(section), dict):
             raise ConfigError(f'config section {section!r} is missing or not an object')
     align = resolve_align(raw.pop('align', None))
+    guide = resolve_guide(raw.pop('guide', None), align['objective'])
     choice('model.type', raw['model'].get('type'), MODEL_TYPES + ('stable_diffusion',))
     config = K_config.load_config(raw)
     _validate_upstream(config)
@@ -105,6 +107,8 @@ def _load_kdiffusion_config(raw: dict[str, Any]) -> dict[str, Any]:
             f'"{n}"' for n in registry.names() if not registry.get(n).needs_classes) + ' for an unconditional '
             'model (dataset.num_classes 0): the guided objectives need classes and their null condition')
     config['align'] = align
+    if guide is not None:   # only when given: configs without it stay as they were
+        config['guide'] = guide
     return config
 
 

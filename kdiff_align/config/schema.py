@@ -104,6 +104,36 @@ def validate_align(align: Mapping[str, Any]) -> None:
         number('align.class_embed_dim', align['class_embed_dim'], lo=1, integer=True)
 
 
+GUIDE_KEYS = ('ema_at_step', 'ema_at_fraction')
+GUIDE_ALLOWED = ('exactly one of "ema_at_step" (a step >= 1) or "ema_at_fraction" (a fraction of --end-step in '
+                 '(0, 1])')
+
+
+def resolve_guide(raw: Any, objective: str) -> dict[str, Any] | None:
+    """The top-level "guide" section, validated: {"ema_at_step": N} or {"ema_at_fraction": f}, the step at
+    which the training engine keeps the EMA weights as a guide for autoguidance; None when absent (or null)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        fail('guide', raw, 'an object with ' + GUIDE_ALLOWED)
+    unknown = sorted(set(raw) - set(GUIDE_KEYS))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], GUIDE_KEYS, n=1)
+        hint = f' (did you mean {"guide." + close[0]!r}?)' if close else ''
+        raise ConfigError(f'config key {"guide." + unknown[0]!r} is unknown{hint}; allowed keys in "guide": '
+                          + ', '.join(GUIDE_KEYS))
+    if len(raw) != 1:
+        fail('guide', dict(raw), GUIDE_ALLOWED)
+    if 'ema_at_step' in raw:
+        number('guide.ema_at_step', raw['ema_at_step'], lo=1, integer=True)
+    else:
+        number('guide.ema_at_fraction', raw['ema_at_fraction'], lo=0, hi=1, lo_open=True)
+    if registry.get(objective).one_pass:
+        fail('guide', dict(raw), f'no guide section for objective {objective!r}: autoguidance takes standard or '
+             'aligned models, and a one-pass (gft, mg, distill) model is no plain conditional denoiser')
+    return dict(raw)
+
+
 def is_sd_config(config: Mapping[str, Any]) -> bool:
     """Whether a raw or loaded config is a Stable Diffusion fine-tuning config (model.type "stable_diffusion")."""
     model = config.get('model') if isinstance(config, Mapping) else None

@@ -81,6 +81,9 @@ def make_config(raw: Mapping[str, Any], base: Path = Path('.')) -> dict[str, Any
     if not is_sd_config(raw):
         raise ConfigError(f'config key \'model.type\': got {raw.get("model", {}).get("type")!r}; '
                           'allowed: \'stable_diffusion\' (other model types load with kdiff_align.config)')
+    if raw.get('guide') is not None:
+        fail('guide', raw['guide'], 'no guide section for a Stable Diffusion config: the guide snapshot is a '
+             'feature of the k-diffusion trainer (autoguidance does not take Stable Diffusion models yet)')
     config = {
         'model': _merge('model', MODEL_DEFAULTS, raw['model']),
         'dataset': _merge('dataset', DATASET_DEFAULTS, raw.get('dataset')),

@@ -4,7 +4,9 @@ A checkpoint is a torch.save of plain tensors, numbers and strings, read back wi
 
     {'format': 'kdiff-align-checkpoint', 'version': 1, 'config': <JSON string>, 'args': <JSON string>,
      'model', 'model_ema', 'opt', 'sched', 'ema_sched', 'scaler': state dicts,
-     'step', 'epoch', 'batches_seen': ints, 'rng': RNG states (torch, cuda, numpy, python), one per process}
+     'step', 'epoch', 'batches_seen': ints, 'rng': RNG states (torch, cuda, numpy, python), one per process,
+     and with a config "guide" section: 'guide_step' (int) and 'model_guide' (the EMA weights at that step, None
+     before it)}
 
 (kdiff_align.training.engine writes them; 'model_ema' and 'ema_sched' are None without EMA, and a LoRA run's 'model'
 holds the adapter only.) Writes are atomic (atomic_write: a temporary file in the same folder, fsync,
@@ -186,24 +188,29 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def export_metadata(config: Mapping[str, Any], step: int | None = None) -> dict[str, str]:
+def export_metadata(config: Mapping[str, Any], step: int | None = None, *, guide: bool = False) -> dict[str, str]:
     """The safetensors metadata: the config (upstream reads its 'config' key) and the sampling metadata of
-    kdiff_align.storage.metadata (objective, w_train, recommended w_sample and cfg_scale, sigma_interval)."""
+    kdiff_align.storage.metadata (objective, w_train, recommended w_sample and cfg_scale, sigma_interval).
+    guide: a run's guide snapshot for autoguidance (the EMA weights at `step`), marked 'guide_snapshot': 'ema'."""
     from . import metadata
 
     meta = {'config': json.dumps(config), 'format': 'kdiff-align-export', **metadata.export_metadata(config)}
     if step is not None:
         meta['step'] = str(step)
+    if guide:
+        meta['guide_snapshot'] = 'ema'
     return meta
 
 
 def save_export(path: str | Path, state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any],
-                step: int | None = None) -> Path:
-    """Writes inference weights (the EMA model) as safetensors with the config in its metadata, atomically."""
+                step: int | None = None, *, guide: bool = False) -> Path:
+    """Writes inference weights (the EMA model; guide: a guide snapshot, export_metadata) as safetensors with the
+    config in its metadata, atomically."""
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().to('cpu').contiguous().clone() for k, v in state_dict.items()}
-    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=export_metadata(config, step)))
+    meta = export_metadata(config, step, guide=guide)
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def load_for_inference(path: str | Path, *, ema: bool = True, need_config: bool = True

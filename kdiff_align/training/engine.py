@@ -4,8 +4,9 @@ A caller builds what differs (the model, the per-sample loss of a batch, the dat
 The Engine owns the rest: accelerate (devices, mixed precision, processes), the config's optimizer and LR
 schedule, upstream's EMAWarmup, the step with gradient accumulation and the non-finite loss / gradient guard,
 metrics.csv, the progress bar, and atomic checkpoints that resume exactly: model, EMA, optimizer, schedules,
-grad scaler, the RNG states of every process and the data position (batches seen). StopRequest turns SIGINT
-and SIGTERM into "finish this step, save, return".
+grad scaler, the RNG states of every process and the data position (batches seen), and the guide snapshot of a
+config's "guide" section (the EMA weights at a stated step, for autoguidance). StopRequest turns SIGINT and
+SIGTERM into "finish this step, save, return".
 """
 
 from __future__ import annotations
@@ -225,11 +226,12 @@ def first_difference(a: Any, b: Any, prefix: str) -> str | None:
 
 
 def check_resume(config: Mapping[str, Any], ckpt: Mapping[str, Any], batch_size: int) -> None:
-    """Refuses a config whose model section differs from the checkpoint's; notes a changed batch size."""
-    diff = first_difference(config['model'], ckpt['config']['model'], 'model')
-    if diff:
-        raise ConfigError(f'the config does not match the checkpoint {ckpt["path"]!r} ({diff}); resume with '
-                          'the same model section, or omit --config to use the checkpoint\'s')
+    """Refuses a config whose model or guide section differs from the checkpoint's; notes a changed batch size."""
+    for section in ('model', 'guide'):
+        diff = first_difference(config.get(section), ckpt['config'].get(section), section)
+        if diff:
+            raise ConfigError(f'the config does not match the checkpoint {ckpt["path"]!r} ({diff}); resume with '
+                              f'the same {section} section, or omit --config to use the checkpoint\'s')
     old_batch = ckpt['args'].get('batch_size')
     if old_batch is not None and old_batch != batch_size:
         print(f'note: --batch-size {batch_size} differs from the checkpoint\'s {old_batch}; the data '
@@ -470,6 +472,10 @@ class Engine:
 
     save_frozen False: checkpoints hold the trainable parameters only (the frozen base reloads from its source,
     e.g. a LoRA on Stable Diffusion). per_epoch: batches per epoch per process (the metrics' epoch column).
+
+    A config "guide" section ({"ema_at_step": N}, or {"ema_at_fraction": f} of args' end_step, resolved when the
+    run first starts): .guide becomes a CPU copy of the EMA weights after step .guide_step's update. Checkpoints
+    record guide_step and, once taken, the snapshot ('guide_step', 'model_guide'), so a resumed run keeps both.
     """
 
     def __init__(self, accelerator, model: nn.Module, config: Mapping[str, Any], run_dir: Path, *,
@@ -488,9 +494,12 @@ class Engine:
         self.step = self.batches_seen = 0
         self.checkpoint: Path | None = None
         self.resumed_step: int | None = None
+        self.guide_step: int | None = None                  # resolved at the run's start, or restored
+        self.guide: dict[str, torch.Tensor] | None = None   # the EMA weights at guide_step, on the CPU
         self._rng = None
         if ckpt is not None:
             self._restore(ckpt)
+        self._resolve_guide_step(self.args.get('end_step'))
         if self.is_main:
             (self.run_dir / 'config.json').write_text(json.dumps(config, indent=2) + '\n')
             (self.run_dir / 'args.json').write_text(json.dumps(self.args, indent=2) + '\n')
@@ -515,6 +524,25 @@ class Engine:
             self.accelerator.scaler.load_state_dict(ckpt['scaler'])
         self.step, self.batches_seen = ckpt['step'], ckpt['batches_seen']
         self.checkpoint, self.resumed_step, self._rng = Path(path), self.step, ckpt['rng']
+        self.guide_step, self.guide = ckpt.get('guide_step'), ckpt.get('model_guide')   # None in older ones
+        if self.guide is not None and set(self.guide) != set(self.ema.state_dict(self.save_frozen)):
+            raise CheckpointError(f'checkpoint {path!r} has a guide snapshot that does not fit the config\'s model')
+
+    def _resolve_guide_step(self, end_step: int | None) -> None:
+        """guide_step from the config's guide section, once: a resumed run keeps the checkpoint's."""
+        guide = self.config.get('guide')
+        if guide is None or self.guide_step is not None:
+            return
+        if 'ema_at_step' in guide:
+            self.guide_step = guide['ema_at_step']
+        elif end_step is None:
+            raise ConfigError(f"config key 'guide.ema_at_fraction': got {guide['ema_at_fraction']!r}, a fraction of "
+                              "--end-step, which this run does not have; pass --end-step or use guide.ema_at_step")
+        else:
+            self.guide_step = max(1, round(guide['ema_at_fraction'] * end_step))
+        if end_step is not None and self.guide_step > end_step and self.is_main:
+            print(f'note: the guide snapshot step {self.guide_step} is after --end-step {end_step}; it is taken '
+                  'when a resumed run reaches it', file=sys.stderr)
 
     @contextlib.contextmanager
     def averaged(self):
@@ -550,6 +578,8 @@ class Engine:
             'scaler': scaler.state_dict() if scaler is not None else None,
             'epoch': self.batches_seen // self.per_epoch, 'batches_seen': self.batches_seen, 'rng': rng,
         }
+        if self.guide_step is not None:
+            state.update(guide_step=self.guide_step, model_guide=self.guide)
         self.checkpoint = ckpt_lib.save_checkpoint(self.run_dir, self.step, state)
         exported = None
         if export is not None:
@@ -591,6 +621,9 @@ class Engine:
         self.opt.zero_grad(set_to_none=True)
         decay = self.ema.update() if self.ema is not None else 0.
         self.step += 1
+        if self.step == self.guide_step:
+            self.guide = {n: t.detach().to('cpu', copy=True)
+                          for n, t in self.ema.state_dict(self.save_frozen).items()}
         return loss, grad_norm, decay
 
     def run(self, options: RunOptions, batches: Iterator[Any], loss_fn: Callable[[Any], torch.Tensor], *,

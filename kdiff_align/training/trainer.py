@@ -4,7 +4,9 @@ Upstream train.py's flags and loop (accelerate, EMA warmup, LR schedules, demo g
 the objective of docs/design.md section 1: each step draws sigma from the config's sample density and calls
 AlignedDenoiser.loss(x, noise, sigma, class_cond=labels), which chooses the null-condition anchor rows itself.
 Outputs go to <out-dir>/<name>/: config.json, args.json, metrics.csv, demo/, checkpoints/, latest.json and
-<name>.safetensors (EMA weights for inference). Multi-GPU / multi-node: `accelerate launch -m kdiff_align.train`.
+<name>.safetensors (EMA weights for inference); with a config "guide" section also <name>_guide.safetensors (the
+EMA weights at the guide step, a guide for autoguidance). Multi-GPU / multi-node:
+`accelerate launch -m kdiff_align.train`.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ class TrainResult:
     seconds: float
     interrupted: bool = False
     is_main: bool = True        # False on the other processes of a distributed run
+    guide_export: Path | None = None   # <name>_guide.safetensors (a config "guide" section, once taken)
 
 
 @dataclasses.dataclass
@@ -116,6 +119,16 @@ def demo_grid(denoiser: nn.Module, config: Mapping[str, Any], run_dir: Path, sam
 def export_ema(model: nn.Module, config: Mapping[str, Any], path: Path, step: int) -> Path:
     """<name>.safetensors: the model's (EMA-swapped) weights with the config and sampling metadata."""
     return ckpt_lib.save_export(path, model.state_dict(), config, step)
+
+
+def export_with_guide(export: Callable[[int], Path], run: engine.Engine, config: Mapping[str, Any], path: Path,
+                      step: int) -> list[Path]:
+    """The main export, then (once the run holds its guide snapshot) <name>_guide.safetensors: the EMA weights
+    at run.guide_step, in the same format, marked as a guide snapshot."""
+    paths = [export(step)]
+    if run.guide is not None:
+        paths.append(ckpt_lib.save_export(path, run.guide, config, run.guide_step, guide=True))
+    return paths
 
 
 class WandbLog:
@@ -196,6 +209,12 @@ def _train(config: str | Path | Mapping[str, Any] | None, options: TrainOptions,
     demo = partial(demo_grid, ema_denoiser, config, run_dir, options.sample_n, options.seed) \
         if options.sample_n else None
     export = partial(export_ema, run.unwrapped, config, run_dir / f'{options.name}.safetensors')
+    guide_path = run_dir / f'{options.name}_guide.safetensors'
+    if config.get('guide') is not None:
+        export = partial(export_with_guide, export, run, config, guide_path)
+        if is_main:
+            print(f'Guide snapshot: the EMA weights at step {run.guide_step} '
+                  f'({"taken" if run.guide is not None else "not taken yet"}), exported as {guide_path}', flush=True)
     evaluator = Evaluator(accelerator, config, dataset, options, ema_denoiser, run_dir) \
         if options.evaluate_every and options.evaluate_n else None
     wandb = WandbLog(options, config, n_params) if is_main and options.wandb_project else None
@@ -208,7 +227,8 @@ def _train(config: str | Path | Mapping[str, Any] | None, options: TrainOptions,
     return TrainResult(run_dir=run_dir, step=result.step, loss=result.loss, checkpoint=result.checkpoint,
                        export=exported if exported.exists() else None, demo=result.demo,
                        metrics=run_dir / 'metrics.csv', seconds=result.seconds, interrupted=result.interrupted,
-                       is_main=result.is_main)
+                       is_main=result.is_main,
+                       guide_export=guide_path if config.get('guide') is not None and guide_path.exists() else None)
 
 
 class Evaluator:
@@ -263,7 +283,8 @@ def describe(result: TrainResult, options: TrainOptions) -> str:
     """The CLI's closing line."""
     return (f'Done: step {result.step}, {engine.loss_text(result.loss, result.step, options.end_step)}, '
             f'{result.seconds:.0f} s. Checkpoint: {result.checkpoint}; export: {result.export}; demo grid: '
-            f'{result.demo}; metrics: {result.metrics}')
+            f'{result.demo}; metrics: {result.metrics}' + (f'; guide: {result.guide_export}' if result.guide_export
+                                                           else ''))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
