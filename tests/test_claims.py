@@ -140,6 +140,7 @@ def test_autoguidance_variants_guide_with_a_smaller_shorter_trained_model(capsys
             assert claims.differences(small, main) == {f'model.{key}'}
             assert claims.variant_config(b, ag)['align']['sigma_interval'] == \
                 claims.variant_config(b, v['baseline_interval'])['align']['sigma_interval']
+            assert 0.2 < claims.size_ratio(b, guide) < 0.4 and claims.size_ratio(b, ag) == 1.0   # stated FLOPs
             plan = claims.make_plan(quick, [b.name])
             assert claims.eval_cells(plan, b, guide, small) == ([], [])
             cells, repro = claims.eval_cells(plan, b, ag, main)

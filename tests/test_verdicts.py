@@ -147,7 +147,8 @@ NUM = r'([+-]\d+(?:\.\d+)?(?:e[+-]\d+)?)%'
 def close(printed: str, value: float) -> bool:
     """printed (percent, as claims_report.percent writes it) is value (a fraction) rounded."""
     return abs(float(printed) - 100 * value) <= (0.051 if abs(100 * value) >= 1 else 0.051 * abs(100 * value))
-ITEM = re.compile(r'(aligned|gft|mg|distill|the guidance interval on standard CFG:[^;]*?) ' + NUM + r' \[' + NUM
+ITEM = re.compile(r'(aligned|gft|mg|distill|the guidance interval on standard CFG:[^;]*?|autoguidance \(sampling '
+                  r'only, at equal counted NFE\):[^;]*?) ' + NUM + r' \[' + NUM
                   + ', ' + NUM + r'\]')
 
 
@@ -159,19 +160,21 @@ def sentence_disagreements(text: str, cells: dict) -> list[str]:
     seen = set()
     for group in groups:
         for m in ITEM.finditer(group):
-            name = 'baseline_interval' if m.group(1).startswith('the guidance') else m.group(1)
+            name = 'baseline_interval' if m.group(1).startswith('the guidance') else \
+                'autoguidance' if m.group(1).startswith('autoguidance') else m.group(1)
             t = cells[name]
             seen.add(name)
             for got, key in zip(m.groups()[1:], ('rel', 'rel_lo', 'rel_hi')):
                 if not close(got, t[key]):
                     out.append(f'{name}: {key} {got}% vs {100 * t[key]:.3f}%')
             phrase = claims_report.PHRASES[t['label']].split(' {ref}')[0]
-            if not group.replace('the guidance interval on standard CFG: ', '').startswith(phrase):
+            if not re.sub(r'^(the guidance interval on standard CFG|autoguidance \([^)]*\)): ', '', group
+                          ).startswith(phrase):
                 out.append(f'{name}: label {t["label"]!r} but the sentence says {group!r}')
     if seen != set(cells):
         out.append(f'cells {sorted(set(cells) - seen)} not stated')
     head = text.split(' — ', 1)[0]
-    labels = {t['label'] for v, t in cells.items() if v != 'baseline_interval'}
+    labels = {t['label'] for v, t in cells.items() if v not in claims_report.SAMPLING_ONLY}
     if ('some' in head) != bool(labels & {verdicts.BETTER, verdicts.REPRODUCES}):
         out.append(f'headline {head!r} vs labels {sorted(labels)}')
     return out
@@ -332,3 +335,16 @@ def test_mg_is_said_to_be_one_pass_only_at_its_trained_w():
     grid = {'benches': {'toy': {'mg_w': 0.45 / 0.55}}}
     assert 'mg only at its trained w = 0.818' in claims_report.nfe_cell_text(t, grid)
     assert 'trained w' not in claims_report.nfe_cell_text({**t, 'variant': 'gft'}, grid)
+
+
+def test_autoguidance_stands_beside_the_interval_in_the_answer_not_among_the_objectives():
+    def cell(label, rel):
+        return {'label': label, 'rel': rel, 'rel_lo': rel - 0.05, 'rel_hi': rel + 0.05}
+
+    cells = {'gft': cell(verdicts.WORSE, 0.2), 'autoguidance': cell(verdicts.BETTER, -0.3)}
+    text = claims_report.answer('vs_interval', cells)
+    assert text.startswith('the guidance interval is better than every objective — ')   # autoguidance is none
+    assert text.endswith('; autoguidance (sampling only, at equal counted NFE): better than the guidance interval '
+                         '-30.0% [-35.0%, -25.0%]')
+    assert sentence_disagreements(text, cells) == []
+    assert sentence_disagreements(text, {**cells, 'autoguidance': cell(verdicts.WORSE, -0.3)})

@@ -8,7 +8,10 @@ a shipped config (configs/<bench>_<kind>.json) plus named overrides through kdif
 - baseline_interval: the baseline models sampled with a guidance interval (no retraining: the cheap fix);
 - aligned, gft, mg, distill: the shipped objectives (distill's teacher: the baseline model of the same seed);
 - baseline_equal_flops: standard CFG trained for the training FLOPs of the most expensive objective;
-- aligned_w1: the ablation behind the shipped w_train = 2.
+- aligned_w1: the ablation behind the shipped w_train = 2;
+- autoguidance_guide: a guide per seed (standard CFG, half the width / channels, a quarter of the steps, same seed);
+- autoguidance: the baseline models guided by the guide of the same seed (AutoGuidedDenoiser, 2 NFE per guided step,
+  the guidance interval of baseline_interval), compared with the interval at equal counted NFE.
 
 Every model is evaluated on w x steps x samplers (kdiff_align.evaluation.evaluate's resumable sweep: each cell's network
 evaluations counted, each toy cell scored against the exact guided target p_w) and, for the one-pass models and the
@@ -359,13 +362,27 @@ def run_job(job: Job) -> dict[str, Any]:
     kept = evaluate.run_sweep({job.name: (config, denoiser)}, repro, task, out, seed=0, batch_size=1000,
                               progress=False, preview=10 ** 9, extra={**extra, 'kind': 'repro_cell'})
     return {'job': {**asdict(job), 'plan': None}, 'rows': result.rows + kept.rows, 'train_seconds': train_seconds,
-            'train_steps': steps, 'flop_ratio': flop_ratio(config), 'eval_seconds': time.perf_counter() - start,
+            'train_steps': steps, 'flop_ratio': flop_ratio(config) * size_ratio(bench, variant),
+            'eval_seconds': time.perf_counter() - start,
             'computed': len(result.computed) + len(kept.computed), 'trained': trained,
             'skipped': len(result.skipped) + len(kept.skipped), 'name': job.name, 'started': started,
             'finished': time.time()}
 
 
 AUTOGUIDED = '-ag'   # an autoguidance model's name: <job name>-ag<w>
+
+
+def size_ratio(bench: Bench, variant: Variant) -> float:
+    """A guide's parameters over the baseline model's (its training FLOPs per step relative to standard CFG, by
+    parameter count); 1 for every other variant."""
+    if variant.role != 'guide':
+        return 1.0
+    from ..config import make_model
+
+    def params(config: Mapping[str, Any]) -> int:
+        return sum(p.numel() for p in make_model(config).parameters())
+
+    return params(variant_config(bench, variant)) / params(variant_config(bench, variant_by_name()['baseline']))
 
 
 def autoguided_models(job: Job, bench: Bench, config: Mapping[str, Any], main: torch.nn.Module

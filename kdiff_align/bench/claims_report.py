@@ -22,7 +22,8 @@ FIRST_ROUND = ('baseline', 'aligned', 'baseline_equal_flops')   # the variants o
 NAMES = {'baseline': 'standard CFG', 'baseline_interval': 'guidance interval', 'aligned': 'aligned', 'gft': 'gft',
          'mg': 'mg', 'distill': 'distill', 'baseline_equal_flops': 'standard CFG, equal FLOPs',
          'aligned_w1': 'aligned w_train 1', 'autoguidance': 'autoguidance', 'autoguidance_guide': 'autoguidance guide'}
-COLUMNS = ('aligned', 'gft', 'mg', 'distill', 'baseline_interval')
+COLUMNS = ('aligned', 'gft', 'mg', 'distill', 'baseline_interval', 'autoguidance')
+SAMPLING_ONLY = ('baseline_interval', 'autoguidance')   # columns that are sampling methods, not training objectives
 README_BLOCK = ('<!-- claims verdicts: written by python -m kdiff_align.bench claims from docs/claims/results.json -->',
                 '<!-- end of claims verdicts -->')
 # How each label reads in a sentence (the answers, plain statements and "how to read it" are built from these).
@@ -104,7 +105,7 @@ def answer(need: str, cells: Mapping[str, Mapping[str, Any]]) -> str:
     by label ('<label phrase>: name +x% [low, high], ...'), after a headline saying whether any objective beat
     (or reproduced) the reference."""
     ref = reference_name(need)
-    objectives = {v: t for v, t in cells.items() if v != 'baseline_interval'}
+    objectives = {v: t for v, t in cells.items() if v not in SAMPLING_ONLY}
     groups = []
     for label in LABEL_ORDER:
         members = [v for v, t in objectives.items() if t['label'] == label]
@@ -127,6 +128,10 @@ def answer(need: str, cells: Mapping[str, Mapping[str, Any]]) -> str:
     if interval is not None:
         text += (f'; the guidance interval on standard CFG: {PHRASES[interval["label"]].format(ref=ref)} '
                  f'{effect_text(interval)}')
+    auto = cells.get('autoguidance')
+    if auto is not None:
+        text += (f'; autoguidance (sampling only, at equal counted NFE): {PHRASES[auto["label"]].format(ref=ref)} '
+                 f'{effect_text(auto)}')
     return text
 
 
@@ -546,7 +551,9 @@ def _variants_table(grid, jobs_info, variant_info) -> list[str]:
         cells = []
         for b in grid['benches']:
             t = _train_info(jobs_info, b, name)
-            cells.append('–' if t is None else ('no training (samples the baseline\'s models)' if v.model_of else
+            cells.append('–' if t is None else ('no training of its own (the baseline\'s and the guide\'s models)'
+                                                 if v.role == 'autoguidance' else
+                                                 'no training (samples the baseline\'s models)' if v.model_of else
                                                  f'{t[0]}, {t[2]:.2f}x, {t[1]:.0f} s'))
         overrides = ', '.join(f'`{k}` = ' + ('the baseline export of the same bench and seed' if val == '{teacher}'
                                              else 'half the bench\'s (where it has the key)' if val == '{half}'
@@ -565,7 +572,7 @@ def comparison_lines(rows, grid) -> list[str]:
              'below are description only. Generated with report.md from results.json.', '']
     for key, what, ref in NEEDS:
         for bench in grid['benches']:
-            for v in (*verdicts.OBJECTIVES, 'baseline_interval'):
+            for v in (*verdicts.OBJECTIVES, 'baseline_interval', verdicts.AUTOGUIDANCE):
                 comps = verdicts.need_comparisons(rows, grid, bench, key, v)
                 if not comps:
                     continue
@@ -675,7 +682,9 @@ def write_report(out: Path, work: Path, rows, grid, meta, jobs_info, benches_, v
               '(the variants table); every objective got at most those FLOPs (distill also needs its teacher, a '
               'standard model: 1x more).',
               '- *the cheap fix*: against the same standard CFG models sampled with a guidance interval, at equal steps '
-              '(the interval costs fewer NFE than CFG, one-pass models fewer still).',
+              '(the interval costs fewer NFE than CFG, one-pass models fewer still). Autoguidance, a sampling method '
+              'beside the interval, is compared with it at equal steps and equal counted NFE, each at its best w '
+              '(rule: "Sampling cost at equal counted NFE" below).',
               f'- *reproduction*: the distance between a one-pass model\'s samples and the standard model\'s CFG samples '
               f'at the same w, {grid["repro_steps"]} steps, against the standard model of ANOTHER training seed '
               '(k + 1), '
@@ -724,7 +733,8 @@ def write_report(out: Path, work: Path, rows, grid, meta, jobs_info, benches_, v
               *([f'Every variant of a benchmark also has its benchmark\'s named overrides ({bench_overrides}). '
                  'The toy\'s std 0.5: its classes overlap more than the shipped mixture\'s, so that the guided target '
                  'p_w(x | c) differs from p(x | c) beyond the floor.', ''] if bench_overrides else []),
-              'FLOPs per step from docs/design.md sections 4 and 6 at uncond_prob 0.1. Training seconds are wall '
+              'FLOPs per step from docs/design.md sections 4 and 6 at uncond_prob 0.1 (the autoguidance guide\'s '
+              'also times its parameters over the baseline\'s). Training seconds are wall '
               'seconds of one worker on a machine that other processes may share: compare FLOPs, not seconds.', '',
               '## Notes and limits', '',
               '- Spread = sd over training seeds; the evaluation noise is shared by all models (seed 0), so the spread '

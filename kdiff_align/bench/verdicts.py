@@ -37,8 +37,11 @@ Comparison families (objective X against a reference R):
 - equal NFE (one-pass X): X at 2N steps against R at N steps, N in grid['nfe_steps'], counting only X's cells
   whose counted NFE is at most 2N (the cells that ran in one pass);
 - equal training FLOPs: equal steps against standard CFG trained for the FLOPs of the most expensive objective;
-- against the guidance interval: equal steps against standard CFG sampled with a guidance interval;
-- reproduction of guidance and the paper's claims for aligned, as above.
+- against the guidance interval: equal steps against standard CFG sampled with a guidance interval (autoguidance,
+  a sampling method beside the interval: at equal steps and counted NFE, scored at each model's best w; below);
+- reproduction of guidance and the paper's claims for aligned, as above;
+- sampling cost (nfe_verdicts): equal NFE by N, and one-pass models and autoguidance against the guidance interval at
+  equal counted NFE (the section "Sampling cost" below).
 """
 
 from __future__ import annotations
@@ -556,6 +559,9 @@ def need_comparisons(rows: Rows, grid: Mapping[str, Any], bench: str, need: str,
     reference = dict((k, ref) for k, _, ref in NEEDS)[need]
     if variant not in present or reference not in present or variant == reference:
         return None
+    if variant == AUTOGUIDANCE:   # a sampling method beside the interval: only its row, at equal counted NFE
+        return [c for n in grid['steps'] for c in autoguidance_vs_interval(rows, grid, bench, n)] \
+            if need == 'vs_interval' else None
     if need == 'equal_nfe':
         if variant not in ONE_PASS:   # two-pass CFG: equal NFE is equal steps
             return None
@@ -595,7 +601,7 @@ def verdicts(rows: Rows, grid: Mapping[str, Any]) -> dict[str, list[dict[str, An
     needs = []
     for key, _, _ in NEEDS:
         for bench in grid['benches']:
-            for variant in (*OBJECTIVES, 'baseline_interval'):
+            for variant in (*OBJECTIVES, 'baseline_interval', AUTOGUIDANCE):
                 comps = need_comparisons(rows, grid, bench, key, variant)
                 if not comps:
                     continue
