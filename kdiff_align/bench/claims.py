@@ -156,8 +156,9 @@ def variants() -> list[Variant]:
         Variant('autoguidance_guide', 'baseline', {'model.width': HALF, 'model.channels': HALF}, 'guide',
                 'the autoguidance guide (Karras et al. 2024: a smaller, shorter-trained model of the same task): '
                 'standard CFG training with half the width / channels for a quarter of the baseline\'s steps, same '
-                'seed (the shipped lr and EMA schedules depend only on the step, not on the end step, so without '
-                'the smaller network it would be the baseline run\'s EMA snapshot at that step); not evaluated on '
+                'seed (the shipped lr and EMA schedules and the data order depend only on the step and the seed, '
+                'not on the end step, so without the smaller network it would be the baseline run\'s EMA snapshot '
+                'at that step); not evaluated on '
                 'its own; its training FLOPs are this variant\'s', steps_factor=GUIDE_STEPS),
         Variant('autoguidance', 'baseline', {'align.sigma_interval': list(INTERVAL)}, 'autoguidance',
                 'the baseline models guided by the guide of the same seed, D_main + w (D_main - D_guide) '
@@ -405,8 +406,8 @@ def autoguided_models(job: Job, bench: Bench, config: Mapping[str, Any], main: t
 
 def autoguided_row(row: Mapping[str, Any]) -> dict[str, Any]:
     """An autoguidance cell's row (sampled at the sweep's w = 0) with its autoguidance w: w and guide_w = the
-    AutoGuidedDenoiser's w; w_target stays 0 (autoguidance aims at p(x | c), not at CFG's p_w), passes from the
-    counted NFE."""
+    AutoGuidedDenoiser's w; w_target stays 0 (autoguidance aims at p(x | c), not at CFG's p_w); passes 2 per guided
+    step (main and guide; the counted NFE is the sweep's)."""
     w = float(row['model'].rsplit(AUTOGUIDED, 1)[1])
     return {**row, 'w': w, 'guide_w': w, 'passes': 2 if w > 0 else 1}
 

@@ -583,6 +583,18 @@ def comparison_lines(rows, grid) -> list[str]:
                           f'({_counts_text(e)})', '',
                           '| comparison | objective | reference | difference | outcome |', '|---|---|---|---|---|']
                 lines += [_comparison_row(c) for c in comps] + ['']
+    for family, what, ref in verdicts.NFE_FAMILIES:   # sampling cost: one cell per N
+        for bench in grid['benches']:
+            for n in grid['nfe_steps']:
+                for v in (*verdicts.ONE_PASS, verdicts.AUTOGUIDANCE):
+                    got = verdicts.nfe_comparisons(rows, grid, bench, family, v, n)
+                    if not got or not got[0]:
+                        continue
+                    e = verdicts.cell_test(got[0]).as_dict()
+                    lines += [f'## {what}: {NAMES[v]} against {REFERENCES[ref]}, {bench}, N = {n}: {e["label"]} '
+                              f'{effect_text(e)} ({_counts_text(e)})', '',
+                              '| comparison | objective | reference | difference | outcome |', '|---|---|---|---|---|']
+                    lines += [_comparison_row(c) for c in got[0]] + ['']
     lines += ['## The paper\'s claims for aligned', '',
               '| benchmark | claim | reference | comparison | aligned | reference | difference | outcome |',
               '|---|---|---|---|---|---|---|---|']

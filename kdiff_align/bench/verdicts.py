@@ -384,8 +384,9 @@ def equal_nfe(rows: Rows, grid: Mapping[str, Any], bench: str, variant: str, ref
                 a = _statistic(rows, grid, bench, variant, sampler, 2 * n, p, max_nfe=budget)
                 b = _statistic(rows, grid, bench, reference, sampler, n, p, max_nfe=budget)
                 if a is not None and b is not None:
-                    out.append(Comparison(f'{sampler}, NFE {budget:g} ({2 * n} one-pass steps vs {n} CFG steps, '
-                                          f'CFG counted {ref_nfe:g}), {name.format(p)}', a, b))
+                    ref = 'interval' if reference == INTERVAL_REF else 'CFG'
+                    out.append(Comparison(f'{sampler}, NFE {budget:g} ({2 * n} one-pass steps vs {n} {ref} steps, '
+                                          f'{ref} counted {ref_nfe:g}), {name.format(p)}', a, b))
     return out
 
 
