@@ -442,7 +442,7 @@ def autoguidance_vs_interval(rows: Rows, grid: Mapping[str, Any], bench: str, n:
         if info['metric'] == 'fd':
             for level in info['accuracy_levels']:
                 a = fd_at_accuracy(rows, bench, AUTOGUIDANCE, sampler, n, level, [0.])
-                b = fd_at_accuracy(rows, bench, INTERVAL_REF, sampler, n, level, info['fd_targets'])
+                b = fd_at_accuracy(rows, bench, INTERVAL_REF, sampler, n, level, info['ws'])   # the same grid
                 if a is not None and b is not None:
                     out.append(Comparison(f'{sampler}, {n} steps, accuracy >= {level:g} (lowest FD over w)', a, b))
         else:
@@ -482,8 +482,8 @@ def nfe_comparisons(rows: Rows, grid: Mapping[str, Any], bench: str, family: str
 
 
 def nfe_verdicts(rows: Rows, grid: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Every sampling-cost cell of a run: family, bench, nfe_n (N), variant, the steps and counted NFE per sample of each
-    side, and the cell test (Effect.as_dict)."""
+    """Every sampling-cost cell of a run: family, bench, nfe_n (N), variant, the steps and counted NFE per sample of
+    each side, and the cell test (Effect.as_dict)."""
     out = []
     for family, _, reference in NFE_FAMILIES:
         for bench in grid['benches']:
