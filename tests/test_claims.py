@@ -125,6 +125,61 @@ def test_variants_are_the_shipped_configs_up_to_their_named_overrides(quick):
     assert claims.differences({'a': {'b': 1, 'c': 2}}, {'a': {'b': 1, 'c': 3}, 'd': 0}) == {'a.c', 'd'}
 
 
+def test_the_nfe_counter_sees_both_models_of_autoguidance():
+    # Autoguidance calls two networks per guided step: the sweep's counter (wrapped around the AutoGuidedDenoiser,
+    # as claims.run_job does) counts the guide's rows too, so autoguidance at N steps counts what CFG does.
+    import torch
+
+    from kdiff_align.evaluation import evaluate
+    from kdiff_align.sampling.autoguidance import AutoGuidedDenoiser
+    from kdiff_align.sampling.nfe import CountingDenoiser
+
+    b = claims.benches(True)['toy']
+    v = claims.variant_by_name()
+    torch.manual_seed(0)
+    main_config = claims.variant_config(b, v['baseline'])
+    main = evaluate.build_denoiser(main_config)
+    guide = evaluate.build_denoiser(claims.variant_config(b, v['autoguidance_guide']))
+    labels = torch.arange(8) % 4
+
+    def nfe(denoiser, config, w):
+        counter = CountingDenoiser(denoiser)
+        evaluate.sample_cell(counter, config, evaluate.Cell('dpmpp_2m', 6, w), labels, seed=0)
+        return counter.nfe(8)
+
+    assert nfe(AutoGuidedDenoiser(main, guide, 2.), main_config, 0.) == 12 == nfe(main, main_config, 2.)
+    assert nfe(AutoGuidedDenoiser(main, guide, 0.), main_config, 0.) == 6
+    interval = claims.variant_config(b, v['baseline_interval'])
+    with_interval = nfe(AutoGuidedDenoiser(main, guide, 2., sigma_interval=interval['align']['sigma_interval']),
+                        main_config, 0.)
+    assert 6 < with_interval < 12 and with_interval == nfe(main, interval, 2.)
+
+
+def test_autoguidance_variants_guide_with_a_smaller_shorter_trained_model(capsys):
+    v = claims.variant_by_name()
+    guide, ag = v['autoguidance_guide'], v['autoguidance']
+    for quick in (False, True):
+        for b in claims.benches(quick).values():
+            main, small = claims.variant_config(b, v['baseline']), claims.variant_config(b, guide)
+            key = 'width' if b.name == 'toy' else 'channels'
+            half = (lambda x: [c // 2 for c in x]) if key == 'channels' else (lambda x: x // 2)
+            assert small['model'][key] == half(main['model'][key])
+            assert claims.differences(small, main) == {f'model.{key}'}
+            assert claims.variant_config(b, ag)['align']['sigma_interval'] == \
+                claims.variant_config(b, v['baseline_interval'])['align']['sigma_interval']
+            assert 0.2 < claims.size_ratio(b, guide) < 0.4 and claims.size_ratio(b, ag) == 1.0   # stated FLOPs
+            plan = claims.make_plan(quick, [b.name])
+            assert claims.eval_cells(plan, b, guide, small) == ([], [])
+            cells, repro = claims.eval_cells(plan, b, ag, main)
+            assert {c.w for c in cells} == {0.} and not repro   # each w of the grid is its own AutoGuidedDenoiser
+    assert guide.steps_factor == claims.GUIDE_STEPS < 1 and ag.model_of == 'baseline'
+    assert set(ag.needs) == {'baseline', 'autoguidance_guide'}
+    assert 'costs' in ag.description and '2 per step' in ag.description
+    with pytest.raises(SystemExit) as exc:
+        claims.main(['--variants', 'baseline', 'autoguidance'])
+    assert exc.value.code == 2 and "must include 'autoguidance_guide'" in capsys.readouterr().err
+
+
 def recomputed_tables(results: Path) -> tuple[list[str], list[str]]:
     rows, grid = claims_report.load_results(results)
     v = verdicts.verdicts(rows, grid)
@@ -201,9 +256,10 @@ def test_quick_claims_end_to_end_and_resume(tmp_path):
     assert config['align']['teacher'] == str(claims.export_path(work, 'toy', 'baseline-seed1'))
     # Every trained model is its variant's config through kdiff_align.training.trainer; the interval trains nothing.
     quick = claims.benches(True)
+    quick_width = quick['toy'].config['model']['width']
     for (b, variant, seed) in {(r['bench'], r['variant'], r['train_seed']) for r in rows if r.get('kind') == 'cell'}:
         run_dir = work / b / 'runs' / f'{variant}-seed{seed}'
-        if variant == 'baseline_interval':
+        if variant in ('baseline_interval', 'autoguidance'):
             assert not run_dir.exists()
             continue
         v = claims.variant_by_name()[variant]
@@ -232,6 +288,30 @@ def test_quick_claims_end_to_end_and_resume(tmp_path):
     assert [(t['bench'], t['objective'], t['factor']) for t in conv] == [('toy', 'gft', 1.0), ('toy', 'gft', 2.0)]
     assert '## The same tuning for every objective' in report and '## Training needed to reproduce CFG' in report
     assert '(reproduction_vs_training_toy.png)' in report
+
+    # Autoguidance (issue 20): the baseline model of the same seed guided by the guide of the same seed, at the same
+    # counted NFE as the interval in every cell; at w = 0 it is the baseline model itself.
+    cells = {(r['bench'], r['variant'], r['train_seed'], r['sampler'], r['steps'], r['w']): r for r in rows
+             if r.get('kind') == 'cell'}
+    ag = [k for k in cells if k[1] == 'autoguidance']
+    assert {(k[0], k[5]) for k in ag} == {(b, w) for b in ('toy', 'digits') for w in grid['benches'][b]['ws']}
+    for k in ag:
+        assert cells[k]['nfe'] == cells[(k[0], 'baseline_interval', *k[2:])]['nfe'] and cells[k]['w_target'] == 0
+        if k[5] == 0:
+            metric = grid['benches'][k[0]]['metric']
+            assert cells[k][metric] == cells[(k[0], 'baseline', *k[2:])][metric]
+    assert max(cells[k]['nfe'] for k in ag if k[4] == 4) > 4        # the guide's calls are counted
+    guide_config = json.loads((work / 'toy' / 'runs' / 'autoguidance_guide-seed0' / 'config.json').read_text())
+    assert guide_config['model']['width'] == quick_width // 2
+    assert {j['train_steps'] for j in run['jobs'] if j['job']['variant'] == 'autoguidance_guide'
+            and j['job']['bench'] == 'toy'} == {round(40 * claims.GUIDE_STEPS)}
+    # Sampling cost: one cell per N and family, each stating both sides' counted NFE; mg said to be one pass only
+    # at its trained w.
+    cost = verdicts.nfe_verdicts(rows, grid)
+    assert {(t['family'], t['variant']) for t in cost} == {('equal_nfe_by_n', v) for v in ('gft', 'mg', 'distill')} \
+        | {('vs_interval_nfe', v) for v in ('gft', 'mg', 'distill', 'autoguidance')}
+    assert '\n'.join(claims_report.nfe_tables(cost, grid)) in report and 'NFE (1 per step) vs CFG 2 steps, 4 NFE ' \
+        '(2 per step)' in report and 'mg only at its trained w = 0.818' in report
 
     # The report, comparisons.md and the README block are the verdicts recomputed from results.json.
     needs, claims_lines = recomputed_tables(out / 'results.json')

@@ -226,7 +226,8 @@ NUM = r'([+-]\d+(?:\.\d+)?(?:e[+-]\d+)?)%'
 def close(printed: str, value: float) -> bool:
     """printed (percent, as claims_report.percent writes it) is value (a fraction) rounded."""
     return abs(float(printed) - 100 * value) <= (0.051 if abs(100 * value) >= 1 else 0.051 * abs(100 * value))
-ITEM = re.compile(r'(aligned|gft|mg|distill|the guidance interval on standard CFG:[^;]*?) ' + NUM + r' \[' + NUM
+ITEM = re.compile(r'(aligned|gft|mg|distill|the guidance interval on standard CFG:[^;]*?|autoguidance \(sampling '
+                  r'only, at equal counted NFE\):[^;]*?) ' + NUM + r' \[' + NUM
                   + ', ' + NUM + r'\]')
 
 
@@ -238,19 +239,21 @@ def sentence_disagreements(text: str, cells: dict) -> list[str]:
     seen = set()
     for group in groups:
         for m in ITEM.finditer(group):
-            name = 'baseline_interval' if m.group(1).startswith('the guidance') else m.group(1)
+            name = 'baseline_interval' if m.group(1).startswith('the guidance') else \
+                'autoguidance' if m.group(1).startswith('autoguidance') else m.group(1)
             t = cells[name]
             seen.add(name)
             for got, key in zip(m.groups()[1:], ('rel', 'rel_lo', 'rel_hi')):
                 if not close(got, t[key]):
                     out.append(f'{name}: {key} {got}% vs {100 * t[key]:.3f}%')
             phrase = claims_report.PHRASES[t['label']].split(' {ref}')[0]
-            if not group.replace('the guidance interval on standard CFG: ', '').startswith(phrase):
+            if not re.sub(r'^(the guidance interval on standard CFG|autoguidance \([^)]*\)): ', '', group
+                          ).startswith(phrase):
                 out.append(f'{name}: label {t["label"]!r} but the sentence says {group!r}')
     if seen != set(cells):
         out.append(f'cells {sorted(set(cells) - seen)} not stated')
     head = text.split(' — ', 1)[0]
-    labels = {t['label'] for v, t in cells.items() if v != 'baseline_interval'}
+    labels = {t['label'] for v, t in cells.items() if v not in claims_report.SAMPLING_ONLY}
     if ('some' in head) != bool(labels & {verdicts.BETTER, verdicts.REPRODUCES}):
         out.append(f'headline {head!r} vs labels {sorted(labels)}')
     return out
@@ -327,3 +330,100 @@ def test_the_statistics_import_no_torch_or_model_code():
     code = 'import sys, kdiff_align.bench.verdicts; print(sorted(m for m in ("torch", "k_diffusion") if m in sys.modules))'
     proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0 and proc.stdout.strip() == '[]', proc.stdout + proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling cost (issue 20 item 4): equal NFE by N, one-pass models and autoguidance against the guidance interval.
+
+NFE_GRID = {'steps': [4, 8, 16], 'nfe_steps': [4, 8], 'variants': [],
+            'benches': {'toy': {'ws': [0., 2.], 'samplers': ['s'], 'compare_ws': [2.], 'mg_w': None,
+                                'metric': 'energy', 'claims_metric': 'energy', 'target_metric': 'energy_w'}}}
+
+
+def nfe_rows(gft_gain: dict, ag_gain: float, iv_gain: float = 0.) -> list[dict]:
+    """Synthetic toy cells of 5 seeds with a shared seed effect: standard CFG (2 NFE per step), the interval (1.5),
+    gft (1), autoguidance (the interval's NFE, target p(x | c)). gft's energy to p_w at 2N steps is the CFG's at N
+    times 1 + gft_gain[N]; at w = 2, autoguidance's energy to p(x | c) is the level at w = 0 (the same baseline model)
+    times 1 + ag_gain, the interval's times 1 + iv_gain."""
+    rows = []
+    for s in range(5):
+        u = 1 + 0.1 * [0.3, -0.5, 0.8, -0.2, 0.1][s]          # the seed effect (same-seed models)
+        e = [0.004, -0.003, 0.002, -0.001, 0.0][s]             # per-model noise
+        for steps in NFE_GRID['steps']:
+            level = u * 8 / steps
+            for w in (0., 2.):
+                def row(variant, nfe, energy_w, energy, w_target=w, **extra):
+                    rows.append({'bench': 'toy', 'variant': variant, 'train_seed': s, 'kind': 'cell', 'sampler': 's',
+                                 'steps': steps, 'w': w, 'w_target': w_target, 'nfe': nfe, 'energy_w': energy_w,
+                                 'energy': energy, **extra})
+                row('baseline', steps * (2 if w else 1), level, level)
+                iv = level * ((1 + iv_gain + e) if w else 1.)
+                row('baseline_interval', steps * (1.5 if w else 1), level, iv)
+                gain = gft_gain.get(steps // 2, 0.) + e
+                row('gft', steps, 8 / (steps // 2) * u * (1 + gain), level)
+                ag = level * ((1 + ag_gain + e) if w else 1.)
+                row('autoguidance', steps * (1.5 if w else 1), ag, ag, w_target=0., guide_w=w)
+    return rows
+
+
+def test_equal_nfe_is_broken_down_by_n_with_its_counted_cost():
+    # gft wins at N = 4 only: the pooled cell averages it away; one cell per N shows where (issue 20).
+    rows = nfe_rows({4: -0.3, 8: 0.0}, 0.0)
+    table = verdicts.nfe_verdicts(rows, NFE_GRID)
+    by_n = {t['nfe_n']: t for t in table if t['family'] == 'equal_nfe_by_n' and t['variant'] == 'gft'}
+    assert by_n[4]['label'] == verdicts.BETTER and by_n[4]['rel'] == pytest.approx(-0.3, abs=0.01)
+    assert by_n[8]['label'] == verdicts.NO_DIFFERENCE
+    # Both sides' steps and counted NFE are stated: one pass at 2N steps against CFG at N, the same total.
+    assert (by_n[4]['steps'], by_n[4]['nfe'], by_n[4]['ref_steps'], by_n[4]['ref_nfe']) == (8, (8, 8), 4, (8, 8))
+    assert claims_report.nfe_cell_text(by_n[4], NFE_GRID).endswith(
+        '8 steps, 8 NFE (1 per step) vs CFG 4 steps, 8 NFE (2 per step)')
+    # Against the interval: gft at 2N spends 2N, the interval at N counts 1.5 N (stated, never more than gft's).
+    iv = {t['nfe_n']: t for t in table if t['family'] == 'vs_interval_nfe' and t['variant'] == 'gft'}
+    assert iv[4]['label'] == verdicts.BETTER and iv[4]['ref_nfe'] == (6, 6) and iv[4]['nfe'] == (8, 8)
+    # Labels follow the numbers: flip the planted gain and the label flips.
+    flipped = verdicts.nfe_verdicts(nfe_rows({4: 0.3, 8: 0.0}, 0.0), NFE_GRID)
+    assert [t['label'] for t in flipped if t['family'] == 'equal_nfe_by_n' and t['nfe_n'] == 4] == [verdicts.WORSE]
+
+
+@pytest.mark.parametrize('gain, iv_gain, label', [(-0.2, 0., verdicts.BETTER), (0., -0.2, verdicts.WORSE),
+                                                  (0.2, 0.2, verdicts.NO_DIFFERENCE)])
+def test_autoguidance_against_the_interval_at_equal_nfe(gain, iv_gain, label):
+    # Scored at each model's best w by the energy to p(x | c) (autoguidance does not aim at p_w), same steps and the
+    # same counted NFE. Both grids hold w = 0, the same baseline model: when neither guidance improves on it, both
+    # are at w = 0 and there is no difference; the one whose guidance gets closer to p(x | c) wins.
+    table = verdicts.nfe_verdicts(nfe_rows({}, gain, iv_gain), NFE_GRID)
+    ag = {t['nfe_n']: t for t in table if t['variant'] == 'autoguidance'}
+    assert set(ag) == {4, 8} and all(t['family'] == 'vs_interval_nfe' for t in ag.values())
+    assert all(t['label'] == label for t in ag.values())
+    assert ag[4]['nfe'] == ag[4]['ref_nfe'] == (6, 6) and ag[4]['steps'] == ag[4]['ref_steps'] == 4
+    if gain < 0:
+        assert ag[4]['rel'] == pytest.approx(gain, abs=0.01)
+    # Every generated sentence states its cell's label and effect.
+    for line, t in zip(claims_report.nfe_statements(table), table):
+        m = re.match(r'- toy, N = (\d+): (\S+) (.*) ' + NUM + r' \[' + NUM + ', ' + NUM + r'\] \((\d+) steps', line)
+        assert m and int(m.group(1)) == t['nfe_n'] and m.group(2) == claims_report.NAMES[t['variant']], line
+        assert m.group(3).startswith(claims_report.PHRASES[t['label']].split(' {ref}')[0]), line
+        assert all(close(got, t[k]) for got, k in zip(m.groups()[3:6], ('rel', 'rel_lo', 'rel_hi'))), line
+        assert int(m.group(7)) == t['steps']
+
+
+def test_mg_is_said_to_be_one_pass_only_at_its_trained_w():
+    t = {'label': verdicts.BETTER, 'rel': -0.1, 'rel_lo': -0.2, 'rel_hi': -0.05, 'better': 1, 'no_difference': 0,
+         'worse': 0, 'reference': 'baseline', 'bench': 'toy', 'variant': 'mg', 'steps': 8, 'nfe': (8, 8),
+         'ref_steps': 4, 'ref_nfe': (8, 8)}
+    grid = {'benches': {'toy': {'mg_w': 0.45 / 0.55}}}
+    assert 'mg only at its trained w = 0.818' in claims_report.nfe_cell_text(t, grid)
+    assert 'trained w' not in claims_report.nfe_cell_text({**t, 'variant': 'gft'}, grid)
+
+
+def test_autoguidance_stands_beside_the_interval_in_the_answer_not_among_the_objectives():
+    def cell(label, rel):
+        return {'label': label, 'rel': rel, 'rel_lo': rel - 0.05, 'rel_hi': rel + 0.05}
+
+    cells = {'gft': cell(verdicts.WORSE, 0.2), 'autoguidance': cell(verdicts.BETTER, -0.3)}
+    text = claims_report.answer('vs_interval', cells)
+    assert text.startswith('the guidance interval is better than every objective — ')   # autoguidance is none
+    assert text.endswith('; autoguidance (sampling only, at equal counted NFE): better than the guidance interval '
+                         '-30.0% [-35.0%, -25.0%]')
+    assert sentence_disagreements(text, cells) == []
+    assert sentence_disagreements(text, {**cells, 'autoguidance': cell(verdicts.WORSE, -0.3)})

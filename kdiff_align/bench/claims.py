@@ -11,6 +11,9 @@ a shipped config (configs/<bench>_<kind>.json) plus named overrides through kdif
   (aligned's; gft's, mg's; distill's including its teacher's), one model per distinct ratio;
 - aligned_w1, gft_w2, mg_w03, distill_w2 (toy): one ablation of each objective's own knob against its shipped setting;
 - <objective>_x2, _x4 (toy): the one-pass objectives trained 2x and 4x longer (their reproduction of CFG only).
+- autoguidance_guide: a guide per seed (standard CFG, half the width / channels, a quarter of the steps, same seed);
+- autoguidance: the baseline models guided by the guide of the same seed (AutoGuidedDenoiser, 2 NFE per guided step,
+  the guidance interval of baseline_interval), compared with the interval at equal counted NFE.
 
 Every model is evaluated on w x steps x samplers (kdiff_align.evaluation.evaluate's resumable sweep: each cell's network
 evaluations counted, each toy cell scored against the exact guided target p_w) and, for the one-pass models and the
@@ -134,6 +137,8 @@ class Variant:
 
 
 TEACHER = '{teacher}'   # distill's align.teacher: the export of the baseline model of the same bench and seed
+HALF = '{half}'         # a guide's network size: half the bench's value of the key (a key the bench lacks: unset)
+GUIDE_STEPS = 0.25      # the guide's training steps, as a fraction of the baseline's
 
 
 def variants() -> list[Variant]:
@@ -157,6 +162,20 @@ def variants() -> list[Variant]:
         Variant('aligned_w1', 'aligned', {'align.w_train': 1.0}, 'ablation', 'aligned with w_train = 1 (the '
                 'first round\'s default; the ablation behind the shipped w_train = 2)', ablates='aligned',
                 benches=ABLATION_BENCHES),
+        # issue 20 items 1 and 4 (sampling cost): autoguidance as a baseline beside the guidance interval.
+        Variant('autoguidance_guide', 'baseline', {'model.width': HALF, 'model.channels': HALF}, 'guide',
+                'the autoguidance guide (Karras et al. 2024: a smaller, shorter-trained model of the same task): '
+                'standard CFG training with half the width / channels for a quarter of the baseline\'s steps, same '
+                'seed (the shipped lr and EMA schedules and the data order depend only on the step and the seed, '
+                'not on the end step, so without the smaller network it would be the baseline run\'s EMA snapshot '
+                'at that step); not evaluated on '
+                'its own; its training FLOPs are this variant\'s', steps_factor=GUIDE_STEPS),
+        Variant('autoguidance', 'baseline', {'align.sigma_interval': list(INTERVAL)}, 'autoguidance',
+                'the baseline models guided by the guide of the same seed, D_main + w (D_main - D_guide) '
+                '(AutoGuidedDenoiser), over the bench\'s w grid, with the guidance interval of baseline_interval '
+                '(so that at equal steps its counted NFE equals the interval\'s: 2 per step inside the interval, '
+                '1 outside); costs the guide\'s training besides', model_of='baseline',
+                needs=('baseline', 'autoguidance_guide')),
         *costs_variants(),
     ]
 
@@ -233,7 +252,19 @@ def variant_config(bench: Bench, variant: Variant, teacher: str | None = None) -
     (teacher fills distill's '{teacher}')."""
     named = {k: ((teacher or 'runs/<bench>/baseline-seed<k>') if v == TEACHER else v)
              for k, v in variant.overrides.items()}
-    return load_config(override(shipped_config(bench.name, variant.config, bench.quick), named))
+    config = shipped_config(bench.name, variant.config, bench.quick)
+    named = {k: v if v != HALF else _half(config, k) for k, v in named.items()
+             if v != HALF or _half(config, k) is not None}
+    return load_config(override(config, named))
+
+
+def _half(config: Mapping[str, Any], dotted: str) -> Any:
+    """Half of config's value at a dotted key (a number, or each number of a list; at least 1); None if unset."""
+    section, key = dotted.split('.')
+    value = config.get(section, {}).get(key)
+    if value is None:
+        return None
+    return [max(1, v // 2) for v in value] if isinstance(value, list) else max(1, value // 2)
 
 
 def counted_flop_ratio(bench: Bench, objective: str) -> float:
@@ -291,6 +322,10 @@ def eval_cells(plan: Plan, bench: Bench, variant: Variant, config: Mapping[str, 
     mg_w = plan.mg_w.get(bench.name)
     ws = set(bench.ws)
     repro: set[float] = set()
+    if variant.role == 'guide':   # trained for autoguidance only
+        return [], []
+    if variant.role == 'autoguidance':   # every w of the grid through AutoGuidedDenoiser: run_job's cells at w = 0
+        return evaluate.make_cells([0.], plan.steps, bench.samplers), []
     if variant.role in ('baseline', 'interval', 'equal_flops'):
         ws |= {mg_w} if mg_w is not None else set()
         if variant.role == 'baseline':
@@ -384,15 +419,62 @@ def run_job(job: Job) -> dict[str, Any]:
              'batch_size': bench.batch_size, 'kind': 'cell'}
     start = time.perf_counter()
     out = work / job.bench
-    result = evaluate.run_sweep({job.name: (config, denoiser)}, cells, task, out, seed=0, batch_size=1000,
-                                progress=False, extra=extra)
+    models = {job.name: (config, denoiser)}
+    if variant.role == 'autoguidance':
+        models = autoguided_models(job, bench, config, denoiser)
+    result = evaluate.run_sweep(models, cells, task, out, seed=0, batch_size=1000, progress=False, extra=extra)
+    if variant.role == 'autoguidance':
+        result.rows[:] = [autoguided_row(r) for r in result.rows]
     kept = evaluate.run_sweep({job.name: (config, denoiser)}, repro, task, out, seed=0, batch_size=1000,
                               progress=False, preview=10 ** 9, extra={**extra, 'kind': 'repro_cell'})
     return {'job': {**asdict(job), 'plan': None}, 'rows': result.rows + kept.rows, 'train_seconds': train_seconds,
-            'train_steps': steps, 'flop_ratio': flop_ratio(config), 'eval_seconds': time.perf_counter() - start,
+            'train_steps': steps, 'flop_ratio': flop_ratio(config) * size_ratio(bench, variant),
+            'eval_seconds': time.perf_counter() - start,
             'computed': len(result.computed) + len(kept.computed), 'trained': trained,
             'skipped': len(result.skipped) + len(kept.skipped), 'name': job.name, 'started': started,
             'finished': time.time()}
+
+
+AUTOGUIDED = '-ag'   # an autoguidance model's name: <job name>-ag<w>
+
+
+def size_ratio(bench: Bench, variant: Variant) -> float:
+    """A guide's parameters over the baseline model's (its training FLOPs per step relative to standard CFG, by
+    parameter count); 1 for every other variant."""
+    if variant.role != 'guide':
+        return 1.0
+    from ..config import make_model
+
+    def params(config: Mapping[str, Any]) -> int:
+        return sum(p.numel() for p in make_model(config).parameters())
+
+    return params(variant_config(bench, variant)) / params(variant_config(bench, variant_by_name()['baseline']))
+
+
+def autoguided_models(job: Job, bench: Bench, config: Mapping[str, Any], main: torch.nn.Module
+                      ) -> dict[str, tuple[dict[str, Any], torch.nn.Module]]:
+    """{<job>-ag<w>: (the baseline's config without an interval, AutoGuidedDenoiser(main, guide, w))} for every w of
+    the bench's grid, the guide being the autoguidance_guide export of the same bench and seed (check_guide'd).
+    Sampled at the cell's w = 0, the sweep's guided denoiser is the AutoGuidedDenoiser itself, and its NFE counter
+    sees both models' calls (sampling.nfe.CountingDenoiser counts the guide's rows too)."""
+    from ..sampling.autoguidance import AutoGuidedDenoiser, check_guide
+
+    guide_config, guide_state = load_for_inference(export_path(Path(job.work), job.bench,
+                                                               f'autoguidance_guide-seed{job.seed}'))
+    guide_config = load_config(guide_config)
+    check_guide(config, guide_config)
+    guide = evaluate.build_denoiser(guide_config, guide_state)
+    plain = override(config, {'align.sigma_interval': None})
+    return {f'{job.name}{AUTOGUIDED}{w:g}': (plain, AutoGuidedDenoiser(main, guide, w, sigma_interval=config[
+        'align']['sigma_interval'])) for w in bench.ws}
+
+
+def autoguided_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """An autoguidance cell's row (sampled at the sweep's w = 0) with its autoguidance w: w and guide_w = the
+    AutoGuidedDenoiser's w; w_target stays 0 (autoguidance aims at p(x | c), not at CFG's p_w); passes 2 per guided
+    step (main and guide; the counted NFE is the sweep's)."""
+    w = float(row['model'].rsplit(AUTOGUIDED, 1)[1])
+    return {**row, 'w': w, 'guide_w': w, 'passes': 2 if w > 0 else 1}
 
 
 def make_jobs(args: argparse.Namespace, plan: Plan, work: Path) -> list[Job]:

@@ -21,12 +21,13 @@ FIRST_ROUND = ('baseline', 'aligned', 'baseline_equal_flops')   # the variants o
 
 NAMES = {'baseline': 'standard CFG', 'baseline_interval': 'guidance interval', 'aligned': 'aligned', 'gft': 'gft',
          'mg': 'mg', 'distill': 'distill', 'baseline_equal_flops': 'standard CFG, equal FLOPs',
-         'aligned_w1': 'aligned w_train 1'}
+         'aligned_w1': 'aligned w_train 1', 'autoguidance': 'autoguidance', 'autoguidance_guide': 'autoguidance guide'}
 # Issue 20 items 4 and 6 (costs): the per-objective equal-FLOPs baselines, the knob ablations, the longer trainings.
 NAMES.update({f'baseline_flops_{o}': f'standard CFG, {o}\'s FLOPs' for o in ('gft', 'mg', 'distill')})
 NAMES.update({'gft_w2': 'gft w ~ U[0, 2]', 'mg_w03': 'mg w 0.3', 'distill_w2': 'distill w ~ U[0, 2]'})
 NAMES.update({f'{o}_x{f}': f'{o} x{f} steps' for o in ('gft', 'mg', 'distill') for f in (2, 4)})
-COLUMNS = ('aligned', 'gft', 'mg', 'distill', 'baseline_interval')
+COLUMNS = ('aligned', 'gft', 'mg', 'distill', 'baseline_interval', 'autoguidance')
+SAMPLING_ONLY = ('baseline_interval', 'autoguidance')   # columns that are sampling methods, not training objectives
 README_BLOCK = ('<!-- claims verdicts: written by python -m kdiff_align.bench claims from docs/claims/results.json -->',
                 '<!-- end of claims verdicts -->')
 # How each label reads in a sentence (the answers, plain statements and "how to read it" are built from these).
@@ -109,7 +110,7 @@ def answer(need: str, cells: Mapping[str, Mapping[str, Any]]) -> str:
     by label ('<label phrase>: name +x% [low, high], ...'), after a headline saying whether any objective beat
     (or reproduced) the reference."""
     ref = reference_name(need)
-    objectives = {v: t for v, t in cells.items() if v != 'baseline_interval'}
+    objectives = {v: t for v, t in cells.items() if v not in SAMPLING_ONLY}
     groups = []
     for label in LABEL_ORDER:
         members = [v for v, t in objectives.items() if t['label'] == label]
@@ -132,7 +133,99 @@ def answer(need: str, cells: Mapping[str, Mapping[str, Any]]) -> str:
     if interval is not None:
         text += (f'; the guidance interval on standard CFG: {PHRASES[interval["label"]].format(ref=ref)} '
                  f'{effect_text(interval)}')
+    auto = cells.get('autoguidance')
+    if auto is not None:
+        text += (f'; autoguidance (sampling only, at equal counted NFE): {PHRASES[auto["label"]].format(ref=ref)} '
+                 f'{effect_text(auto)}')
     return text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling cost at equal counted NFE (issue 20 item 4): by N, and against the guidance interval with autoguidance.
+
+NFE_COLUMNS = ('gft', 'mg', 'distill', 'autoguidance')
+
+
+def nfe_cost_text(steps: int, nfe: Sequence[float] | None) -> str:
+    """'8 steps, 8 NFE (1 per step)': a side's steps and counted NFE per sample (min–max over its guided cells)."""
+    if nfe is None:
+        return f'{steps} steps, NFE not counted'
+    lo, hi = nfe
+    total = f'{lo:g}' if lo == hi else f'{lo:g}–{hi:g}'
+    per = f'{lo / steps:.3g}' if lo == hi else f'{lo / steps:.3g}–{hi / steps:.3g}'
+    return f'{steps} steps, {total} NFE ({per} per step)'
+
+
+def nfe_cell_text(t: Mapping[str, Any], grid: Mapping[str, Any]) -> str:
+    """One cell of the sampling-cost tables: label, effect [95% interval] (counts); both sides' steps and counted NFE;
+    for mg, that its one-pass cells exist only at its trained w."""
+    ref = 'interval' if t['reference'] == verdicts.INTERVAL_REF else 'CFG'
+    text = (f'**{t["label"]}** {effect_text(t)} ({_counts_text(t)}); {nfe_cost_text(t["steps"], t["nfe"])} vs {ref} '
+            f'{nfe_cost_text(t["ref_steps"], t["ref_nfe"])}')
+    mg_w = grid['benches'][t['bench']].get('mg_w')
+    if t['variant'] == 'mg' and mg_w is not None:
+        text += f'; mg only at its trained w = {mg_w:.3g} (its only one-pass cells)'
+    return text
+
+
+def nfe_tables(table: Sequence[Mapping[str, Any]], grid: Mapping[str, Any]) -> list[str]:
+    """Per sampling-cost family: one row per benchmark and N, one cell per one-pass objective and autoguidance."""
+    lines = []
+    for family, what, _ in verdicts.NFE_FAMILIES:
+        mine = [t for t in table if t['family'] == family]
+        cols = [c for c in NFE_COLUMNS if any(t['variant'] == c for t in mine)]
+        if not mine:
+            continue
+        lines += [f'{what[0].upper()}{what[1:]}:', '', '| benchmark | N | ' + ' | '.join(NAMES[c] for c in cols) + ' |',
+                  '|---|---|' + '---|' * len(cols)]
+        for bench in grid['benches']:
+            for n in grid['nfe_steps']:
+                cells = {t['variant']: t for t in mine if t['bench'] == bench and t['nfe_n'] == n}
+                if cells:
+                    lines.append(f'| {bench} | {n} | ' + ' | '.join(nfe_cell_text(cells[c], grid) if c in cells
+                                                                      else '–' for c in cols) + ' |')
+        lines.append('')
+    return lines
+
+
+def nfe_statements(table: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One generated sentence per sampling-cost cell: '- toy, N = 4: gft better than the guidance interval -20.0%
+    [-30.0%, -10.0%] (16 steps against 8)'."""
+    lines = []
+    for t in table:
+        ref = 'standard CFG' if t['reference'] == 'baseline' else 'the guidance interval'
+        lines.append(f'- {t["bench"]}, N = {t["nfe_n"]}: {NAMES[t["variant"]]} '
+                     f'{PHRASES[t["label"]].format(ref=ref)} {effect_text(t)} ({t["steps"]} steps against '
+                     f'{t["ref_steps"]}).')
+    return lines
+
+
+def nfe_section(rows: Sequence[Mapping[str, Any]], grid: Mapping[str, Any]) -> list[str]:
+    """The report's "Sampling cost at equal counted NFE" section: the scoring rule, then the tables and sentences."""
+    table = verdicts.nfe_verdicts(rows, grid)
+    if not table:
+        return []
+    mg = [f'{b} {i["mg_w"]:.3g}' for b, i in grid['benches'].items() if i.get('mg_w') is not None]
+    return ['## Sampling cost at equal counted NFE', '',
+            'Stated before the numbers (kdiff_align/bench/verdicts.py, "Sampling cost"); the rule of every cell is the '
+            'one above (one paired test per cell). Every cell states both sides\' steps and NFE per sample as counted '
+            'while sampling (min–max over the guided cells compared).', '',
+            '- *By N*: the equal-NFE cell of the first table, one cell per N: a one-pass model at 2N steps (its '
+            'one-pass cells only) against standard CFG at N steps.',
+            '- *One-pass models against the guidance interval*: at 2N steps against standard CFG with the interval at '
+            'N steps; the interval skips the unconditional pass outside it, so it counts at most the one-pass '
+            'model\'s NFE (never more). Same points as the first table (toy: p_w at each guided w; digits: FD at '
+            'matched accuracy).',
+            '- *Autoguidance* (the baseline model guided by a smaller, shorter-trained model of the same seed, '
+            'D_main + w (D_main - D_guide), with the same guidance interval): against the interval at the same N '
+            'steps, so both count the same NFE (2 per step inside the interval, 1 outside; it also costs the guide\'s '
+            'training, the variants table). Autoguidance does not aim at CFG\'s p_w, so it is scored at each '
+            'model\'s best: toy, the energy distance to p(x | c) at the best w of the grid (per seed); digits, the '
+            'lowest FD over the grid among cells reaching each class-accuracy level. Both grids hold w = 0, the same '
+            'baseline model, so the cell asks whose guidance improves on it more.',
+            *([f'- mg samples in one pass only at its trained w ({", ".join(mg)}); at every other w it is CFG on top '
+               'of mg (2 NFE per step) and is not in these cells.'] if mg else []), '',
+            *nfe_tables(table, grid), *nfe_statements(table), '']
 
 
 def claims_table(table: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -440,14 +533,15 @@ def _digits_section(rows, grid, bench, variants_, bench_obj) -> list[str]:
 
 def _nfe_table(rows, grid, bench, variants_) -> list[str]:
     sampler = grid['benches'][bench]['samplers'][0]
-    lines = [f'Network evaluations per sample, counted while sampling ({sampler}; guided cells, w_target > 0; '
+    lines = [f'Network evaluations per sample, counted while sampling ({sampler}; guided cells, w_target > 0, '
+             'autoguidance at w > 0; '
              'min–max over w):', '', '| variant | ' + ' | '.join(f'{k} steps' for k in grid['steps']) + ' |',
              '|---|' + '---|' * len(grid['steps'])]
     for v in variants_:
         vals = []
         for k in grid['steps']:
             nfe = [r['nfe'] for r in rows if r.get('kind') == 'cell' and r['bench'] == bench and r['variant'] == v
-                   and r['sampler'] == sampler and r['steps'] == k and r['w_target'] > 0]
+                   and r['sampler'] == sampler and r['steps'] == k and (r['w_target'] > 0 or r.get('guide_w', 0) > 0)]
             vals.append('–' if not nfe else f'{min(nfe):g}' if min(nfe) == max(nfe) else f'{min(nfe):g}–{max(nfe):g}')
         lines.append(f'| {NAMES[v]} | ' + ' | '.join(vals) + ' |')
     return lines + ['']
@@ -462,9 +556,12 @@ def _variants_table(grid, jobs_info, variant_info) -> list[str]:
         cells = []
         for b in grid['benches']:
             t = _train_info(jobs_info, b, name)
-            cells.append('–' if t is None else ('no training (samples the baseline\'s models)' if v.model_of else
+            cells.append('–' if t is None else ('no training of its own (the baseline\'s and the guide\'s models)'
+                                                 if v.role == 'autoguidance' else
+                                                 'no training (samples the baseline\'s models)' if v.model_of else
                                                  f'{t[0]}, {t[2]:.2f}x, {t[1]:.0f} s'))
         overrides = ', '.join(f'`{k}` = ' + ('the baseline export of the same bench and seed' if val == '{teacher}'
+                                             else 'half the bench\'s (where it has the key)' if val == '{half}'
                                              else json.dumps(val)) for k, val in v.overrides.items()) or '–'
         lines.append(f'| {name} | configs/&lt;bench&gt;_{v.config}.json | {overrides} | {v.description} | '
                      + ' | '.join(cells) + ' |')
@@ -480,7 +577,7 @@ def comparison_lines(rows, grid) -> list[str]:
              'below are description only. Generated with report.md from results.json.', '']
     for key, what, ref in NEEDS:
         for bench in grid['benches']:
-            for v in (*verdicts.OBJECTIVES, 'baseline_interval'):
+            for v in (*verdicts.OBJECTIVES, 'baseline_interval', verdicts.AUTOGUIDANCE):
                 comps = verdicts.need_comparisons(rows, grid, bench, key, v)
                 if not comps:
                     continue
@@ -491,6 +588,18 @@ def comparison_lines(rows, grid) -> list[str]:
                           f'({_counts_text(e)})', '',
                           '| comparison | objective | reference | difference | outcome |', '|---|---|---|---|---|']
                 lines += [_comparison_row(c) for c in comps] + ['']
+    for family, what, ref in verdicts.NFE_FAMILIES:   # sampling cost: one cell per N
+        for bench in grid['benches']:
+            for n in grid['nfe_steps']:
+                for v in (*verdicts.ONE_PASS, verdicts.AUTOGUIDANCE):
+                    got = verdicts.nfe_comparisons(rows, grid, bench, family, v, n)
+                    if not got or not got[0]:
+                        continue
+                    e = verdicts.cell_test(got[0]).as_dict()
+                    lines += [f'## {what}: {NAMES[v]} against {REFERENCES[ref]}, {bench}, N = {n}: {e["label"]} '
+                              f'{effect_text(e)} ({_counts_text(e)})', '',
+                              '| comparison | objective | reference | difference | outcome |', '|---|---|---|---|---|']
+                    lines += [_comparison_row(c) for c in got[0]] + ['']
     lines += ['## The paper\'s claims for aligned', '',
               '| benchmark | claim | reference | comparison | aligned | reference | difference | outcome |',
               '|---|---|---|---|---|---|---|---|']
@@ -584,12 +693,15 @@ def write_report(out: Path, work: Path, rows, grid, meta, jobs_info, benches_, v
               'target p_w at each guided w; digits: FD at matched class accuracy. Reference: standard CFG.',
               '- *equal sampling cost*: a one-pass model at 2N steps against CFG at N steps, N in '
               f'{grid["nfe_steps"]}, with NFE counted by the benchmark (the tables below); aligned samples with two '
-              'passes like CFG, so for it equal NFE is equal steps.',
+              'passes like CFG, so for it equal NFE is equal steps. This cell pools every N: by N, and against the '
+              'guidance interval and autoguidance, see "Sampling cost at equal counted NFE" below.',
               '- *equal training cost*: each objective against its own standard-CFG baseline, trained for that '
               'objective\'s counted training FLOPs (the ratio in its cell: FLOPs per step x steps, distill\'s '
               'including its teacher\'s training; one model per distinct ratio; the variants table).',
               '- *the cheap fix*: against the same standard CFG models sampled with a guidance interval, at equal steps '
-              '(the interval costs fewer NFE than CFG, one-pass models fewer still).',
+              '(the interval costs fewer NFE than CFG, one-pass models fewer still). Autoguidance, a sampling method '
+              'beside the interval, is compared with it at equal steps and equal counted NFE, each at its best w '
+              '(rule: "Sampling cost at equal counted NFE" below).',
               f'- *reproduction*: the distance between a one-pass model\'s samples and the standard model\'s CFG samples '
               f'at the same w, {grid["repro_steps"]} steps, against the standard model of ANOTHER training seed '
               '(k + 1), '
@@ -598,6 +710,7 @@ def write_report(out: Path, work: Path, rows, grid, meta, jobs_info, benches_, v
               'How to read it (generated from the numbers):', '', *how_to_read(v, bench_names), '',
               'Where each method stands:', '', *plain_statements(v['needs'], bench_names), '',
               *costs_lines(rows, grid, variant_info, out),
+              *nfe_section(rows, grid),
               '## The paper\'s claims for the aligned objective', '',
               '**C1** (fewer steps): at steps 4 and 8, each model at its best w; **C2** (robust to w): at every step '
               'count, the worst w; **C1 at matched effective w**: aligned at w_train + w (1 + w_train) against standard '
@@ -638,7 +751,8 @@ def write_report(out: Path, work: Path, rows, grid, meta, jobs_info, benches_, v
               *([f'Every variant of a benchmark also has its benchmark\'s named overrides ({bench_overrides}). '
                  'The toy\'s std 0.5: its classes overlap more than the shipped mixture\'s, so that the guided target '
                  'p_w(x | c) differs from p(x | c) beyond the floor.', ''] if bench_overrides else []),
-              'FLOPs per step from docs/design.md sections 4 and 6 at uncond_prob 0.1. Training seconds are wall '
+              'FLOPs per step from docs/design.md sections 4 and 6 at uncond_prob 0.1 (the autoguidance guide\'s '
+              'also times its parameters over the baseline\'s). Training seconds are wall '
               'seconds of one worker on a machine that other processes may share: compare FLOPs, not seconds.', '',
               '## Notes and limits', '',
               '- Spread = sd over training seeds; the evaluation noise is shared by all models (seed 0), so the spread '

@@ -38,10 +38,13 @@ Comparison families (objective X against a reference R):
   whose counted NFE is at most 2N (the cells that ran in one pass);
 - equal training FLOPs: equal steps against standard CFG trained for the objective's own counted training FLOPs
   (grid['benches'][bench]['equal_flops']; distill's include its teacher's training);
-- against the guidance interval: equal steps against standard CFG sampled with a guidance interval;
+- against the guidance interval: equal steps against standard CFG sampled with a guidance interval (autoguidance,
+  a sampling method beside the interval: at equal steps and counted NFE, scored at each model's best w; below);
 - reproduction of guidance and the paper's claims for aligned, as above;
 - costs (issue 20): each knob ablation against its shipped variant at equal steps (ablation_verdicts), and each
   one-pass objective's reproduction test at every training length (convergence_verdicts, training_needed).
+- sampling cost (nfe_verdicts): equal NFE by N, and one-pass models and autoguidance against the guidance interval at
+  equal counted NFE (the section "Sampling cost" below).
 """
 
 from __future__ import annotations
@@ -369,22 +372,132 @@ def _mean_nfe(rows, bench, variant, sampler, steps) -> float | None:
     return min(values) if values else None
 
 
-def equal_nfe(rows: Rows, grid: Mapping[str, Any], bench: str, variant: str, reference: str = 'baseline'
-              ) -> list[Comparison]:
-    """A one-pass variant at 2N steps (its cells with counted NFE <= 2N) against the reference at N steps."""
+def equal_nfe(rows: Rows, grid: Mapping[str, Any], bench: str, variant: str, reference: str = 'baseline',
+              ns: Sequence[int] | None = None) -> list[Comparison]:
+    """A one-pass variant at 2N steps (its cells with counted NFE <= 2N) against the reference at N steps, N in ns
+    (default grid['nfe_steps'])."""
     points, name = _points(grid, bench, variant)
     check_paired(rows, bench, variant, reference)
     out = []
     for sampler in grid['benches'][bench]['samplers']:
-        for n in grid['nfe_steps']:
+        for n in (grid['nfe_steps'] if ns is None else ns):
             budget = 2 * n
             ref_nfe = _mean_nfe(rows, bench, reference, sampler, n)
             for p in points:
                 a = _statistic(rows, grid, bench, variant, sampler, 2 * n, p, max_nfe=budget)
                 b = _statistic(rows, grid, bench, reference, sampler, n, p, max_nfe=budget)
                 if a is not None and b is not None:
-                    out.append(Comparison(f'{sampler}, NFE {budget:g} ({2 * n} one-pass steps vs {n} CFG steps, '
-                                          f'CFG counted {ref_nfe:g}), {name.format(p)}', a, b))
+                    ref = 'interval' if reference == INTERVAL_REF else 'CFG'
+                    out.append(Comparison(f'{sampler}, NFE {budget:g} ({2 * n} one-pass steps vs {n} {ref} steps, '
+                                          f'{ref} counted {ref_nfe:g}), {name.format(p)}', a, b))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling cost (issue 20 item 4): equal counted NFE by N; one-pass models and autoguidance against the guidance
+# interval at equal counted NFE. The rule is the module's (one paired test per cell); the cells are:
+#
+# - equal NFE by N: the equal-NFE family at one N (X at 2N steps, standard CFG at N);
+# - one-pass X against the interval at N: X at 2N steps (its one-pass cells) against standard CFG with the guidance
+#   interval at N steps: X counts 2N NFE per sample, the interval at most 2N (it skips the unconditional pass
+#   outside the interval), so X never spends less than the interval. mg's one-pass cells exist only at its trained w;
+# - autoguidance against the interval at N: both at N steps with the same interval (the same counted NFE), each at
+#   its best point: autoguidance does not aim at CFG's p_w, so the toy scores both by the energy distance to
+#   p(x | c), each model at the best w of the bench's w grid (per seed, min over w), and digits by the lowest FD
+#   among a model's cells over the grid whose class accuracy reaches each level (FD at matched accuracy, as for
+#   every digits cell). Both grids hold w = 0, the same baseline model: the cell asks whose guidance improves on it
+#   more.
+
+INTERVAL_REF = 'baseline_interval'
+AUTOGUIDANCE = 'autoguidance'
+
+
+def counted_nfe(rows: Rows, bench: str, variant: str, steps: int, max_nfe: float | None = None
+                ) -> tuple[float, float] | None:
+    """(min, max) counted NFE per sample over a variant's guided cells at steps (w > 0; at most max_nfe), every
+    sampler and seed; None without such cells."""
+    nfe = [r['nfe'] for r in rows if r['bench'] == bench and r['variant'] == variant and r.get('kind', 'cell') == 'cell'
+           and r['steps'] == steps and r['w'] > 0 and (max_nfe is None or r['nfe'] <= max_nfe + 1e-9)]
+    return (min(nfe), max(nfe)) if nfe else None
+
+
+def best_energy(rows: Rows, bench: str, variant: str, sampler: str, steps: int, ws: Sequence[float]
+                ) -> np.ndarray | None:
+    """Per seed: the lowest energy distance to p(x | c) (the 'energy' column) over the variant's cells at
+    (sampler, steps) with sampling w in ws; None when a seed lacks them."""
+    keys = {wkey(w) for w in ws}
+    out = []
+    for seed_rows in _cells(rows, bench, variant).values():
+        pool = [float(r['energy']) for r in seed_rows if r['sampler'] == sampler and r['steps'] == steps
+                and wkey(r['w']) in keys]
+        if not pool:
+            return None
+        out.append(min(pool))
+    return np.array(out) if out else None
+
+
+def autoguidance_vs_interval(rows: Rows, grid: Mapping[str, Any], bench: str, n: int) -> list[Comparison]:
+    """Autoguidance against the guidance interval, both at n steps (equal counted NFE), by the rule above."""
+    info = grid['benches'][bench]
+    check_paired(rows, bench, AUTOGUIDANCE, INTERVAL_REF)
+    out = []
+    for sampler in info['samplers']:
+        if info['metric'] == 'fd':
+            for level in info['accuracy_levels']:
+                a = fd_at_accuracy(rows, bench, AUTOGUIDANCE, sampler, n, level, [0.])
+                b = fd_at_accuracy(rows, bench, INTERVAL_REF, sampler, n, level, info['ws'])   # the same grid
+                if a is not None and b is not None:
+                    out.append(Comparison(f'{sampler}, {n} steps, accuracy >= {level:g} (lowest FD over w)', a, b))
+        else:
+            a = best_energy(rows, bench, AUTOGUIDANCE, sampler, n, info['ws'])
+            b = best_energy(rows, bench, INTERVAL_REF, sampler, n, info['ws'])
+            if a is not None and b is not None:
+                out.append(Comparison(f'{sampler}, {n} steps, energy to p(x | c) at the best w', a, b))
+    return out
+
+
+NFE_FAMILIES = (   # (key, what, reference): the sampling-cost table's rows
+    ('equal_nfe_by_n', 'equal counted NFE, by N: one-pass at 2N steps vs standard CFG at N', 'baseline'),
+    ('vs_interval_nfe', 'against the guidance interval at equal counted NFE: one-pass at 2N steps, autoguidance '
+     'at N (same interval), vs the interval at N', INTERVAL_REF),
+)
+
+
+def nfe_comparisons(rows: Rows, grid: Mapping[str, Any], bench: str, family: str, variant: str, n: int
+                    ) -> tuple[list[Comparison], dict[str, Any]] | None:
+    """(comparisons, cost) of one sampling-cost cell (None: not applicable); cost: the steps and counted NFE per
+    sample (min, max over the guided cells) of each side."""
+    present = {r['variant'] for r in rows if r['bench'] == bench}
+    reference = dict((k, ref) for k, _, ref in NFE_FAMILIES)[family]
+    if variant not in present or reference not in present:
+        return None
+    if variant == AUTOGUIDANCE:
+        if family != 'vs_interval_nfe':
+            return None
+        comps, steps_a = autoguidance_vs_interval(rows, grid, bench, n), n
+    elif variant in ONE_PASS:
+        comps, steps_a = equal_nfe(rows, grid, bench, variant, reference, ns=[n]), 2 * n
+    else:
+        return None
+    cost = {'steps': steps_a, 'nfe': counted_nfe(rows, bench, variant, steps_a, max_nfe=2 * n),
+            'ref_steps': n, 'ref_nfe': counted_nfe(rows, bench, reference, n)}
+    return comps, cost
+
+
+def nfe_verdicts(rows: Rows, grid: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Every sampling-cost cell of a run: family, bench, nfe_n (N), variant, the steps and counted NFE per sample of
+    each side, and the cell test (Effect.as_dict)."""
+    out = []
+    for family, _, reference in NFE_FAMILIES:
+        for bench in grid['benches']:
+            for n in grid['nfe_steps']:
+                for variant in (*ONE_PASS, AUTOGUIDANCE):
+                    got = nfe_comparisons(rows, grid, bench, family, variant, n)
+                    if got is None or not got[0]:
+                        continue
+                    comps, cost = got
+                    out.append({'family': family, 'bench': bench, 'nfe_n': n, 'variant': variant,
+                                'reference': reference, **cost, **cell_test(comps).as_dict()})
     return out
 
 
@@ -452,6 +565,9 @@ def need_comparisons(rows: Rows, grid: Mapping[str, Any], bench: str, need: str,
         reference = flops_reference(grid, bench, variant)
     if variant not in present or reference not in present or variant == reference:
         return None
+    if variant == AUTOGUIDANCE:   # a sampling method beside the interval: only its row, at equal counted NFE
+        return [c for n in grid['steps'] for c in autoguidance_vs_interval(rows, grid, bench, n)] \
+            if need == 'vs_interval' else None
     if need == 'equal_nfe':
         if variant not in ONE_PASS:   # two-pass CFG: equal NFE is equal steps
             return None
@@ -491,7 +607,7 @@ def verdicts(rows: Rows, grid: Mapping[str, Any]) -> dict[str, list[dict[str, An
     needs = []
     for key, _, _ in NEEDS:
         for bench in grid['benches']:
-            for variant in (*OBJECTIVES, 'baseline_interval'):
+            for variant in (*OBJECTIVES, 'baseline_interval', AUTOGUIDANCE):
                 comps = need_comparisons(rows, grid, bench, key, variant)
                 if not comps:
                     continue

@@ -2,7 +2,8 @@
 
 `CountingDenoiser` wraps a denoiser D(x; sigma, **cond) and counts the rows it is called with: a two-pass CFG
 step calls it once with 2B rows for B samples (2 NFE per sample), a one-pass step once with B rows (1 NFE),
-a step outside a guidance interval once with B rows. NFE per sample = rows / samples.
+a step outside a guidance interval once with B rows. Wrapped around an AutoGuidedDenoiser, it also counts
+the rows of every call to its guide model (2 NFE per guided step: main and guide). NFE per sample = rows / samples.
 """
 
 from __future__ import annotations
@@ -23,9 +24,19 @@ class CountingDenoiser(nn.Module):
         self.rows = 0
 
     def forward(self, input: torch.Tensor, sigma: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        self._count(input)
+        guide = getattr(self.inner_model, 'guide_model', None)   # autoguidance: the guide's calls count too
+        if not isinstance(guide, nn.Module):
+            return self.inner_model(input, sigma, **kwargs)
+        handle = guide.register_forward_pre_hook(lambda module, args: self._count(args[0]))
+        try:
+            return self.inner_model(input, sigma, **kwargs)
+        finally:
+            handle.remove()
+
+    def _count(self, input: torch.Tensor) -> None:
         self.calls += 1
         self.rows += input.shape[0]
-        return self.inner_model(input, sigma, **kwargs)
 
     def reset(self) -> None:
         self.calls = self.rows = 0
