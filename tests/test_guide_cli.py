@@ -92,9 +92,9 @@ def test_a_run_folder_with_a_guide_snapshot_guides_with_the_snapshot(runs, tmp_p
     snapshot = run_dir / 'main_guide.safetensors'
     shutil.copy(guide_run.export, snapshot)   # as the engine's snapshot would be
     assert resolve_guide(run_dir) == snapshot and resolve_guide(guide_run.export) == guide_run.export
-    assert sample_cli.main([str(run_dir), '--guide', str(run_dir), '--steps', '2', '--w', '1', '--classes', '1',
-                            '--out', str(tmp_path / 'b.png')]) == 0
+    assert sample_cli.main([str(run_dir), '--guide', str(run_dir), '--steps', '2', '--w', '1', '--classes', '1']) == 0
     assert f'autoguidance with guide {snapshot} (' in capsys.readouterr().out
+    assert (run_dir / 'main_autoguided_grid.png').is_file()   # by default beside the run, not its CFG grid's name
     shutil.copy(guide_run.export, run_dir / 'other_guide.safetensors')
     assert sample_cli.main([str(run_dir), '--guide', str(run_dir), '--out', str(tmp_path / 'c.png')]) == 2
     assert capsys.readouterr().err == (f"error: run folder {str(run_dir)!r} holds several guide snapshots "

@@ -188,7 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for w in ws if guide is None else []:   # a one-pass model refuses a w outside its trained range
             make_guided_denoiser(config, denoiser, w=w)
         src = Path(args.checkpoint)
-        out = Path(args.out) if args.out else (src if src.is_dir() else src.parent) / f'{src.stem}_grid.png'
+        stem = f'{src.stem}_autoguided' if guide is not None else src.stem   # never the CFG grid's name
+        out = Path(args.out) if args.out else (src if src.is_dir() else src.parent) / f'{stem}_grid.png'
         if out.exists() and not args.force:
             raise ConfigError(f'{out} exists; pass another --out, or --force to overwrite it')
     except (ConfigError, CheckpointError) as err:
