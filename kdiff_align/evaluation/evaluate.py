@@ -16,6 +16,11 @@ Every row also states w_target, the effective guidance of the cell (`effective_g
 aligned model), nfe, the network evaluations per sample counted while sampling (kdiff_align.sampling.nfe), and passes,
 the network evaluations per sampling step (1: a one-pass model at its trained w; 2: CFG).
 
+With `--guide CKPT_OR_RUN` every w is autoguidance's (D_main + w·(D_main − D_guide),
+kdiff_align.sampling.autoguidance), not CFG's: each row records the guide (column guide), the model is named
+<checkpoint>+guide-<guide> (so its cells never mix with the same checkpoint's CFG cells), nfe counts the calls of
+both models, and w_target is w itself.
+
 Each finished cell is written atomically to OUT/cells/<model>/<cell>.json, so an interrupted sweep resumes where
 it stopped. Outputs: OUT/results.csv, OUT/results.json, plots (metric vs w per step count, metric vs steps per w)
 and sample grids. w is the paper's (w = 0: unguided conditional; cfg scale = 1 + w).
@@ -43,6 +48,7 @@ from torch import nn  # noqa: E402
 from ..storage.checkpoint import CheckpointError, atomic_write, load_for_inference  # noqa: E402
 from ..core import registry  # noqa: E402
 from ..config import ConfigError, load_config, make_guided_denoiser  # noqa: E402
+from ..sampling.autoguidance import load_guide  # noqa: E402
 from ..sampling.sample import (  # noqa: E402,F401 (build_denoiser: claims)
     build_denoiser, data_shape, passes_per_step, sample, trained_w)
 
@@ -89,11 +95,12 @@ def make_cells(ws: Iterable[float], steps: Iterable[int], samplers: Iterable[str
 
 @torch.no_grad()
 def sample_cell(denoiser: nn.Module, config: Mapping[str, Any], cell: Cell, labels: torch.Tensor | None, *,
-                seed: int, n: int | None = None, batch_size: int = 500, device: str | torch.device = 'cpu'
-                ) -> torch.Tensor:
+                seed: int, n: int | None = None, batch_size: int = 500, device: str | torch.device = 'cpu',
+                guide: nn.Module | None = None) -> torch.Tensor:
     """n (default len(labels)) samples at the cell with sample.sample, in batches; the noise of row i depends
-    only on (seed, i, batch_size). labels None: an unconditional model, w = 0 only."""
-    if labels is None and cell.w != 0:
+    only on (seed, i, batch_size). labels None: an unconditional model, w = 0 only (any w with a guide:
+    autoguidance, sample's guide)."""
+    if labels is None and cell.w != 0 and guide is None:
         raise EvaluationError(f'an unconditional model samples only at w = 0, got w = {cell.w}')
     if n is None:
         if labels is None:
@@ -109,7 +116,7 @@ def sample_cell(denoiser: nn.Module, config: Mapping[str, Any], cell: Cell, labe
             torch.manual_seed(seed * 100_003 + k)  # the ancestral samplers' fresh noise
             batch_labels = None if labels is None else labels[start:start + rows]
             out.append(sample(denoiser, config, noise, batch_labels, cell.w, steps=cell.steps,
-                              sampler=cell.sampler).float().cpu())
+                              sampler=cell.sampler, guide=guide).float().cpu())
     return torch.cat(out)
 
 
@@ -293,12 +300,15 @@ def cell_path(out_dir: Path, model: str, cell: Cell) -> Path:
 
 def run_sweep(models: Mapping[str, tuple[Mapping[str, Any], nn.Module]], cells: Sequence[Cell], task: Task | Callable,
               out_dir: str | Path, *, seed: int = 0, batch_size: int = 500, device: str | torch.device = 'cpu',
-              preview: int | None = None, progress: bool = True, extra: Mapping[str, Any] | None = None) -> SweepResult:
+              preview: int | None = None, progress: bool = True, extra: Mapping[str, Any] | None = None,
+              guides: Mapping[str, nn.Module] | None = None) -> SweepResult:
     """Samples and scores every (model, cell) whose cell file does not exist yet; returns every row.
 
     task is a Task or a callable config -> Task. A cell's row holds the metrics, n, the reference set, the seed,
     seconds, w_target (effective_guidance), nfe (network evaluations per sample, counted), passes (per step), and
     the first `preview` samples of each class (default 8 images, 200 points) are saved beside it (.pt) for sample grids.
+    guides: model name -> guide denoiser: that model samples with autoguidance at each cell's w (its nfe counts both
+    models' calls, passes is 2 at w > 0, w_target is w).
     """
     from tqdm.auto import tqdm
 
@@ -323,14 +333,18 @@ def run_sweep(models: Mapping[str, tuple[Mapping[str, Any], nn.Module]], cells: 
         start = time.perf_counter()
         labels = None if t.extra.get('unconditional') else t.labels
         counter = CountingDenoiser(denoiser)
+        guide = (guides or {}).get(name)
+        guide_counter = None if guide is None else CountingDenoiser(guide)
         x = sample_cell(counter, config, cell, labels, seed=seed, n=t.labels.shape[0], batch_size=batch_size,
-                        device=device)
-        w_target = effective_guidance(config, cell.w)
+                        device=device, guide=guide_counter)
+        w_target = effective_guidance(config, cell.w) if guide is None else cell.w
+        rows_run = counter.rows + (0 if guide_counter is None else guide_counter.rows)
+        passes = passes_per_step(config, cell.w) if guide is None else (2 if cell.w else 1)
         scores = t.evaluate(x)
         if t.at_target is not None:
             scores.update(t.at_target(x, w_target))
         row = {'model': name, 'sampler': cell.sampler, 'steps': cell.steps, 'w': cell.w, 'w_target': w_target,
-               **scores, 'nfe': counter.nfe(x.shape[0]), 'passes': passes_per_step(config, cell.w),
+               **scores, 'nfe': rows_run / x.shape[0], 'passes': passes,
                'n': int(x.shape[0]), 'reference': t.reference,
                'seed': seed, 'seconds': round(time.perf_counter() - start, 3), **(extra or {})}
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -375,6 +389,8 @@ def describe(row: Mapping[str, Any], primary: str) -> str:
         text += f', {key} = {row[key]:.4g} ({what}' + (f' {row["w_target"]:g})' if key == 'energy_w' else ')')
     if row.get('passes') is not None:
         text += f', {row["passes"]} pass{"es" if row["passes"] > 1 else ""}/step'
+    if row.get('guide'):
+        text += f' (autoguidance with guide {row["guide"]}; w is autoguidance\'s)'
     return text + f' (n = {row["n"]} samples vs {row["reference"]})'
 
 
@@ -428,8 +444,14 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument('--reference-n', type=int, default=None, help='training images for the reference (default n)')
     p.add_argument('--compare-inception', nargs=2, metavar=('A', 'B'), default=None,
                    help='only compare the features of two Inception TorchScript files on the same random images')
+    p.add_argument('--guide', metavar='CKPT_OR_RUN', default=None,
+                   help="autoguidance: every --w is the paper's w of D_main + w (D_main - D_guide), with this weaker "
+                   'model of the same task as guide of every checkpoint (a checkpoint, an export, or a run folder: '
+                   'its *_guide.safetensors snapshot, else its latest checkpoint), not CFG; 2 NFE per step at w > 0')
     p.add_argument('--no-progress', action='store_true')
     args = p.parse_args(argv)
+    if args.guide is not None and args.compare_inception is not None:
+        p.error('--guide does not apply to --compare-inception (which samples nothing): pass one of them')
     if args.compare_inception is None and not args.checkpoints:
         p.error('pass at least one checkpoint (or --compare-inception A B)')
     for flag in ('batch_size', 'n', 'reference_n'):
@@ -452,18 +474,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         return 0
     try:
-        models, names = {}, []
+        models, names, guides, extra = {}, [], {}, None
         for path in args.checkpoints:
             name = Path(path).stem
-            while name in models:
-                name += '_'
             config, state = load_for_inference(path)
             config = load_config(config)
+            guide = None
+            if args.guide is not None:
+                guide_path, guide = load_guide(config, state, args.guide, device=args.device)
+                name += f'+guide-{guide_path.stem}'   # its own cells: never mixed with the model's CFG cells
+                extra = {'guide': str(guide_path)}
+            while name in models:
+                name += '_'
             models[name] = (config, build_denoiser(config, state, args.device))
             names.append(name)
+            if guide is not None:
+                guides[name] = guide
         ws = args.w if args.w is not None else default_ws(models.values())
-        for config, denoiser in models.values():   # a one-pass model refuses a w outside its trained range
-            for w in ws:
+        for name, (config, denoiser) in models.items():   # a one-pass model refuses a w outside its trained range
+            for w in ws if name not in guides else []:
                 make_guided_denoiser(config, denoiser, w=w)
         cells = make_cells(ws, args.steps, args.samplers)
         kinds = {c['dataset']['type'] for c, _ in models.values()}
@@ -483,7 +512,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f'error: {err}', file=sys.stderr)
         return 2
     result = run_sweep(models, cells, task, args.out, seed=args.seed, batch_size=args.batch_size,
-                       device=args.device, progress=not args.no_progress)
+                       device=args.device, progress=not args.no_progress, extra=extra, guides=guides)
     csv_path, _ = write_table(result.rows, args.out)
     for row in result.rows:
         print(describe(row, task.primary))

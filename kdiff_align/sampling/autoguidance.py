@@ -23,7 +23,11 @@ from torch import nn
 
 from ..core.guidance import check_sigma_interval, zero_outside
 
-__all__ = ['AutoGuidedDenoiser', 'autoguide', 'check_guide', 'load_guided']
+__all__ = ['AutoGuidedDenoiser', 'autoguide', 'check_guide', 'load_guide', 'load_guided', 'resolve_guide']
+
+GUIDE_SNAPSHOT = '_guide.safetensors'   # the engine's guide snapshot: <run_dir>/<name>_guide.safetensors
+SAME_WEIGHTS = ('the guide is the main model itself (the same weights): autoguidance needs a weaker model of the '
+                'same task, e.g. an early EMA snapshot or a smaller config')
 
 
 def autoguide(denoised_main: torch.Tensor, denoised_guide: torch.Tensor, w: torch.Tensor | float) -> torch.Tensor:
@@ -51,8 +55,7 @@ class AutoGuidedDenoiser(nn.Module):
             raise ValueError(f"w must be a number >= 0 (the paper's w; autoguidance's s = 1 + w), got {w!r}")
         main_params = {id(p) for p in main.parameters()}
         if guide is main or (main_params and main_params == {id(p) for p in guide.parameters()}):
-            raise ValueError('the guide is the main model itself (the same weights): autoguidance needs a weaker '
-                             'model of the same task, e.g. an early EMA snapshot or a smaller config')
+            raise ValueError(SAME_WEIGHTS)
         self.inner_model, self.guide_model, self.w = main, guide, float(w)
         self.sigma_interval = check_sigma_interval(sigma_interval)
 
@@ -121,19 +124,53 @@ def check_guide(main_config: str | Path | Mapping[str, Any], guide_config: str |
                               f"a guide must match the main model's {what}")
 
 
+def resolve_guide(path: str | Path) -> Path:
+    """The file or folder a guide is loaded from: a run folder holding the engine's guide snapshot
+    (`<name>_guide.safetensors`) -> the snapshot; any other path as given (a checkpoint, an export, or a run folder
+    without a snapshot: its latest checkpoint, load_for_inference's rules). CheckpointError for a missing path
+    or a folder with several snapshots."""
+    from ..storage.checkpoint import CheckpointError
+
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f'guide {str(path)!r} does not exist; pass a .pth checkpoint, a .safetensors export '
+                              f'or a run folder (its *{GUIDE_SNAPSHOT} snapshot, else its latest.json)')
+    snapshots = sorted(path.glob(f'*{GUIDE_SNAPSHOT}')) if path.is_dir() else []
+    if len(snapshots) > 1:
+        raise CheckpointError(f'run folder {str(path)!r} holds several guide snapshots '
+                              f'({", ".join(p.name for p in snapshots)}); pass one of them to --guide')
+    return snapshots[0] if snapshots else path
+
+
+def load_guide(main_config: Mapping[str, Any], main_state: Mapping[str, torch.Tensor], guide: str | Path, *,
+               ema: bool = True, device: str | torch.device = 'cpu') -> tuple[Path, nn.Module]:
+    """(resolved path, guide denoiser) of a guide for the main model (config and weights, loaded): resolve_guide,
+    load_for_inference, check_guide; a ConfigError also when the guide's weights are the main model's."""
+    from ..config import ConfigError, load_config
+    from ..storage.checkpoint import load_for_inference
+    from .sample import build_denoiser
+
+    path = resolve_guide(guide)
+    raw, state = load_for_inference(path, ema=ema)
+    config = load_config(raw)
+    check_guide(main_config, config)
+    if state.keys() == main_state.keys() and all(torch.equal(state[k], main_state[k]) for k in state):
+        raise ConfigError(SAME_WEIGHTS)
+    return path, build_denoiser(config, state, device)
+
+
 def load_guided(main_ckpt: str | Path, guide_ckpt: str | Path, w: float, *,
                 sigma_interval: Sequence[float] | None = None, ema: bool = True,
                 device: str | torch.device = 'cpu') -> tuple[dict[str, Any], AutoGuidedDenoiser]:
-    """(main config, AutoGuidedDenoiser) from two checkpoints, run folders or exports (load_for_inference), the
-    guide checked against the main model (check_guide's ConfigError)."""
+    """(main config, AutoGuidedDenoiser) from two checkpoints, run folders or exports (load_for_inference; a run
+    folder as guide: its guide snapshot first, resolve_guide), the guide checked against the main model
+    (check_guide's ConfigError)."""
     from ..storage.checkpoint import load_for_inference
     from ..config import load_config
     from .sample import build_denoiser
 
-    (main_raw, main_state), (guide_raw, guide_state) = (load_for_inference(path, ema=ema)
-                                                        for path in (main_ckpt, guide_ckpt))
-    main_config, guide_config = load_config(main_raw), load_config(guide_raw)
-    check_guide(main_config, guide_config)
-    return main_config, AutoGuidedDenoiser(build_denoiser(main_config, main_state, device),
-                                           build_denoiser(guide_config, guide_state, device), w,
+    main_raw, main_state = load_for_inference(main_ckpt, ema=ema)
+    main_config = load_config(main_raw)
+    _, guide = load_guide(main_config, main_state, guide_ckpt, ema=ema, device=device)
+    return main_config, AutoGuidedDenoiser(build_denoiser(main_config, main_state, device), guide, w,
                                            sigma_interval=sigma_interval)
