@@ -140,6 +140,7 @@ def test_separation_check_on_a_planted_difference_says_distinguishable():
     assert r['floor_v']['mean'] > r['floor_u']['mean'] + 3 * r['floor_u']['sd'] / 19 ** 0.5   # V's bias, U's none
 
 
+@pytest.mark.slow
 def test_the_report_says_at_which_w_p_w_is_distinguishable_from_the_numbers():
     from kdiff_align.bench.claims_report import floors_lines
 
