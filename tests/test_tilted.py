@@ -3,11 +3,13 @@ T)."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from kdiff_align.evaluation.metrics import energy_distance
-from kdiff_align.evaluation.tilted import Grid, ToyTarget, gaussian_log_density, grid_sample, tilted_log_density
+from kdiff_align.evaluation.tilted import (Grid, GridDistribution, ToyTarget, floors_and_separation, gaussian_log_density,
+                                           grid_sample, population_energy, tilted_log_density)
 from kdiff_align.data.toy import ToyMixture
 
 
@@ -95,3 +97,61 @@ def test_rejects_what_is_not_a_density():
         grid_sample(torch.zeros(5), Grid(0., 1., 2), 3)
     with pytest.raises(ValueError, match='high > low'):
         Grid(1., 1., 4)
+
+
+def test_population_energy_matches_the_closed_form_for_shifted_gaussians():
+    # N(0, I) vs N(delta, I) in 2-D: X - Y ~ N(delta, 2 I), so E|X - Y| is the Rice mean s sqrt(pi/2) L_1/2(-nu^2 / 2s^2)
+    # with s = sqrt(2), nu = |delta|, and E|X - X'| = sqrt(pi): D^2 = 2 E|X - Y| - 2 sqrt(pi).
+    from scipy.special import i0e, i1e
+    grid = Grid(-7., 7., 512)
+    x = grid.centres()
+    delta, s = 1.0, math.sqrt(2)
+    t = delta ** 2 / (2 * s ** 2)
+    laguerre = (1 + t) * i0e(t / 2) + t * i1e(t / 2)   # L_1/2(-t) = e^(-t/2) [(1 + t) I0(t/2) + t I1(t/2)]
+    expected = 2 * s * math.sqrt(math.pi / 2) * laguerre - 2 * math.sqrt(math.pi)
+    a = GridDistribution(gaussian_log_density(x, torch.zeros(2), 1.0), grid)
+    b = GridDistribution(gaussian_log_density(x, torch.tensor([delta, 0.]), 1.0), grid)
+    assert population_energy(a, b) == pytest.approx(expected, rel=0.01)
+    assert population_energy(a, a) == 0
+
+
+@pytest.mark.slow
+def test_separation_check_on_a_null_says_not_distinguishable_at_its_rate():
+    # std 0.25: the classes barely overlap, p_w = p(x | c) up to 1e-5 (population) at small w, far below what n = 100
+    # per class resolves. The check (Monte Carlo test at alpha 0.05 against the floor draws) detects about 5% of
+    # the separation draws; the old rule, "the distance between p_w and p(x | c) exceeds the mean floor", about half.
+    target = ToyTarget(ToyMixture(4, radius=2.0, std=0.25), resolution=512)
+    rows = floors_and_separation(target, [0.5, 1.0], 100, draws=59, seed=3)
+    for r in rows:
+        assert r['population'] < 1e-4 and r['floor_u']['mean'] == pytest.approx(0, abs=3 * r['floor_u']['sd'] / 59 ** 0.5)
+        assert r['power'] <= 0.12   # binomial sd of the rate ~0.03 at 0.05
+        old_rule = np.mean([v > np.mean(r['raw']['floor_v']) for v in r['raw']['separation_v']])
+        assert old_rule > 0.25   # the old rule is not a test: it fails this bound
+    assert sum(r['detectable'] for r in rows) <= 1
+
+
+@pytest.mark.slow
+def test_separation_check_on_a_planted_difference_says_distinguishable():
+    # std 0.5 at w = 8: p_w is far from p(x | c) (population 0.03, floor sd at n = 500 per class ~0.006).
+    target = ToyTarget(ToyMixture(4, radius=2.0, std=0.5))
+    (r,) = floors_and_separation(target, [8.0], 500, draws=19)
+    assert r['detectable'] and r['p_value'] == 0.05 and r['power'] >= 0.9
+    assert r['separation_u']['mean'] == pytest.approx(r['population'], abs=3 * r['separation_u']['sd'] / 19 ** 0.5)
+    assert r['floor_v']['mean'] > r['floor_u']['mean'] + 3 * r['floor_u']['sd'] / 19 ** 0.5   # V's bias, U's none
+
+
+@pytest.mark.slow
+def test_the_report_says_at_which_w_p_w_is_distinguishable_from_the_numbers():
+    from kdiff_align.bench.claims_report import floors_lines
+
+    target = ToyTarget(ToyMixture(4, radius=2.0, std=0.5), resolution=256)
+    rows = floors_and_separation(target, [0.5, 16.0], 200, draws=19, population=False)
+    for r in rows:
+        r['population'] = 0.   # the sentence does not depend on it
+    assert [r['detectable'] for r in rows] == [False, True]
+    text = '\n'.join(floors_lines(rows, 0.5))
+    assert 'At n = 200 per class (mixture std 0.5), p_w ≈ p(x | c) (separation not detectable) at w = 0.5; ' \
+           'distinguishable at w = 16.' in text
+    assert 'beyond its floor' not in text and '| 0.5 | ' in text and 'not distinguishable' in text
+    rows[1]['detectable'] = False   # the sentence follows the test's outcome, not a comparison of means
+    assert 'not detectable) at w = 0.5, 16; distinguishable at no w of the grid' in '\n'.join(floors_lines(rows, 0.5))

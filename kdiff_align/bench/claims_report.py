@@ -420,45 +420,77 @@ def _train_info(jobs_info, bench, variant) -> tuple[int, float, float] | None:
     return infos[0]['train_steps'], float(np.mean([j['train_seconds'] for j in infos])), infos[0]['flop_ratio']
 
 
-def toy_target_separation(bench_config: Mapping[str, Any], ws: Sequence[float], per_class: int
-                          ) -> tuple[dict[float, float], float]:
-    """(energy distance between exact samples of p_w and of p(x | c) at the benchmark's n per class, mean over
-    classes and 5 pairs: how far guidance's target moves from the unguided conditional on this mixture; the grid
-    cell of the exact sampler)."""
-    from ..evaluation.metrics import energy_distance
-    from ..evaluation.tilted import ToyTarget
+FLOOR_DRAWS = 39   # the Monte Carlo test at level 0.05 is exact with 39 null draws: (39 + 1) * 0.05 = 2
+
+
+def toy_floors(bench_config: Mapping[str, Any], ws: Sequence[float], per_class: int, *, draws: int = FLOOR_DRAWS,
+               seed: int = 0) -> list[dict[str, Any]]:
+    """kdiff_align.evaluation.tilted.floors_and_separation on the benchmark's mixture at its n per class (stored in
+    results.json's grid, without the raw draws, so that the report reads them without recomputing)."""
+    from ..evaluation.tilted import ToyTarget, floors_and_separation
     from ..data.toy import ToyMixture
 
     d = bench_config['dataset']
     target = ToyTarget(ToyMixture(d['num_classes'], radius=d.get('radius', 2.0), std=d.get('std', 0.25)))
-    gen = torch.Generator().manual_seed(5_000_011)
-    out = {}
-    for w in ws:
-        values = []
-        for c in range(d['num_classes']):
-            pw, p0 = target.distribution(c, w), target.distribution(c, 0.)
-            values += [energy_distance(pw.sample(per_class, gen), p0.sample(per_class, gen)) for _ in range(5)]
-        out[w] = float(np.mean(values))
-    return out, target.grid.cell
+    rows = floors_and_separation(target, ws, per_class, draws=draws, seed=seed)
+    return [{k: v for k, v in r.items() if k != 'raw'} for r in rows]
+
+
+def _toy_ws(info: Mapping[str, Any]) -> list[float]:
+    return list(info['compare_ws']) + ([info['mg_w']] if info.get('mg_w') is not None else [])
+
+
+def _spread(s: Mapping[str, float]) -> str:
+    return f'{s["mean"]:.2g} ± {s["sd"]:.2g} [{s["lo"]:.2g}, {s["hi"]:.2g}]'
+
+
+def floors_lines(floors: Sequence[Mapping[str, Any]], std: float) -> list[str]:
+    """The toy's floors and the p_w vs p(x | c) separation: the test stated first, then the numbers, then at which
+    w p_w ≈ p(x | c) at the benchmark's n (every sentence from the numbers)."""
+    f0 = floors[0]
+    n, k, alpha = f0['n_per_class'], f0['draws'], f0['alpha']
+    same = [r for r in floors if not r['detectable']]
+    apart = [r for r in floors if r['detectable']]
+    ws_text = lambda rs: ('at w = ' + ', '.join(f'{r["w"]:.3g}' for r in rs)) if rs else 'at no w of the grid'
+    return [
+        f'**Floors and the guided target** (the test, before the numbers): the floor of p_w is the energy distance '
+        f'between two independent exact sets of p_w of n = {n} per class (the cells\' n), averaged over classes as '
+        f'the metric is, over {k} draws per w: mean ± sd [2.5%, 97.5%], as the V-statistic (the benchmark\'s metric, '
+        f'biased upward by about 2 E|X - X\'| / n) and the unbiased U-statistic (mean 0 for one distribution). '
+        f'"p_w vs p(x | c) at n" is the same distance between an n-set of p_w and an n-set of p(x | c) ({k} draws); '
+        '"population" is its exact value (a numerical integral on the sampler\'s grid). p_w and p(x | c) are '
+        f'*distinguishable at n* when the first draw\'s U-statistic exceeds the floor draws at Monte Carlo level '
+        f'{alpha:g} (p = (1 + #floor draws ≥ it) / ({k} + 1)): if p_w = p(x | c), it says distinguishable '
+        f'{alpha:.0%} of the time; "detected" = the fraction of the {k} draws the test detects.', '',
+        '| w | population p_w vs p(x \\| c) | floor of p_w, V | p_w vs p(x \\| c) at n, V | floor of p_w, U | '
+        'p_w vs p(x \\| c) at n, U | p | at n | detected |', '|---|---|---|---|---|---|---|---|---|',
+        *[f'| {r["w"]:.3g} | {r["population"]:.2g} | {_spread(r["floor_v"])} | {_spread(r["separation_v"])} | '
+          f'{_spread(r["floor_u"])} | {_spread(r["separation_u"])} | {r["p_value"]:.3g} | '
+          f'{"distinguishable" if r["detectable"] else "not distinguishable"} | {r["power"]:.0%} |' for r in floors],
+        '', f'At n = {n} per class (mixture std {std:g}), p_w ≈ p(x | c) (separation not detectable) '
+        f'{ws_text(same)}; distinguishable {ws_text(apart)}. Where they are not distinguishable, a score '
+        'against p_w cannot tell guidance\'s target from the unguided conditional at this n: a sampler that moves '
+        'away from p(x | c) there also moves away from p_w.', '']
 
 
 def _toy_section(rows, grid, bench, variants_, jobs_info, bench_obj) -> list[str]:
+    from ..evaluation.tilted import ToyTarget
+    from ..data.toy import ToyMixture
+
     info = grid['benches'][bench]
     sampler = grid['benches'][bench]['samplers'][0]
     cells = [r for r in rows if r.get('kind') == 'cell' and r['bench'] == bench]
     n = cells[0]['n'] if cells else 0
     per_class = n // bench_obj.config['dataset']['num_classes']
-    ws = info['compare_ws'] + ([info['mg_w']] if info.get('mg_w') is not None else [])
-    floors_w = {w: float(np.mean([r['energy_w_floor'] for r in cells if verdicts.wkey(r['w_target']) == verdicts.wkey(w)]
-                                 or [math.nan])) for w in ws}
-    floor0 = float(np.mean([r['energy_floor'] for r in cells])) if cells else math.nan
-    sep, cell = toy_target_separation(bench_obj.config, ws, per_class)
+    ws = _toy_ws(info)
     c = bench_obj.config
     d = c['dataset']
+    floors = info.get('floors') or toy_floors(bench_obj.config, _toy_ws(info), per_class)
+    cell = ToyTarget.make_grid(ToyMixture(d['num_classes'], radius=d.get('radius', 2.0), std=d.get('std', 0.25))).cell
     apart = 2 * d['radius'] * math.sin(math.pi / (2 * d['num_classes'])) / d['std']   # neighbouring components
-    above = [w for w in ws if sep[w] > floors_w[w]]
     lines = [f'2-D mixture, {c["dataset"]["num_classes"]} classes, each two Gaussians (std {c["dataset"]["std"]}) '
-             f'opposite on a circle of radius {c["dataset"]["radius"]}; ToyMLP width {c["model"]["width"]}, '
+             f'opposite on a circle of radius {c["dataset"]["radius"]} (neighbouring components {apart:.1f} standard '
+             f'deviations apart); ToyMLP width {c["model"]["width"]}, '
              f'{bench_obj.steps} steps (x the variant\'s factor), batch {bench_obj.batch_size}. n = {n} samples per '
              f'cell ({per_class} per class), evaluation noise seed 0.', '',
              '**Metric that rewards guidance:** the energy distance between each class\'s samples and as many exact '
@@ -466,13 +498,7 @@ def _toy_section(rows, grid, bench, variants_, jobs_info, bench_obj) -> list[str
              '(kdiff_align.evaluation.tilted: exact up to a '
              f'grid cell of {cell:.2g}, {cell / d["std"]:.2g} standard deviations), at the cell\'s effective guidance w (an aligned model '
              'sampled at w_train + w (1 + w_train)), next to the first round\'s distance to p(x | c).', '',
-             '| w | floor of p_w (two exact sets, n per class) | distance between exact p_w and exact p(x \\| c) | '
-             f'floor of p(x \\| c): {floor0:.3g} |', '|---|---|---|---|']
-    lines += [f'| {w:.3g} | {floors_w[w]:.3g} | {sep[w]:.3g} | |' for w in ws]
-    lines += ['', f'Neighbouring components of this mixture are {apart:.1f} standard deviations apart. p_w differs '
-              'from p(x | c) beyond its floor at w = ' + (', '.join(f'{w:.3g}' for w in above) or 'no w of the grid')
-              + '; where the second column is within the floor, guidance\'s own target is the unguided conditional at '
-              'this n, and a sampler that moves away from p(x | c) also moves away from p_w.', '']
+             *floors_lines(floors, d['std'])]
     for steps in grid['steps']:
         lines += [f'Energy distance to p_w (mean ± sd over seeds) and, in brackets, to p(x | c), {sampler}, '
                   f'{steps} steps:', '', '| variant | ' + ' | '.join(f'w = {w:.3g}' for w in ws) + ' |',
@@ -750,7 +776,8 @@ def write_report(out: Path, work: Path, rows, grid, meta, jobs_info, benches_, v
     lines += ['## Variants', '', *_variants_table(grid, jobs_info, variant_info), '',
               *([f'Every variant of a benchmark also has its benchmark\'s named overrides ({bench_overrides}). '
                  'The toy\'s std 0.5: its classes overlap more than the shipped mixture\'s, so that the guided target '
-                 'p_w(x | c) differs from p(x | c) beyond the floor.', ''] if bench_overrides else []),
+                 'p_w(x | c) moves away from p(x | c) (the toy section says at which w that is distinguishable at the '
+                 'benchmark\'s n).', ''] if bench_overrides else []),
               'FLOPs per step from docs/design.md sections 4 and 6 at uncond_prob 0.1 (the autoguidance guide\'s '
               'also times its parameters over the baseline\'s). Training seconds are wall '
               'seconds of one worker on a machine that other processes may share: compare FLOPs, not seconds.', '',
@@ -824,6 +851,11 @@ def write_all(out: Path, work: Path, rows: list[dict], grid: dict, meta: dict, j
     """results.json ({grid, rows}), results.csv, plots, comparisons.md, report.md and run.json under out.
     benches_: the claims Bench of each benchmark; variant_info: the claims Variant of each name."""
     out.mkdir(parents=True, exist_ok=True)
+    for bench, info in grid['benches'].items():   # the toy's floors and target separation, from many draws
+        cells = [r for r in rows if r.get('kind') == 'cell' and r['bench'] == bench]
+        if info.get('target_metric') == 'energy_w' and cells and 'floors' not in info:
+            info['floors'] = toy_floors(benches_[bench].config, _toy_ws(info),
+                                        cells[0]['n'] // benches_[bench].config['dataset']['num_classes'])
     evaluate.write_table(rows, out)
     (out / 'results.json').write_text(json.dumps({'grid': grid, 'rows': rows}, indent=1))
     variants_ = grid['variants']

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .metrics import energy_distance
+from .metrics import energy_distance, energy_distance_vu
 from ..data.toy import ToyMixture
 
 LogDensity = Callable[[torch.Tensor], torch.Tensor]
@@ -63,6 +63,11 @@ class GridDistribution:
             raise ValueError('log_density has no finite maximum: the density is zero or infinite on the grid')
         self.grid = grid
         self.cdf = torch.softmax(log_density.double(), 0).cumsum(0)
+
+    @property
+    def probs(self) -> torch.Tensor:
+        """The probability of each cell [resolution^2], cell index = x index * resolution + y index."""
+        return torch.diff(self.cdf, prepend=self.cdf.new_zeros(1))
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """n samples [n, 2] (float64)."""
@@ -109,14 +114,19 @@ class ToyTarget:
 
     def __init__(self, mixture: ToyMixture, resolution: int = 1024, margin: float = 8.0):
         self.mixture = mixture
-        reach = float(mixture.means.abs().max()) + margin * mixture.std
-        self.grid = Grid(-reach, reach, resolution)
+        self.grid = self.make_grid(mixture, resolution, margin)
         x = self.grid.centres()
         k = mixture.num_classes
         self.log_uncond = mixture_log_density(x, mixture.means, mixture.std)   # p(x) = mean_c p(x | c)
         self.log_cond = [mixture_log_density(x, mixture.means[[c, c + k]], mixture.std) for c in range(k)]
         self._floors: dict[tuple, float] = {}
         self._references: dict[tuple, torch.Tensor] = {}
+
+    @staticmethod
+    def make_grid(mixture: ToyMixture, resolution: int = 1024, margin: float = 8.0) -> Grid:
+        """The grid a ToyTarget of mixture samples on."""
+        reach = float(mixture.means.abs().max()) + margin * mixture.std
+        return Grid(-reach, reach, resolution)
 
     def distribution(self, label: int, w: float) -> GridDistribution:
         """p_w(x | c = label) on the grid."""
@@ -158,3 +168,83 @@ class ToyTarget:
                 raise ValueError(f'class {c} has {x.shape[0]} samples; need at least 2 per class')
             out.append(energy_distance(x, self.reference(c, w, x.shape[0], seed)))
         return float(sum(out) / len(out))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Floors from many draws, and the separation between p_w and p(x | c) against the right null.
+
+MEAN_DISTANCE_IN_UNIT_SQUARE = (2 + math.sqrt(2) + 5 * math.asinh(1)) / 15   # E|U - U'|, U, U' uniform on [0, 1]^2
+
+
+def population_energy(a: GridDistribution, b: GridDistribution, coarsen: int = 8) -> float:
+    """The population energy distance 2 E|X - Y| - E|X - X'| - E|Y - Y'| = -sum r_i r_j |x_i - x_j| (r = a - b, the
+    cell probabilities), numerically on the grid coarsened `coarsen` times per axis (distances between cell
+    centres; within a cell the mean distance of two uniform points)."""
+    g = a.grid
+    if b.grid != g or g.resolution % coarsen:
+        raise ValueError(f'population_energy needs one grid whose resolution is a multiple of {coarsen}')
+    k = g.resolution // coarsen
+    r = (a.probs - b.probs).reshape(k, coarsen, k, coarsen).sum((1, 3)).flatten()
+    keep = ((a.probs + b.probs).reshape(k, coarsen, k, coarsen).sum((1, 3)).flatten() > 1e-13).nonzero()[:, 0]
+    h = g.cell * coarsen
+    idx = torch.stack([keep // k, keep % k], 1).double()
+    centres, r = g.low + h * (idx + 0.5), r[keep]
+    total = 0.
+    for i in range(0, len(keep), 4096):
+        dist = torch.cdist(centres[i:i + 4096], centres)
+        dist[torch.arange(dist.shape[0]), torch.arange(i, i + dist.shape[0])] = MEAN_DISTANCE_IN_UNIT_SQUARE * h
+        total += float(r[i:i + 4096] @ (dist @ r))
+    return -total
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    v = torch.tensor(values, dtype=torch.float64)
+    return {'mean': float(v.mean()), 'sd': float(v.std()), 'lo': float(v.quantile(0.025)),
+            'hi': float(v.quantile(0.975))}
+
+
+def monte_carlo_p(observed: float, null_draws: list[float]) -> float:
+    """(1 + #{null draws >= observed}) / (K + 1): P(p <= alpha) <= alpha when observed is exchangeable with the
+    K null draws (Monte Carlo test; exactly alpha when alpha (K + 1) is an integer)."""
+    return (1 + sum(d >= observed for d in null_draws)) / (len(null_draws) + 1)
+
+
+def detectable(observed_u: float, floor_u: list[float], alpha: float = 0.05) -> bool:
+    """The check: a separation draw (U-statistic) is distinguishable from the floor draws when its Monte Carlo p-value
+    against them is at most alpha."""
+    return monte_carlo_p(observed_u, floor_u) <= alpha
+
+
+def floors_and_separation(target: ToyTarget, ws, n: int, *, draws: int = 39, seed: int = 0, alpha: float = 0.05,
+                          population: bool = True) -> list[dict]:
+    """Per w: the floor of p_w at n samples per class (the class-averaged energy distance between two independent
+    exact sets of p_w, `draws` draws, V- and U-statistic: mean, sd, 2.5-97.5% range), the same distance between an
+    n-set of p_w and an n-set of p(x | c) (`draws` draws), the population separation (population_energy,
+    class-averaged), and the test: is the separation distinguishable at n from the distance between two n-sets of
+    one distribution? `detectable`: the Monte Carlo test of the first separation draw's U-statistic against the
+    floor draws (the null: p_w = p(x | c), under which the two are exchangeable) at level alpha; `power`: the
+    fraction of separation draws it detects (about alpha under the null). `raw`: every draw. Deterministic from
+    seed (and each w's value)."""
+    out = []
+    k = target.mixture.num_classes
+    for w in ws:
+        gen = torch.Generator().manual_seed(6_000_011 + 7919 * int(round(1000 * (float(w) + 1))) + seed)
+        pw = [target.distribution(c, w) for c in range(k)]
+        p0 = [target.distribution(c, 0.) for c in range(k)]
+        floor_v, floor_u, sep_v, sep_u = [], [], [], []
+        for _ in range(draws):
+            for same, v_out, u_out in ((True, floor_v, floor_u), (False, sep_v, sep_u)):
+                pairs = [(pw[c].sample(n, gen), (pw[c] if same else p0[c]).sample(n, gen)) for c in range(k)]
+                vu = [energy_distance_vu(a, b) for a, b in pairs]
+                v_out.append(sum(v for v, _ in vu) / k)
+                u_out.append(sum(u for _, u in vu) / k)
+        row = {'w': float(w), 'n_per_class': n, 'draws': draws, 'alpha': alpha, 'seed': seed,
+               'floor_v': _summary(floor_v), 'floor_u': _summary(floor_u), 'separation_v': _summary(sep_v),
+               'separation_u': _summary(sep_u), 'p_value': monte_carlo_p(sep_u[0], floor_u),
+               'detectable': detectable(sep_u[0], floor_u, alpha),
+               'power': sum(detectable(u, floor_u, alpha) for u in sep_u) / draws,
+               'raw': {'floor_v': floor_v, 'floor_u': floor_u, 'separation_v': sep_v, 'separation_u': sep_u}}
+        if population:
+            row['population'] = sum(population_energy(pw[c], p0[c]) for c in range(k)) / k
+        out.append(row)
+    return out
