@@ -76,26 +76,25 @@ def doublings(lengths: Sequence[int]) -> str | None:
     return None
 
 
-def train_stages(config: Mapping[str, Any], lengths: Sequence[int], batch_size: int, seed: int, work: Path
-                 ) -> list[dict[str, Any]]:
-    """One run per seed, stopped (checkpoint + EMA export) at each length and resumed from its run folder; the
-    export at L is copied to runs/<name>/at/<L>.safetensors. A length already exported is reused."""
+def train_stage(config: Mapping[str, Any], length: int, batch_size: int, seed: int, work: Path) -> dict[str, Any]:
+    """The seed's one run, trained on to `length` (resumed from its run folder, then stopped: checkpoint + EMA
+    export), its export copied to runs/<name>/at/<length>.safetensors; a length already exported is reused.
+    train_seconds: the run's training seconds up to `length` (its stages summed)."""
     from ..training.trainer import TrainOptions, train
 
     name = f'baseline-seed{seed}'
     run_dir = work / 'runs' / name
-    stages, total = [], 0.0
-    for L in lengths:
-        kept = run_dir / 'at' / f'{L}.safetensors'
-        timing = kept.with_suffix('.json')
-        if not kept.exists():
-            result = train(config, claims_options(TrainOptions, name, work, batch_size, L, seed))
-            kept.parent.mkdir(exist_ok=True)
-            shutil.copyfile(run_dir / f'{name}.safetensors', kept)
-            timing.write_text(json.dumps({'seconds': result.seconds, 'step': result.step}))
-        total += json.loads(timing.read_text())['seconds']
-        stages.append({'seed': seed, 'length': L, 'export': kept, 'train_seconds': total})
-    return stages
+    kept = run_dir / 'at' / f'{length}.safetensors'
+    if not kept.exists():
+        result = train(config, claims_options(TrainOptions, name, work, batch_size, length, seed))
+        if result.step != length:
+            raise RuntimeError(f'{run_dir} is at step {result.step}, not {length}: use a fresh --work')
+        kept.parent.mkdir(exist_ok=True)
+        shutil.copyfile(run_dir / f'{name}.safetensors', kept)
+        kept.with_suffix('.json').write_text(json.dumps({'seconds': result.seconds, 'step': result.step}))
+    timings = [json.loads(f.read_text()) for f in (run_dir / 'at').glob('*.json')]
+    total = sum(t['seconds'] for t in timings if t['step'] <= length)
+    return {'seed': seed, 'length': length, 'export': kept, 'train_seconds': total}
 
 
 def claims_options(cls: type, name: str, work: Path, batch_size: int, end_step: int, seed: int) -> Any:
@@ -140,8 +139,9 @@ def measure(quick: bool, lengths: Sequence[int], seeds: int, work: Path) -> dict
     cells = [cell] + [evaluate.Cell(cell.sampler, cell.steps, w) for w in CONTEXT_WS]
     task = evaluate.make_task(config, None, seed=0)
     rows = []
-    for seed in range(seeds):
-        for stage in train_stages(config, lengths, bench.batch_size, seed, work):
+    for length in lengths:   # every seed at one length before the next: a stopped run has whole lengths
+        for seed in range(seeds):
+            stage = train_stage(config, length, bench.batch_size, seed, work)
             stored, state = load_for_inference(stage['export'])
             stored = load_config(stored)
             name = f'baseline-seed{seed}-{stage["length"]}'
@@ -228,6 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f'--seeds and --threads must be >= 1, got {args.seeds} and {args.threads}')
     work = args.work or Path('runs/converge-quick' if args.quick else 'runs/converge')
     torch.set_num_threads(args.threads)
+    commit = claims.git_commit()   # the code that runs (taken before, not after)
     start = time.time()
     measured = measure(args.quick, lengths, args.seeds, work)
     cell = measured['cell']
@@ -244,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     costs = [{'length': L, 'train_seconds': by_length[L]['train_seconds'],
               'implied': None if args.quick else implied_claims_minutes(L)} for L in shown]
     meta = {'command': 'python -m kdiff_align.bench converge ' + ' '.join(argv if argv is not None else sys.argv[2:]),
-            'commit': claims.git_commit(), 'date': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()),
+            'commit': commit, 'date': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()),
             'machine': f'{platform.machine()} CPU, torch {torch.__version__}', 'threads': args.threads,
             'seeds': list(range(args.seeds)), 'quick': args.quick, 'wall_minutes': (time.time() - start) / 60,
             'compute_minutes': (sum(by_length[lengths[-1]]['train_seconds'] for _ in range(args.seeds))
