@@ -178,8 +178,9 @@ def markdown(result: Mapping[str, Any]) -> str:
         "# Digits' training length (standard CFG, FD at w = 0 over training length)", '',
         f'Criterion (stated before the run; `kdiff_align/bench/converge.py`): {c["text"]}', '',
         f'Command: `{meta["command"]}`; commit {meta["commit"]}; seeds {meta["seeds"]}; batch {result["batch_size"]}; '
-        f'{meta["machine"]}, {meta["threads"]} thread; wall time {meta["wall_minutes"]:.1f} min (training and '
-        f'evaluation, measured: {meta["compute_minutes"]:.1f} min). Real data with the '
+        f'{meta["machine"]}, {meta["threads"]} thread; training and evaluation {meta["compute_minutes"]:.1f} min '
+        f'(measured per stage and cell; this invocation\'s wall time {meta["wall_minutes"]:.1f} min, reusing finished '
+        f'stages and cells in the work folder). Real data with the '
         f'same classifier (the held-out split, n = {result["real"]["n_test"]}): accuracy '
         f'{result["real"]["accuracy_real"]:.4f}, FD floor {result["real"]["fd_floor"]:.3f}.', '',
         '| training steps | ' + ' | '.join(f'FD at w = {k[1:]} (mean; per seed) | accuracy at w = {k[1:]}' for k in ws)
