@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from helpers import ROOT
 from kdiff_align.bench import claims, converge
 from kdiff_align.evaluation import metrics
 from kdiff_align.storage.checkpoint import load_for_inference
@@ -97,3 +98,9 @@ def test_accuracy_levels_are_at_or_below_real_datas():
     assert 0.98 < real < 0.99
     assert all(level <= real for level in claims.ACCURACY_LEVELS)
     assert claims.make_plan(False, ['digits']).accuracy_levels == claims.ACCURACY_LEVELS
+
+
+def test_the_claims_benchmark_trains_digits_for_the_committed_chosen_length():
+    """claims.DIGITS_STEPS is the length the committed `bench converge` run chose by its criterion."""
+    chosen = json.loads((ROOT / 'docs' / 'claims' / 'convergence.json').read_text())['choice']['chosen']
+    assert claims.DIGITS_STEPS == chosen == claims.benches(False)['digits'].steps
