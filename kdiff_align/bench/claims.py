@@ -186,9 +186,11 @@ def costs_variants() -> list[Variant]:
     """Issue 20 item 4 (costs) and item 6: a standard-CFG baseline at each objective's counted training FLOPs, one
     ablation of each objective's own knob (aligned's is aligned_w1), and the one-pass objectives trained 2x and 4x
     longer on the toy (the convergence of their reproduction of CFG)."""
+    one_pass = [o for o in registry.names() if registry.get(o).one_pass]    # gft, mg, distill
+    frozen = {o: registry.get(o).teacher == 'frozen' for o in one_pass}    # distill: the baseline as its teacher
     out = [Variant(f'baseline_flops_{o}', 'baseline', {}, 'equal_flops', f'standard CFG trained for {o}\'s '
-                   'counted training FLOPs' + (' (its teacher\'s training included)' if o == 'distill' else ''),
-                   flops_of=o, benches=FLOPS_BENCHES, quick_benches=('toy',)) for o in ('gft', 'mg', 'distill')]
+                   'counted training FLOPs' + (' (its teacher\'s training included)' if frozen[o] else ''),
+                   flops_of=o, benches=FLOPS_BENCHES, quick_benches=('toy',)) for o in one_pass]
     half = {'type': 'uniform', 'min_value': 0.0, 'max_value': 2.0}
     out += [Variant('gft_w2', 'gft', {'align.w_train': half}, 'ablation', 'gft with w ~ U[0, 2] (shipped: U[0, 4])',
                     ablates='gft', benches=ABLATION_BENCHES, quick_benches=()),
@@ -197,11 +199,11 @@ def costs_variants() -> list[Variant]:
             Variant('distill_w2', 'distill', {'align.teacher': TEACHER, 'align.w_train': half}, 'ablation',
                     'distill with w ~ U[0, 2] (shipped: U[0, 4])', needs=('baseline',), ablates='distill',
                     benches=ABLATION_BENCHES, quick_benches=())]
-    for o in ('gft', 'mg', 'distill'):
-        teacher = {'align.teacher': TEACHER} if o == 'distill' else {}
+    for i, o in enumerate(one_pass):   # --quick trains only the first one's x2 (the code path, cheaply)
+        teacher = {'align.teacher': TEACHER} if frozen[o] else {}
         out += [Variant(f'{o}_x{f}', o, teacher, 'convergence', f'{o} trained {f}x the bench\'s steps (its '
                         'reproduction of CFG only)', steps_factor=float(f), needs=('baseline',) if teacher else (),
-                        benches=('toy',), quick_benches=('toy',) if (o, f) == ('gft', 2) else ())
+                        benches=('toy',), quick_benches=('toy',) if (i, f) == (0, 2) else ())
                 for f in CONVERGENCE_FACTORS[1:]]
     return out
 

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..core import registry
 from ..evaluation import evaluate, plots
 from . import verdicts
 from .verdicts import NEEDS, REFERENCES, Comparison
@@ -163,7 +164,8 @@ def nfe_cell_text(t: Mapping[str, Any], grid: Mapping[str, Any]) -> str:
     text = (f'**{t["label"]}** {effect_text(t)} ({_counts_text(t)}); {nfe_cost_text(t["steps"], t["nfe"])} vs {ref} '
             f'{nfe_cost_text(t["ref_steps"], t["ref_nfe"])}')
     mg_w = grid['benches'][t['bench']].get('mg_w')
-    if t['variant'] == 'mg' and mg_w is not None:
+    trained_w = t['variant'] in registry.names() and registry.get(t['variant']).sampling == 'trained-w'
+    if trained_w and mg_w is not None:
         text += f'; mg only at its trained w = {mg_w:.3g} (its only one-pass cells)'
     return text
 

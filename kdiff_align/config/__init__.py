@@ -24,7 +24,7 @@ from .schema import (ALIGN_DEFAULTS, SAMPLERS, config_path, is_sd_config, read_c
                      resolve_guide, validate_align)
 
 __all__ = ['ALIGN_DEFAULTS', 'SAMPLERS', 'ConfigError', 'load_config', 'align_section', 'null_condition',
-           'make_model', 'make_denoiser_wrapper', 'make_guided_denoiser', 'get_sampler',
+           'build_denoiser', 'make_model', 'make_denoiser_wrapper', 'make_guided_denoiser', 'get_sampler',
            'mg_effective_w', 'w_range']
 
 MODEL_TYPES = ('image_v1', 'image_transformer_v1', 'toy_mlp')
@@ -211,6 +211,18 @@ def make_denoiser_wrapper(config: Mapping[str, Any], *, teacher: nn.Module | Non
     if 'guidance_scale' in overrides:   # the older name of w_train
         overrides['w_train'] = overrides.pop('guidance_scale')
     return partial(objective.GuidanceObjective, **{**kwargs, **overrides})
+
+
+def build_denoiser(config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor] | None = None,
+                   device: str | torch.device = 'cpu') -> nn.Module:
+    """The config's AlignedDenoiser (for its forward, the Karras denoiser D) with state_dict loaded, in eval."""
+    inner = make_model(config)
+    if state_dict is not None:
+        try:
+            inner.load_state_dict(state_dict)
+        except RuntimeError as err:
+            raise ConfigError(f'the weights do not match the model of their config: {err}') from None
+    return make_denoiser_wrapper(config)(inner).to(device).eval().requires_grad_(False)
 
 
 def make_guided_denoiser(config: Mapping[str, Any], denoiser: nn.Module, *, w: float | None = None,

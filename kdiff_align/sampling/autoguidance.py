@@ -146,9 +146,8 @@ def load_guide(main_config: Mapping[str, Any], main_state: Mapping[str, torch.Te
                ema: bool = True, device: str | torch.device = 'cpu') -> tuple[Path, nn.Module]:
     """(resolved path, guide denoiser) of a guide for the main model (config and weights, loaded): resolve_guide,
     load_for_inference, check_guide; a ConfigError also when the guide's weights are the main model's."""
-    from ..config import ConfigError, load_config
+    from ..config import ConfigError, build_denoiser, load_config
     from ..storage.checkpoint import load_for_inference
-    from .sample import build_denoiser
 
     path = resolve_guide(guide)
     raw, state = load_for_inference(path, ema=ema)
@@ -166,8 +165,7 @@ def load_guided(main_ckpt: str | Path, guide_ckpt: str | Path, w: float, *,
     folder as guide: its guide snapshot first, resolve_guide), the guide checked against the main model
     (check_guide's ConfigError)."""
     from ..storage.checkpoint import load_for_inference
-    from ..config import load_config
-    from .sample import build_denoiser
+    from ..config import build_denoiser, load_config
 
     main_raw, main_state = load_for_inference(main_ckpt, ema=ema)
     main_config = load_config(main_raw)

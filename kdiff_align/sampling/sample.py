@@ -21,24 +21,10 @@ import torch
 from torch import nn
 
 from ..core import registry
-from ..config import SAMPLERS, ConfigError
+from ..config import SAMPLERS, ConfigError, build_denoiser  # noqa: F401 (build_denoiser: re-exported)
 from ..env import HelpFormatter
 from .autoguidance import GUIDE_SNAPSHOT
 from .grid import W_CAPTION, grid_image
-
-
-def build_denoiser(config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor] | None = None,
-                   device: str | torch.device = 'cpu') -> nn.Module:
-    """The config's AlignedDenoiser (for its forward, the Karras denoiser D) with state_dict loaded, in eval."""
-    from ..config import make_denoiser_wrapper, make_model
-
-    inner = make_model(config)
-    if state_dict is not None:
-        try:
-            inner.load_state_dict(state_dict)
-        except RuntimeError as err:
-            raise ConfigError(f'the weights do not match the model of their config: {err}') from None
-    return make_denoiser_wrapper(config)(inner).to(device).eval().requires_grad_(False)
 
 
 def data_shape(config: Mapping[str, Any]) -> tuple[int, ...]:
