@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import difflib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,14 +65,19 @@ def resolve_align(raw: Mapping[str, Any] | None) -> dict[str, Any]:
     return align
 
 
+def refuse_unknown_keys(section: str, given: Mapping[str, Any], allowed: Sequence[str]) -> None:
+    """ConfigError naming the first key of `given` not in `allowed`, with the closest allowed one and the list."""
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], allowed, n=1)
+        hint = f' (did you mean {section + "." + close[0]!r}?)' if close else ''
+        raise ConfigError(f'config key {section + "." + unknown[0]!r} is unknown{hint}; allowed keys in '
+                          f'"{section}": ' + ', '.join(allowed))
+
+
 def validate_align(align: Mapping[str, Any]) -> None:
     """Checks a complete align section (defaults merged, resolve_align)."""
-    unknown = sorted(set(align) - set(ALIGN_DEFAULTS))
-    if unknown:
-        close = difflib.get_close_matches(unknown[0], ALIGN_DEFAULTS, n=1)
-        hint = f' (did you mean {"align." + close[0]!r}?)' if close else ''
-        raise ConfigError(f'config key {"align." + unknown[0]!r} is unknown{hint}; allowed keys in "align": '
-                          + ', '.join(ALIGN_DEFAULTS))
+    refuse_unknown_keys('align', align, ALIGN_DEFAULTS)
     choice('align.objective', align['objective'], objectives())
     spec = registry.get(align['objective'])
     try:
@@ -116,12 +121,7 @@ def resolve_guide(raw: Any, objective: str) -> dict[str, Any] | None:
         return None
     if not isinstance(raw, Mapping):
         fail('guide', raw, 'an object with ' + GUIDE_ALLOWED)
-    unknown = sorted(set(raw) - set(GUIDE_KEYS))
-    if unknown:
-        close = difflib.get_close_matches(unknown[0], GUIDE_KEYS, n=1)
-        hint = f' (did you mean {"guide." + close[0]!r}?)' if close else ''
-        raise ConfigError(f'config key {"guide." + unknown[0]!r} is unknown{hint}; allowed keys in "guide": '
-                          + ', '.join(GUIDE_KEYS))
+    refuse_unknown_keys('guide', raw, GUIDE_KEYS)
     if len(raw) != 1:
         fail('guide', dict(raw), GUIDE_ALLOWED)
     if 'ema_at_step' in raw:
