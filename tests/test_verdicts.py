@@ -280,7 +280,7 @@ def test_generated_answers_agree_with_the_numbers():
             flipped = {k: {**t, 'label': verdicts.WORSE if t['label'] != verdicts.WORSE else verdicts.BETTER}
                        for k, t in cells.items()}
             assert sentence_disagreements(text, flipped) if key != 'reproduction' else True
-    assert checked >= 8
+    assert checked >= 4 * len(grid['benches'])   # every benchmark answers at least 4 needs
     # The claims table and statements carry each claim's label and effect.
     for t in v['claims']:
         assert f'**{t["label"]}** | {claims_report.effect_text(t)}' in block
