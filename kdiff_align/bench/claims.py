@@ -653,15 +653,27 @@ def verdict_doc(doc: Path | None, out: Path, quick: bool) -> Path | None:
     return VERDICT_DOC if not quick and out.resolve() == Path('docs/claims').resolve() else None
 
 
+def bench_parser(command: str, doc: str, quick_help: str, out_help: str) -> argparse.ArgumentParser:
+    """The parser of a resumable bench command: --quick, --out (default docs/claims) and --work (work_dir)."""
+    p = argparse.ArgumentParser(prog=f'python -m kdiff_align.bench {command}', description=doc.split('\n\n')[0],
+                                formatter_class=HelpFormatter)
+    p.add_argument('--quick', action='store_true', help=quick_help)
+    p.add_argument('--out', type=Path, default=Path('docs/claims'), help=out_help)
+    p.add_argument('--work', type=Path, default=None, help='checkpoints and finished cells (resumable); default '
+                   f'runs/{command} (runs/{command}-quick with --quick)')
+    return p
+
+
+def work_dir(args: argparse.Namespace, command: str) -> Path:
+    """--work, else runs/<command> (runs/<command>-quick with --quick)."""
+    return args.work or Path(f'runs/{command}-quick' if args.quick else f'runs/{command}')
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from . import claims_report
 
-    p = argparse.ArgumentParser(prog='python -m kdiff_align.bench claims', description=__doc__.split('\n\n')[0],
-                                formatter_class=HelpFormatter)
-    p.add_argument('--quick', action='store_true', help='tiny models, 2 seeds and a small grid (for tests)')
-    p.add_argument('--out', type=Path, default=Path('docs/claims'), help='report, results and plots')
-    p.add_argument('--work', type=Path, default=None, help='checkpoints and finished cells (resumable); default '
-                   'runs/claims (runs/claims-quick with --quick)')
+    p = bench_parser('claims', __doc__, 'tiny models, 2 seeds and a small grid (for tests)',
+                     'report, results and plots')
     p.add_argument('--seeds', type=int, default=None, help='training seeds per variant (default 5; --quick 2)')
     p.add_argument('--workers', type=int, default=2, help='worker processes (one model each)')
     p.add_argument('--threads', type=int, default=1, help='torch threads per worker')
@@ -686,7 +698,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if needed not in chosen:
                 p.error(f'--variants must include {needed!r} (every verdict compares with standard CFG; {v} needs it)')
     args.variants = [v for v in all_variants if v in chosen]
-    work = args.work or Path('runs/claims-quick' if args.quick else 'runs/claims')
+    work = work_dir(args, 'claims')
     plan = make_plan(args.quick, args.benchmarks)
     start = time.time()
     results = run_jobs(make_jobs(args, plan, work), args.workers, not args.no_progress)

@@ -17,7 +17,6 @@ and the batches seen, kdiff_align.data.batches; --end-step only stops the loop).
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import shutil
@@ -27,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..env import HelpFormatter, cli_defaults
+from ..env import cli_defaults
 cli_defaults()  # before k-diffusion is imported
 
 import numpy as np  # noqa: E402
@@ -210,12 +209,8 @@ def markdown(result: Mapping[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     from ..evaluation import metrics
 
-    p = argparse.ArgumentParser(prog='python -m kdiff_align.bench converge', description=__doc__.split('\n\n')[0],
-                                formatter_class=HelpFormatter)
-    p.add_argument('--quick', action='store_true', help='tiny models and lengths (for tests)')
-    p.add_argument('--out', type=Path, default=Path('docs/claims'), help='where convergence.json and .md go')
-    p.add_argument('--work', type=Path, default=None, help='runs and finished cells (resumable); default '
-                   'runs/converge (runs/converge-quick with --quick)')
+    p = claims.bench_parser('converge', __doc__, 'tiny models and lengths (for tests)',
+                            'where convergence.json and .md go')
     p.add_argument('--lengths', type=int, nargs='+', default=None, help=f'training lengths, each twice the one '
                    f'before (default {" ".join(map(str, LENGTHS))}; --quick {" ".join(map(str, QUICK_LENGTHS))})')
     p.add_argument('--seeds', type=int, default=SEEDS, help='training seeds')
@@ -227,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(problem)
     if args.seeds < 1 or args.threads < 1:
         p.error(f'--seeds and --threads must be >= 1, got {args.seeds} and {args.threads}')
-    work = args.work or Path('runs/converge-quick' if args.quick else 'runs/converge')
+    work = claims.work_dir(args, 'converge')
     torch.set_num_threads(args.threads)
     commit = claims.git_commit()   # the code that runs (taken before, not after)
     start = time.time()
